@@ -1,0 +1,45 @@
+# One command each, on a fresh machine that has only python3:
+#   make demo   -> creates .venv, installs the core package, runs `fgvce demo`
+#   make test   -> creates .venv, installs the test extra (torch for parity), runs pytest
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.core-installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test]'
+	touch $@ $(VENV)/.core-installed
+
+$(VENV)/.bench-installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test,bench]'
+	touch $@ $(VENV)/.core-installed $(VENV)/.test-installed
+
+venv: $(VENV)/.core-installed
+
+demo: $(VENV)/.core-installed
+	$(VENV)/bin/fgvce demo --out $(DEMO_OUT)
+
+# 4 fake CPU devices so that the sharding tests compare 1 vs 4 devices.
+test: $(VENV)/.test-installed
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.test-installed
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.bench-installed
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

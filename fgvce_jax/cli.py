@@ -1,0 +1,56 @@
+"""The ``fgvce`` command line.
+
+Each subcommand lives in ``fgvce_jax/commands/<name>.py`` and provides
+``HELP: str``, ``add_arguments(parser)`` and ``run(args) -> int | None``.
+Errors a user can fix are raised as :class:`fgvce_jax.errors.FgvceError` and
+printed here as one line (exit status 2), never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fgvce_jax.errors import FgvceError
+
+COMMANDS = ("demo", "convert", "train", "explain", "report", "evaluate")
+
+
+def _available_commands() -> dict:
+    mods = {}
+    for name in COMMANDS:
+        try:
+            mods[name] = importlib.import_module(f"fgvce_jax.commands.{name}")
+        except ModuleNotFoundError as e:  # command not built yet in this checkout
+            if e.name != f"fgvce_jax.commands.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fgvce",
+        description="Fine-grained counterfactual explanations of a classifier's mistakes (FG-VCE) in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, mod in _available_commands().items():
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except FgvceError as e:
+        print(f"fgvce {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fgvce {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
