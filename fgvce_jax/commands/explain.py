@@ -1,0 +1,81 @@
+"""``fgvce explain``: counterfactual explanations for every misclassified image of a split.
+
+Example::
+
+    fgvce explain --model runs/digits/model --dataset digits --split test --out runs/digits/explanations
+    fgvce explain ... --method fgvce cve random      # one sub-directory per method
+
+Killing it and running the same command again resumes; a different config in
+``--out`` is refused unless ``--overwrite``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+HELP = "explain the misclassified images of a dataset split (resumable, sharded output)"
+
+def _config_defaults():
+    from fgvce_jax.counterfactual.config import CounterfactualConfig
+
+    return CounterfactualConfig()
+
+
+def add_arguments(parser) -> None:
+    """Options of ``fgvce explain``; method options default to ``CounterfactualConfig``'s."""
+    from fgvce_jax.counterfactual.config import METHODS, REFERENCE_MODES, SELECTIONS, STOPS
+
+    d = _config_defaults()
+    parser.add_argument("--model", required=True, help="checkpoint directory (from `fgvce train` or `fgvce convert`)")
+    parser.add_argument("--dataset", required=True, help="digits | tfds:NAME | cub:DIR | folder:DIR")
+    parser.add_argument("--split", default="test", help="split whose mistakes are explained (default: test)")
+    parser.add_argument("--out", required=True, help="output directory (one sub-directory per method)")
+    parser.add_argument("--reference-split", default="train", help="split the references come from (default: train)")
+    parser.add_argument("--at", default=None, help="split point of the model (default: the checkpoint's)")
+    parser.add_argument("--method", nargs="+", default=[d.method], choices=METHODS,
+                        help=f"one or more methods (default: {d.method})")
+    parser.add_argument("--queries", nargs="+", default=None, metavar="ID",
+                        help="explain these image ids instead of all misclassified ones")
+    parser.add_argument("--limit", type=int, default=None, help="explain at most this many queries")
+    g = parser.add_argument_group("method options")
+    g.add_argument("--kernel", type=int, default=d.kernel, help=f"local Shapley window k (default {d.kernel})")
+    g.add_argument("--samples", type=int, default=d.samples, help=f"Shapley samples per window M (default {d.samples})")
+    g.add_argument("--region-size", type=int, default=d.region_size, help=f"region side r (default {d.region_size})")
+    g.add_argument("--max-regions", type=int, default=d.max_regions, help=f"regions per query K (default {d.max_regions})")
+    g.add_argument("--references", type=int, default=d.n_references, help=f"references per query N (default {d.n_references})")
+    g.add_argument("--reference-mode", default=d.reference_mode, choices=REFERENCE_MODES)
+    g.add_argument("--candidates", type=int, default=d.candidates_per_reference,
+                   help=f"candidate regions per reference (default {d.candidates_per_reference})")
+    g.add_argument("--selection", default=d.selection, choices=SELECTIONS)
+    g.add_argument("--lam", type=float, default=d.lam, help=f"lambda of --selection joint (default {d.lam})")
+    g.add_argument("--stop", default=d.stop, choices=STOPS)
+    g.add_argument("--t-max", type=int, default=d.t_max, help=f"most edits per query (default {d.t_max})")
+    g.add_argument("--seed", type=int, default=d.seed)
+    r = parser.add_argument_group("run options (no effect on the results, except --shard-size)")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward batch (default 64)")
+    r.add_argument("--shard-size", type=int, default=64, help="queries per result shard (default 64)")
+    r.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
+
+
+def configs_from_args(args) -> list:
+    """One ``CounterfactualConfig`` per ``--method``."""
+    from fgvce_jax.counterfactual.config import CounterfactualConfig
+
+    base = CounterfactualConfig(
+        kernel=args.kernel, samples=args.samples, region_size=args.region_size, max_regions=args.max_regions,
+        n_references=args.references, reference_mode=args.reference_mode,
+        candidates_per_reference=args.candidates, selection=args.selection, lam=args.lam, stop=args.stop,
+        t_max=args.t_max, seed=args.seed)
+    return [dataclasses.replace(base, method=m) for m in dict.fromkeys(args.method)]
+
+
+def run(args) -> int:
+    from fgvce_jax.pipeline import explain_split
+
+    summaries = explain_split(args.model, args.dataset, args.split, args.out, configs_from_args(args),
+                              reference_split=args.reference_split, queries=args.queries, limit=args.limit,
+                              at=args.at, batch_size=args.batch_size, shard_size=args.shard_size,
+                              overwrite=args.overwrite)
+    for s in summaries:
+        print(s.line())
+    print(f"results in {args.out} (read them with `fgvce report {args.out}`)")
+    return 0

@@ -1,0 +1,65 @@
+"""Configuration of one counterfactual run (SPEC 5), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+
+from fgvce_jax.errors import FgvceError
+
+METHODS = ("fgvce", "cve", "global", "gradient", "single-step", "random")
+SELECTIONS = ("similarity", "joint")
+STOPS = ("target", "flip")
+REFERENCE_MODES = ("nearest", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualConfig:
+    """Everything that decides an explanation, apart from the model and the data.
+
+    Attributes:
+      kernel, samples: local Shapley window size k and samples M per window (SPEC 3).
+      region_size: r, the side of the r x r regions (SPEC 4).
+      max_regions: K, the most regions taken from one query map.
+      n_references: N, references drawn per query.
+      reference_mode: ``"nearest"`` (cosine of pooled features) or ``"random"`` (seeded).
+      candidates_per_reference: top regions (by score) of each reference kept as candidates.
+      selection: ``"similarity"`` or ``"joint"`` (log p_y + lam * similarity).
+      lam: the weight lambda of ``joint``.
+      stop: ``"target"`` (prediction becomes y) or ``"flip"`` (prediction leaves y_hat).
+      t_max: the most edits per query.
+      method: ``"fgvce"`` or one of the baselines of SPEC 5.
+      baseline, output: the game's absent-feature fill and output read (SPEC 2).
+      seed: seeds the random reference mode and the ``random`` baseline.
+      chunk_size: head evaluations per batch when scoring candidates (None = all at once).
+    """
+
+    kernel: int = 3
+    samples: int = 32
+    region_size: int = 1
+    max_regions: int = 8
+    n_references: int = 10
+    reference_mode: str = "nearest"
+    candidates_per_reference: int = 4
+    selection: str = "similarity"
+    lam: float = 1.0
+    stop: str = "target"
+    t_max: int = 8
+    method: str = "fgvce"
+    baseline: str = "zero"
+    output: str = "prob"
+    seed: int = 0
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        for name, value, allowed in (("method", self.method, METHODS),
+                                     ("selection", self.selection, SELECTIONS),
+                                     ("stop", self.stop, STOPS),
+                                     ("reference_mode", self.reference_mode, REFERENCE_MODES)):
+            if value not in allowed:
+                raise FgvceError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        for name in ("kernel", "samples", "region_size", "max_regions", "n_references",
+                     "candidates_per_reference", "t_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FgvceError(f"{name} must be a positive integer; got {value!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise FgvceError(f"chunk_size must be a positive integer or None; got {self.chunk_size!r}")

@@ -1,0 +1,196 @@
+"""The one entry point of the counterfactual engine: :func:`explain`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgvce_jax.counterfactual import baselines
+from fgvce_jax.counterfactual.config import CounterfactualConfig
+from fgvce_jax.counterfactual.partition import partition
+from fgvce_jax.counterfactual.references import build_bank, query_candidates, select_references, top_regions
+from fgvce_jax.counterfactual.search import run_search
+from fgvce_jax.errors import FgvceError
+
+
+class FeatureBatch(NamedTuple):
+    """Images already run through the split model's encoder.
+
+    z: (N, H, W, D) feature maps; ctx: pytree of per-image arrays (leading N) the
+    head needs ({} for CNNs); labels: (N,) true classes; preds: (N,) predicted
+    classes; pooled: (N, D) pooled features (used to rank nearest references).
+    """
+
+    z: Any
+    ctx: Any
+    labels: Any
+    preds: Any
+    pooled: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanations:
+    """One row per query; T = t_max edit slots, unused slots -1 / NaN / False.
+
+    success (Q,) bool; n_edits (Q,) int32; reason (Q,) int32 (0 success, 1 t_max
+    reached, 2 no (more) query regions, 3 no references, 4 candidates exhausted);
+    true (Q,), pred (Q,) int32; query_region (Q, T, 2) int32 region centre (row, col);
+    ref_index (Q, T) int32 row in ``references``; ref_region (Q, T, 2) int32 centre of
+    the reference region; similarity (Q, T) f32 cosine of the two region features;
+    probs (Q, T, C) f32 softmax after each edit; probs_before (Q, C); edit_mask
+    (Q, T, H, W) bool cells written by each edit; query_phi (Q, H, W) f32 (NaN for
+    ``cve``); region_size int; method str.
+    """
+
+    success: np.ndarray
+    n_edits: np.ndarray
+    reason: np.ndarray
+    true: np.ndarray
+    pred: np.ndarray
+    query_region: np.ndarray
+    ref_index: np.ndarray
+    ref_region: np.ndarray
+    similarity: np.ndarray
+    probs: np.ndarray
+    probs_before: np.ndarray
+    edit_mask: np.ndarray
+    query_phi: np.ndarray
+    region_size: int
+    method: str
+
+
+def _check(queries: FeatureBatch, references: FeatureBatch, query_phi, reference_phi) -> None:
+    if np.ndim(queries.z) != 4:
+        raise FgvceError(f"query features must be (N, H, W, D); got shape {np.shape(queries.z)}")
+    n_q, *grid_dim = np.shape(queries.z)
+    if n_q == 0:
+        raise FgvceError("no queries to explain")
+    for name, batch in (("query", queries), ("reference", references)):
+        n = np.shape(batch.z)[0]
+        if np.ndim(batch.z) != 4 or (n and list(np.shape(batch.z)[1:]) != grid_dim):
+            raise FgvceError(f"{name} features must be (N, {', '.join(map(str, grid_dim))}); "
+                             f"got shape {np.shape(batch.z)}")
+        for field in ("labels", "preds"):
+            if np.shape(getattr(batch, field)) != (n,):
+                raise FgvceError(f"{name} {field} must have shape ({n},); got {np.shape(getattr(batch, field))}")
+        if np.shape(batch.pooled) != (n, grid_dim[2]):
+            raise FgvceError(f"{name} pooled features must have shape ({n}, {grid_dim[2]}); "
+                             f"got {np.shape(batch.pooled)}")
+    if np.any(np.asarray(queries.labels) == np.asarray(queries.preds)):
+        raise FgvceError("every query must be misclassified (label != pred)")
+    for name, phi, n in (("query_phi", query_phi, n_q), ("reference_phi", reference_phi, np.shape(references.z)[0])):
+        if phi is not None and np.shape(phi) != (n, *grid_dim[:2]):
+            raise FgvceError(f"{name} must have shape ({n}, {grid_dim[0]}, {grid_dim[1]}); got {np.shape(phi)}")
+
+
+def _take(tree, index):
+    return jax.tree.map(lambda a: jnp.asarray(a)[index], tree)
+
+
+def _saliency(split_model, params, batch: FeatureBatch, classes, config, key, mesh):
+    from fgvce_jax import saliency  # imported late: only needed when Phi is not given
+
+    return saliency.compute(split_model, params, jnp.asarray(batch.z), _take(batch.ctx, slice(None)),
+                            jnp.asarray(classes), method=baselines.SALIENCY_METHOD[config.method],
+                            kernel=config.kernel, samples=config.samples, key=key,
+                            baseline=config.baseline, output=config.output, mesh=mesh)
+
+
+def _phis(split_model, params, queries, references, config, key, query_phi, reference_phi, mesh):
+    """Query Phi (Q, H, W) on the predicted class and reference Phi (R, H, W) on each
+    reference's own class. Computed for the whole reference bank, so that (with
+    ``saliency.compute``'s per-row keys) a reference's Phi depends only on its row."""
+    n_q, h, w = np.shape(queries.z)[:3]
+    n_r = np.shape(references.z)[0]
+    if config.method == "random":
+        k_query, k_ref = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+        q = baselines.random_phi(k_query, (n_q, h, w)) if query_phi is None else query_phi
+        r = baselines.random_phi(k_ref, (n_r, h, w)) if reference_phi is None else reference_phi
+        return jnp.asarray(q, jnp.float32), jnp.asarray(r, jnp.float32)
+    k_query, k_ref = jax.random.split(key)
+    if query_phi is None:
+        query_phi = _saliency(split_model, params, queries, queries.preds, config, k_query, mesh)
+    if reference_phi is None:
+        reference_phi = _saliency(split_model, params, references, references.labels, config, k_ref, mesh)
+    return jnp.asarray(query_phi, jnp.float32), jnp.asarray(reference_phi, jnp.float32)
+
+
+def _with_placeholder(references: FeatureBatch, queries: FeatureBatch) -> FeatureBatch:
+    """An empty reference bank becomes one never-eligible reference (label -1), so
+    every array keeps a non-zero size."""
+    if np.shape(references.z)[0]:
+        return references
+    return FeatureBatch(jnp.zeros_like(jnp.asarray(queries.z)[:1]), _take(queries.ctx, slice(0, 1)),
+                        jnp.array([-1]), jnp.array([-2]), jnp.zeros_like(jnp.asarray(queries.pooled)[:1]))
+
+
+def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch,
+            config: CounterfactualConfig, *, key: jax.Array, query_phi=None, reference_phi=None,
+            mesh: jax.sharding.Mesh | None = None) -> Explanations:
+    """Counterfactual explanations of misclassified queries (SPEC 5).
+
+    For each query (true y, predicted y_hat != y): Phi on y_hat is partitioned into
+    regions; its N references (correct images of class y) contribute their top
+    regions on class y as candidates; the search replaces query regions with
+    candidates until the stop rule holds or t_max edits are made.
+
+    Args:
+      split_model, params: from ``fgvce_jax.models.split``.
+      queries, references: :class:`FeatureBatch`; ``references`` may be empty.
+      config: :class:`CounterfactualConfig` (``method`` picks FG-VCE or a baseline).
+      key: PRNG key for the Shapley estimates (``config.seed`` seeds the random choices).
+      query_phi: optional (Q, H, W) precomputed Phi of the queries on their predicted class.
+      reference_phi: optional (R, H, W) Phi of every reference on its own class
+        (computed for every row of ``references`` when not given).
+      mesh: 1-D device mesh for the search (None = all devices).
+
+    Returns:
+      :class:`Explanations` (numpy arrays; see docs/counterfactual.md).
+    """
+    _check(queries, references, query_phi, reference_phi)
+    has_bank = np.shape(references.z)[0] > 0
+    bank_src = _with_placeholder(references, queries)
+    grid = tuple(np.shape(queries.z)[1:3])
+    n_q = np.shape(queries.z)[0]
+    ref_index, ref_valid = select_references(
+        jnp.asarray(queries.pooled), jnp.asarray(queries.labels), jnp.asarray(bank_src.pooled),
+        jnp.asarray(bank_src.labels), jnp.asarray(bank_src.preds), n=config.n_references,
+        mode=config.reference_mode, key=jax.random.key(config.seed))
+    options = baselines.search_options(config)
+
+    if config.method == "cve":
+        q_phi = jnp.full((n_q,) + grid, jnp.nan, jnp.float32)
+        regions = baselines.cell_regions(n_q, grid)
+        cells = baselines.cell_regions(np.shape(bank_src.z)[0], grid)
+        center, valid = cells.center, cells.valid
+    else:
+        r_given = reference_phi if has_bank else np.zeros(np.shape(bank_src.z)[:3], np.float32)
+        q_phi, r_phi = _phis(split_model, params, queries, bank_src, config, key, query_phi, r_given, mesh)
+        regions = partition(q_phi, region_size=config.region_size, max_regions=config.max_regions)
+        ref_regions = partition(r_phi, region_size=config.region_size,
+                                max_regions=max(config.max_regions, config.candidates_per_reference))
+        center, valid = top_regions(ref_regions, config.candidates_per_reference)
+    bank = build_bank(jnp.asarray(bank_src.z), center, valid, region_size=options.region_size)
+    cand_index, cand_valid = query_candidates(ref_index, ref_valid, bank.valid, center.shape[1])
+
+    per_query = dict(z=jnp.asarray(queries.z), ctx=_take(queries.ctx, slice(None)),
+                     true=jnp.asarray(queries.labels, jnp.int32), pred=jnp.asarray(queries.preds, jnp.int32),
+                     center=regions.center, score=regions.score, valid=regions.valid, cells=regions.cells,
+                     cand_index=cand_index, cand_valid=cand_valid, has_refs=jnp.any(ref_valid, axis=1))
+    out = run_search(split_model, params, bank, per_query, options, mesh)
+
+    used = out.region >= 0
+    slot = np.maximum(out.region, 0)
+    row = np.maximum(out.candidate, 0)
+    q_center = np.take_along_axis(np.asarray(regions.center), slot[..., None], axis=1)
+    return Explanations(
+        success=out.success, n_edits=out.n_edits.astype(np.int32), reason=out.reason,
+        true=np.asarray(queries.labels, np.int32), pred=np.asarray(queries.preds, np.int32),
+        query_region=np.where(used[..., None], q_center, -1).astype(np.int32),
+        ref_index=np.where(used, np.asarray(bank.ref)[row], -1).astype(np.int32),
+        ref_region=np.where(used[..., None], np.asarray(bank.center)[row], -1).astype(np.int32),
+        similarity=out.similarity, probs=out.probs, probs_before=out.probs_before, edit_mask=out.edit_mask,
+        query_phi=np.asarray(q_phi), region_size=options.region_size, method=config.method)

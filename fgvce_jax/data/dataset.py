@@ -1,0 +1,155 @@
+"""The one interface every data source is seen through.
+
+A source supplies, for one split, the ids, integer labels, class names and a
+reader ``read(i) -> uint8 (h, w, 3)`` of the original image; :class:`Dataset`
+turns those into model inputs with the torchvision eval transform
+(``Resize(resize_size) + CenterCrop(image_size) + Normalize(mean, std)``,
+:func:`fgvce_jax.models.preprocess.eval_transform`), so that a checkpoint's
+``ModelInfo`` preprocessing reproduces exactly what the model was trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_center_crop
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """torchvision eval transform: resize the shorter side to ``resize_size``,
+    centre-crop ``image_size`` x ``image_size``, then ``(x / 255 - mean) / std``."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def imagenet(cls, image_size: int | None) -> "Preprocessing":
+        """The standard 256 -> 224 recipe, scaled to ``image_size`` (default 224)."""
+        size = 224 if image_size is None else int(image_size)
+        return cls(size, int(round(size * 256 / 224)))
+
+
+class Dataset:
+    """One split of a labelled image dataset.
+
+    Attributes:
+      name, split: what ``load`` was called with.
+      ids: (N,) str, stable per-image identifiers (file paths for folders).
+      labels: (N,) int64 in ``[0, len(class_names))``.
+      class_names: list[str].
+      splits: tuple[str, ...], the splits the source offers.
+      preprocessing: :class:`Preprocessing` applied by :meth:`images`.
+    """
+
+    def __init__(self, *, name: str, split: str, ids: Sequence[str], labels: np.ndarray,
+                 class_names: Sequence[str], splits: Sequence[str],
+                 read: Callable[[int], np.ndarray], preprocessing: Preprocessing,
+                 parts: Callable[[int], object] | None = None):
+        self.name, self.split = name, split
+        self.ids = np.asarray(list(ids), dtype=str)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.splits = tuple(splits)
+        self.preprocessing = preprocessing
+        self._read, self._parts = read, parts
+        if len(self.ids) != len(self.labels):
+            raise ValueError(f"{len(self.ids)} ids but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, split={self.split!r}, n={len(self)}, "
+                f"classes={len(self.class_names)}, image_size={self.preprocessing.image_size})")
+
+    def read(self, i: int) -> np.ndarray:
+        """The original image ``i``: uint8 (h, w, 3), before any resize."""
+        return self._read(int(i))
+
+    def images(self, indices) -> np.ndarray:
+        """Model inputs for ``indices``: (B, S, S, 3) float32, S = ``preprocessing.image_size``."""
+        p = self.preprocessing
+        return eval_transform([self.read(i) for i in np.asarray(indices).reshape(-1)],
+                              p.resize_size, p.image_size, p.mean, p.std)
+
+    def raw_image(self, i: int) -> np.ndarray:
+        """Image ``i`` as a person sees the model input: uint8 (S, S, 3), resized and cropped, not normalised."""
+        return resize_center_crop(self.read(i), self.preprocessing.resize_size, self.preprocessing.image_size)
+
+    def subset(self, indices) -> "Dataset":
+        """The same split restricted to ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        parts = None if self._parts is None else (lambda i: self._parts(int(idx[i])))
+        return Dataset(name=self.name, split=self.split, ids=self.ids[idx], labels=self.labels[idx],
+                       class_names=self.class_names, splits=self.splits, read=lambda i: self._read(int(idx[i])),
+                       preprocessing=self.preprocessing, parts=parts)
+
+    def parts(self, i: int):
+        """:class:`fgvce_jax.data.parts.PartAnnotation` of image ``i`` (CUB only), else None."""
+        return None if self._parts is None else self._parts(int(i))
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split: in each class, ``round(test_fraction * n_c)`` items go to test.
+
+    Returns sorted (train_indices, test_indices) into ``labels``.
+    """
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test.extend(rng.permutation(members)[: int(round(test_fraction * len(members)))])
+    is_test = np.zeros(len(labels), bool)
+    is_test[np.asarray(test, dtype=np.int64)] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    """Decode an image file to uint8 (h, w, 3)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _is_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (32, 32))  # JPEG: decode at reduced scale, still reads every block
+            img.load()
+        return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def drop_unreadable(paths: Sequence[Path], what: str) -> np.ndarray:
+    """Indices of ``paths`` that decode as images; one warning lists the others.
+
+    Returns (M,) int64, sorted.
+    """
+    ok = np.array([_is_readable(Path(p)) for p in paths], dtype=bool)
+    bad = [str(p) for p, good in zip(paths, ok) if not good]
+    if bad:
+        warnings.warn(f"{what}: skipped {len(bad)} unreadable image(s): {', '.join(bad)}", stacklevel=3)
+    return np.flatnonzero(ok)
+
+
+def require_split(split: str, splits: Sequence[str], name: str) -> None:
+    if split not in splits:
+        raise FgvceError(f"dataset {name!r} has no split {split!r}; choose one of: {', '.join(splits)}")
+
+
+def require_dir(path: Path, name: str, how: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FgvceError(f"dataset {name!r}: directory {str(path)!r} does not exist; {how}")
+    return path.resolve()

@@ -1,0 +1,358 @@
+"""Tables of SPEC 6 metrics from explanations: one row per method, as in the paper's tables.
+
+Two layers:
+
+- :func:`summarise` works on in-memory ``Explanations``-like objects (one per
+  method), optional RISE curves per saliency method and optional part masks.
+- :func:`evaluate_directory` reads an ``fgvce explain`` output directory
+  (``DIR/<method>/`` written by :mod:`fgvce_jax.pipeline`), recomputes what it
+  needs (query images, model probabilities, Grad-CAM, part masks) and writes
+  ``table.md``, ``table.csv``, ``metrics.json`` and ``curves.png``.
+
+Columns: validity, edits (regions), edits (cells), deletion AUC, insertion AUC,
+Del-Ins, and with parts Near-KP, Same-KP, Part IoU, coverage, misleading.
+Metric definitions: ``docs/metrics.md``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Mapping
+
+import numpy as np
+
+from fgvce_jax import store
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.metrics import counterfactual as cf_metrics
+from fgvce_jax.metrics import parts as part_metrics
+from fgvce_jax.metrics import rise
+
+COLUMNS = {  # key -> header (arrows: which direction is better)
+    "validity": "Validity ↑",
+    "edits_regions": "Edits (regions) ↓",
+    "edits_cells": "Edits (cells) ↓",
+    "deletion_auc": "Deletion AUC ↓",
+    "insertion_auc": "Insertion AUC ↑",
+    "del_ins": "Del-Ins ↑",
+    "near_kp": "Near-KP ↑",
+    "same_kp": "Same-KP ↑",
+    "part_iou": "Part IoU ↑",
+    "coverage": "Coverage ↑",
+    "misleading": "Misleading ↓",
+}
+CF_COLUMNS = ("validity", "edits_regions", "edits_cells")
+RISE_COLUMNS = ("deletion_auc", "insertion_auc", "del_ins")
+METHOD_ORDER = ("fgvce", "cve", "global", "gradient", "single-step", "random", "gradcam")
+GRADCAM = "gradcam"
+
+
+def _ordered(methods) -> list[str]:
+    methods = list(dict.fromkeys(methods))
+    known = [m for m in METHOD_ORDER if m in methods]
+    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+def summarise(explanations_by_method: Mapping[str, object], *,
+              curves_by_method: Mapping[str, rise.RiseCurves] | None = None,
+              parts_by_method: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
+    """One row per method with the metrics of SPEC 6.
+
+    Args:
+      explanations_by_method: method -> Explanations-like (see
+        :mod:`fgvce_jax.metrics.counterfactual`).
+      curves_by_method: method -> :class:`~fgvce_jax.metrics.rise.RiseCurves`
+        of that method's saliency maps; may name attribution-only methods
+        (``gradcam``), whose counterfactual columns are NaN.
+      parts_by_method: method -> (query_parts (Q, P, H, W), reference_parts
+        (R, P, H, W)) bool, CUB-format data only.
+
+    Returns:
+      list of dicts ``{"method": str, "queries": int, <column>: float}``, in
+      :data:`METHOD_ORDER`; only the column groups that were given appear.
+    """
+    curves_by_method = dict(curves_by_method or {})
+    parts_by_method = dict(parts_by_method or {})
+    rows = []
+    for method in _ordered([*explanations_by_method, *curves_by_method]):
+        row: dict = {"method": method}
+        e = explanations_by_method.get(method)
+        row["queries"] = int(np.shape(e.success)[0]) if e is not None else (
+            int(curves_by_method[method].deletion.shape[0]))
+        row.update(cf_metrics.summary(e) if e is not None else dict.fromkeys(CF_COLUMNS, math.nan))
+        if curves_by_method:
+            c = curves_by_method.get(method)
+            row.update(dict.fromkeys(RISE_COLUMNS, math.nan) if c is None else {
+                "deletion_auc": float(c.deletion_auc.mean()), "insertion_auc": float(c.insertion_auc.mean()),
+                "del_ins": float(c.del_ins.mean())})
+        if parts_by_method:
+            p = parts_by_method.get(method)
+            row.update(dict.fromkeys(part_metrics.NAMES, math.nan) if (p is None or e is None)
+                       else part_metrics.part_metrics(e, *p))
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return [c for c in COLUMNS if rows and c in rows[0]]
+
+
+def _fmt(v: float) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A GitHub-Markdown table: rows = methods, NaN shown as '–'."""
+    cols = _columns(rows)
+    lines = ["| Method | Queries | " + " | ".join(COLUMNS[c] for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['queries']} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    """CSV with a header of metric keys; NaN left empty."""
+    cols = ["method", "queries", *_columns(rows)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in cols])
+    return buf.getvalue()
+
+
+def plot_curves(curves_by_method: Mapping[str, rise.RiseCurves]) -> bytes:
+    """PNG bytes: mean deletion (left) and insertion (right) curves per method, AUC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for method in _ordered(curves_by_method):
+        c = curves_by_method[method]
+        for ax, y, a in ((axes[0], c.deletion, c.deletion_auc), (axes[1], c.insertion, c.insertion_auc)):
+            ax.plot(np.linspace(0, 1, y.shape[1]), y.mean(0), label=f"{method} (AUC {a.mean():.3f})")
+    for ax, title in zip(axes, ("Deletion", "Insertion")):
+        ax.set(title=title, xlabel="fraction of pixels", xlim=(0, 1))
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("probability of the explained class")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path]:
+    """Atomically write table.md, table.csv, metrics.json (and curves.png) into ``out_dir``."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"table.md": to_markdown(rows).encode(), "table.csv": to_csv(rows).encode()}
+    if curves_by_method:
+        files["curves.png"] = plot_curves(curves_by_method)
+    for name, data in files.items():
+        store.atomic_write(out_dir / name, lambda f, d=data: f.write(d))
+    store.atomic_write_json(out_dir / "metrics.json",
+                            [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                             for r in rows])
+    return [out_dir / n for n in (*files, "metrics.json")]
+
+
+# --------------------------------------------------------------------------- explain directories
+EXPLANATION_ARRAYS = ("query_index", "success", "n_edits", "true", "pred", "query_region", "ref_index",
+                      "ref_region", "query_phi")
+
+
+def find_runs(directory) -> dict[str, Path]:
+    """method -> run directory: ``DIR`` itself if it holds a manifest, else every ``DIR/*/manifest.json``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FgvceError(f"{directory} is not a directory")
+    dirs = [directory] if (directory / store.MANIFEST).exists() else sorted(
+        p.parent for p in directory.glob(f"*/{store.MANIFEST}"))
+    if not dirs:
+        raise FgvceError(f"{directory} holds no explain results (no {store.MANIFEST}); run `fgvce explain` first")
+    runs = {}
+    for d in dirs:
+        method = store.read_manifest(d).get("config", {}).get("method", d.name)
+        if method in runs:
+            raise FgvceError(f"method {method!r} appears twice, in {runs[method]} and {d}")
+        runs[method] = d
+    return runs
+
+
+def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
+    """(Explanations-like, run config) of one ``DIR/<method>`` written by the pipeline.
+
+    The arrays are those of ``docs/output_format.md`` (``ref_index`` indexes the
+    reference split); ``edit_mask`` is used when the run stored it.
+    """
+    config = store.read_manifest(run_dir)["config"]
+    _, arrays = store.read_results(run_dir)
+    missing = [k for k in EXPLANATION_ARRAYS if k not in arrays]
+    if missing:
+        raise FgvceError(f"{run_dir} has no completed shards or lacks arrays: {', '.join(missing)}")
+    e = SimpleNamespace(**{k: arrays[k] for k in (*EXPLANATION_ARRAYS, "edit_mask") if k in arrays},
+                        region_size=int(config.get("region_size", 1)), method=config.get("method", ""))
+    return e, config
+
+
+RUN_KEYS = ("model", "at", "dataset", "split", "reference_split", "image_size")
+
+
+def _shared_run(configs: Mapping[str, dict]) -> dict:
+    """The run-level settings every method shares (model, data); FgvceError if they differ."""
+    first = next(iter(configs.values()))
+    for method, c in configs.items():
+        diff = [k for k in RUN_KEYS if c.get(k) != first.get(k)]
+        if diff:
+            raise FgvceError(f"methods were run on different settings ({', '.join(diff)}); "
+                             f"evaluate them separately (e.g. {method})")
+    return {k: first.get(k) for k in RUN_KEYS}
+
+
+def _part_grids(annotations, n_types: int, grid) -> np.ndarray:
+    """List of PartAnnotation (or None: no parts) -> (len, P, H, W) bool masks on the grid."""
+    empty = np.zeros((n_types, *grid), bool)
+    return np.stack([empty if a is None else a.grid(grid) for a in annotations]) if annotations else (
+        np.zeros((0, n_types, *grid), bool))
+
+
+def _predict(split_model, params, images):
+    """Softmax probabilities of the full classifier: images (B, S, S, 3) -> (B, C)."""
+    import jax
+
+    return jax.nn.softmax(split_model.logits(params, images), -1)
+
+
+def _gradcam(split_model, params, images, classes, mesh):
+    """Grad-CAM maps (B, H, W) on the split's feature map, via :func:`fgvce_jax.saliency.compute`.
+
+    ``params`` must be replicated on ``mesh`` (saliency shards its work over it).
+    """
+    import jax
+
+    from fgvce_jax import saliency
+
+    z, ctx = split_model.encode(params, images)
+    return np.asarray(saliency.compute(split_model, params, z, ctx, classes, method=GRADCAM,
+                                       key=jax.random.PRNGKey(0), mesh=mesh))
+
+
+def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps: int = 50,
+                  chunk_size: int = 64, batch_size: int = 16, gradcam: bool = True) -> dict[str, rise.RiseCurves]:
+    """RISE curves of each method's query Phi (on ŷ) and, with ``gradcam``, of Grad-CAM.
+
+    Methods without a saliency map (``cve``: query_phi is NaN) are skipped.
+    Grad-CAM uses the queries of the first method; it runs on a 1-D mesh of
+    all devices (as :func:`fgvce_jax.pipeline.device_mesh`), the curves on one.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fgvce_jax.pipeline import device_mesh
+
+    predict = functools.partial(_predict, split_model)
+    jobs = {m: (e.query_index, np.asarray(e.query_phi), np.asarray(e.pred))
+            for m, e in explanations_by_method.items() if not np.isnan(np.asarray(e.query_phi)).any()}
+    if gradcam and explanations_by_method:
+        e = next(iter(explanations_by_method.values()))
+        jobs[GRADCAM] = (e.query_index, None, np.asarray(e.pred))
+        mesh = device_mesh()
+        replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    out = {}
+    for method, (index, phi, classes) in jobs.items():
+        dele, ins = [], []
+        for s in range(0, len(index), batch_size):
+            n = min(batch_size, len(index) - s)
+            # the last batch is padded to a full one (no recompilation) and the padding dropped
+            rows = np.minimum(np.arange(s, s + batch_size), len(index) - 1)
+            images = jnp.asarray(dataset.images(index[rows]))
+            cls = classes[rows]
+            if phi is None:
+                maps = _gradcam(split_model, replicated, images, jnp.asarray(cls), mesh)
+            else:
+                maps = phi[rows]
+            c = rise.deletion_insertion(predict, images, maps, cls, params=params, steps=steps, chunk_size=chunk_size)
+            dele.append(c.deletion[:n])
+            ins.append(c.insertion[:n])
+        out[method] = rise.RiseCurves(np.concatenate(dele), np.concatenate(ins))
+    return out
+
+
+def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int = 64, batch_size: int = 16,
+                       use_rise: bool = True, gradcam: bool = True, parts: bool = True) -> tuple[list[dict], list[Path]]:
+    """Evaluate every method found in an explain output directory and write the tables.
+
+    Args:
+      directory: ``--out`` of ``fgvce explain`` (or one ``<method>`` sub-directory).
+      out: where to write (default ``DIR/evaluation``).
+      steps, chunk_size: RISE steps and curve images per model call.
+      batch_size: query images loaded at once.
+      use_rise: compute deletion / insertion (needs the model checkpoint and the images).
+      gradcam: add a Grad-CAM row to the RISE comparison.
+      parts: compute part metrics when the dataset has part annotations.
+
+    Returns:
+      (rows, written files).
+    """
+    runs = find_runs(directory)
+    loaded = {m: load_run(d) for m, d in runs.items()}
+    explanations = {m: e for m, (e, _) in loaded.items()}
+    run = _shared_run({m: c for m, (_, c) in loaded.items()})
+    curves, part_masks = None, None
+    if use_rise or parts:
+        from fgvce_jax import data
+
+        for key in ("dataset", "split"):
+            if not run.get(key):
+                raise FgvceError(f"the explain manifest does not name the {key}; pass --no-rise --no-parts")
+        ds = data.load(run["dataset"], run["split"], image_size=run.get("image_size"))
+        if parts:
+            ref_split = run.get("reference_split") or run["split"]
+            ref_ds = ds if ref_split == run["split"] else data.load(run["dataset"], ref_split,
+                                                                     image_size=run.get("image_size"))
+            part_masks = _parts_for_runs(ds, ref_ds, explanations)
+        if use_rise:
+            from fgvce_jax import models
+
+            model_dir = Path(run.get("model") or "")
+            if not (model_dir.is_absolute() and model_dir.exists()):
+                raise FgvceError(f"model checkpoint {model_dir} of the explain run is not there; pass --no-rise")
+            model, _ = models.load(model_dir)
+            split_model, params = models.split(model, run.get("at"))
+            curves = rise_for_runs(split_model, params, ds, explanations, steps=steps, chunk_size=chunk_size,
+                                   batch_size=batch_size, gradcam=gradcam)
+    rows = summarise(explanations, curves_by_method=curves, parts_by_method=part_masks)
+    out = Path(out) if out is not None else Path(directory) / "evaluation"
+    return rows, write_outputs(rows, out, curves)
+
+
+def _parts_for_runs(ds, ref_ds, explanations_by_method) -> dict | None:
+    """method -> (query part masks, reference part masks indexed by ref_index); None without parts.
+
+    Only the referenced rows of the reference mask array are filled.
+    """
+    annotations = {}
+    for method, e in explanations_by_method.items():
+        used = np.unique(e.ref_index[e.ref_index >= 0])
+        annotations[method] = ([ds.parts(int(i)) for i in e.query_index], used,
+                               [ref_ds.parts(int(i)) for i in used])
+    named = [a for q, _, r in annotations.values() for a in (*q, *r) if a is not None]
+    if not named:
+        return None
+    n_types = len(named[0].names)
+    out = {}
+    for method, (q_ann, used, r_ann) in annotations.items():
+        grid = cf_metrics.grid_of(explanations_by_method[method])
+        rp = np.zeros((int(used.max()) + 1 if used.size else 1, n_types, *grid), bool)
+        rp[used] = _part_grids(r_ann, n_types, grid)
+        out[method] = (_part_grids(q_ann, n_types, grid), rp)
+    return out

@@ -1,0 +1,123 @@
+"""Model checkpoints: an orbax tree of every variable plus ``info.json`` (a :class:`ModelInfo`).
+
+Layout of a checkpoint directory::
+
+    DIR/info.json   arch, num_classes, class names, preprocessing, default split
+    DIR/state/      orbax StandardCheckpointer tree (parameters and BatchNorm statistics)
+
+``save`` writes into a hidden sibling directory and renames it into place, so
+an interrupted save never leaves a half-written ``DIR``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fgvce_jax import models
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+INFO_FILE = "info.json"
+STATE_DIR = "state"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint records besides the weights.
+
+    ``image_size`` is the center crop side, ``resize_size`` the shorter side the
+    image is first resized to (torchvision's eval transform); ``mean``/``std``
+    normalise [0, 1] RGB.
+    """
+
+    arch: str
+    num_classes: int
+    class_names: tuple[str, ...] | None = None
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    default_split: str | None = None
+
+    def __post_init__(self):
+        if self.arch not in models.ARCHS:
+            raise FgvceError(f"unknown arch {self.arch!r}; choose one of {', '.join(models.ARCHS)}")
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+            if len(self.class_names) != self.num_classes:
+                raise FgvceError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @classmethod
+    def for_model(cls, model: nnx.Module, class_names=None, image_size: int | None = None,
+                  resize_size: int | None = None) -> "ModelInfo":
+        """Defaults for ``model``: its own image size (ViT) or 224 (32 for resnet_tiny); resize = size * 256/224."""
+        if image_size is None:
+            image_size = getattr(model, "image_size", 32 if model.arch == "resnet_tiny" else 224)
+        if resize_size is None:
+            resize_size = image_size if model.arch == "resnet_tiny" else round(image_size * 256 / 224)
+        return cls(model.arch, model.num_classes, class_names, int(image_size), int(resize_size),
+                   default_split=model.default_split)
+
+
+def save(path: str | os.PathLike, model: nnx.Module, info: ModelInfo, *, overwrite: bool = False) -> Path:
+    """Write ``model``'s variables and ``info`` to directory ``path``; returns the absolute path.
+
+    Raises FgvceError if ``path`` exists (unless ``overwrite``) or ``info`` does not describe ``model``.
+    """
+    path = Path(path).expanduser().absolute()
+    if (info.arch, info.num_classes) != (model.arch, model.num_classes):
+        raise FgvceError(f"info describes {info.arch} with {info.num_classes} classes but the model is "
+                         f"{model.arch} with {model.num_classes}")
+    if path.exists() and not overwrite:
+        raise FgvceError(f"{path} already exists; choose another output directory or pass overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
+        (tmp / INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_info(path: str | os.PathLike) -> ModelInfo:
+    """The :class:`ModelInfo` of checkpoint ``path``."""
+    file = Path(path).expanduser().absolute() / INFO_FILE
+    if not file.is_file():
+        raise FgvceError(f"{file.parent} is not a model checkpoint (no {INFO_FILE})")
+    try:
+        return ModelInfo(**json.loads(file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise FgvceError(f"{file} is not a valid model description: {e}") from None
+
+
+def load(path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
+    """Restore ``(model, info)`` from a checkpoint written by :func:`save`; the model is in eval mode."""
+    path = Path(path).expanduser().absolute()
+    info = read_info(path)
+    abstract = nnx.eval_shape(lambda: models.create(info.arch, info.num_classes, image_size=info.image_size))
+    graphdef, state = nnx.split(abstract)
+    target = nnx.to_pure_dict(state)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path / STATE_DIR, target)
+    except Exception as e:  # orbax raises several types for missing/corrupt/mismatched trees
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FgvceError(f"cannot restore the weights in {path / STATE_DIR}: {first}") from None
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model, info

@@ -1,0 +1,384 @@
+"""Explain a whole split (SPEC 7): predictions, queries and references, Phi, search, shards.
+
+Passes, each with its own progress bar:
+
+1. ``f`` and ``g`` over the split and over the reference split, batched and
+   sharded over a 1-D mesh of all devices: probabilities (N, C), predictions
+   (N,) and pooled features (N, D). Cached in ``OUT/predictions-<split>.npz``.
+2. Queries = the misclassified images of the split (or the given ids), in
+   dataset order, at most ``limit``; references = the correctly classified
+   images of the reference split whose class is the true class of some query
+   (with ``reference_mode="nearest"``: only the union of each query's N nearest).
+3. Phi of every reference on its own class, computed once and cached in
+   ``OUT/<method>/cache-references.npz``; Phi of the queries on ŷ, per shard.
+4. The batched counterfactual search, one shard of queries at a time.
+5. Each shard written atomically (:mod:`fgvce_jax.store`); a re-run with the
+   same arguments skips the shards the manifest lists.
+
+Every random choice comes from ``PRNGKey(config.seed)`` folded with the shard
+index (queries) or a fixed tag (references), so a resumed run reproduces an
+uninterrupted one exactly. The file layout is in ``docs/output_format.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from fgvce_jax import store
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley.sharding import device_mesh
+
+_REFERENCE_TAG, _QUERY_TAG = 0, 1
+
+
+# --------------------------------------------------------------------------- pass 1
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    """Pad axis 0 of ``x`` to length ``n`` by repeating its last row."""
+    return x if len(x) == n else np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)])
+
+
+def _forward(split_model, params, images):
+    """images (B,S,S,3) -> (probs (B,C), pooled (B,D) = mean over H', W' of z)."""
+    z, ctx = split_model.encode(params, images)
+    return jax.nn.softmax(split_model.head(params, z, ctx), -1), z.mean((1, 2))
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
+
+
+def _encode(split_model, params, images):
+    return split_model.encode(params, images)
+
+
+_encode_jit = jax.jit(_encode, static_argnums=0)
+
+
+def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc):
+    """Apply ``fn(split_model, params, images)`` over ``dataset.images(indices)`` in sharded batches.
+
+    The batch is rounded up to a multiple of the device count; the last batch is
+    padded and the padding dropped. Returns the outputs' pytree, concatenated (numpy).
+    """
+    n_dev = mesh.devices.size
+    batch = -(-batch_size // n_dev) * n_dev
+    sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    outs = []
+    with tqdm(total=len(indices), desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
+        for start in range(0, len(indices), batch):
+            idx = indices[start:start + batch]
+            x = jax.device_put(_pad_to(dataset.images(idx), batch), sharding)
+            out = fn(split_model, params, x)
+            outs.append(jax.tree.map(lambda a: np.asarray(a)[:len(idx)], out))
+            bar.update(len(idx))
+    if not outs:
+        raise FgvceError(f"{desc}: nothing to run over")
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def predict_split(split_model, params, dataset, *, batch_size, mesh, cache: Path, key: str,
+                  overwrite: bool = False) -> dict[str, np.ndarray]:
+    """Pass 1 for one split: ``{"label", "pred", "probs" (N,C), "pooled" (N,D)}``.
+
+    Reuses ``cache`` when it was written for the same ``key`` (model, dataset,
+    split, preprocessing); otherwise computes and writes it atomically.
+    """
+    if cache.exists() and not overwrite:
+        cached = store.load_arrays(cache)
+        if str(cached.get("key")) == key:
+            return cached
+    probs, pooled = _batched(_forward_jit, split_model, params, dataset, np.arange(len(dataset)),
+                             batch_size, mesh, f"pass 1: predict {dataset.split}")
+    out = {"key": np.asarray(key), "label": dataset.labels.astype(np.int64),
+           "pred": probs.argmax(-1).astype(np.int64), "probs": probs.astype(np.float32),
+           "pooled": pooled.astype(np.float32)}
+    store.save_arrays(cache, out)
+    return out
+
+
+# --------------------------------------------------------------------------- pass 2
+def select_queries(dataset, pred: np.ndarray, ids: Sequence[str] | None, limit: int | None) -> np.ndarray:
+    """Dataset indices of the queries: misclassified images (or ``ids``), first ``limit``.
+
+    A given id that is unknown, or correctly classified, is an FgvceError.
+    """
+    if ids is None:
+        q = np.flatnonzero(pred != dataset.labels)
+    else:
+        where = {s: i for i, s in enumerate(dataset.ids)}
+        missing = [s for s in ids if s not in where]
+        if missing:
+            raise FgvceError(f"unknown query id(s) in {dataset.name}/{dataset.split}: {', '.join(missing[:5])}")
+        q = np.asarray([where[s] for s in ids], np.int64)
+        right = [dataset.ids[i] for i in q if pred[i] == dataset.labels[i]]
+        if right:
+            raise FgvceError(f"query id(s) the model classifies correctly, nothing to explain: {', '.join(right[:5])}")
+    return q[:limit] if limit is not None else q
+
+
+def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred: dict,
+                      n_references: int, mode: str) -> np.ndarray:
+    """Reference-split indices that any query can draw on (sorted).
+
+    Eligible: correctly classified images whose class is some query's true
+    class. With ``mode="nearest"`` only the union of each query's
+    ``n_references`` nearest is kept, chosen by the engine's own rule
+    (:func:`fgvce_jax.counterfactual.references.select_references`), so the
+    engine, choosing the N nearest from this subset, chooses what it would
+    choose from all of them; the references' Phi is then computed only for these.
+    """
+    from fgvce_jax.counterfactual.references import select_references as pick
+
+    label, pred = ref_pred["label"], ref_pred["pred"]
+    if mode != "nearest":
+        return np.flatnonzero((label == pred) & np.isin(label, np.unique(query_true)))
+    index, valid = pick(jnp.asarray(query_pooled), jnp.asarray(query_true), jnp.asarray(ref_pred["pooled"]),
+                        jnp.asarray(label), jnp.asarray(pred), n=n_references, mode="nearest",
+                        key=jax.random.PRNGKey(0))
+    return np.unique(np.asarray(index)[np.asarray(valid)])
+
+
+# --------------------------------------------------------------------------- passes 3-4
+def _features(split_model, params, dataset, indices, labels, preds, batch_size, mesh, desc):
+    """FeatureBatch for ``indices``: z, ctx from f; pooled = mean of z over H', W'."""
+    from fgvce_jax.counterfactual import FeatureBatch
+
+    z, ctx = _batched(_encode_jit, split_model, params, dataset, indices, batch_size, mesh, desc)
+    return FeatureBatch(z=jnp.asarray(z), ctx=jax.tree.map(jnp.asarray, ctx),
+                        labels=jnp.asarray(labels), preds=jnp.asarray(preds),
+                        pooled=jnp.asarray(z.mean((1, 2))))
+
+
+def compute_phi(split_model, params, batch, classes, config, *, key, mesh) -> np.ndarray | None:
+    """Phi (N, H', W') of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none)."""
+    from fgvce_jax import saliency
+    from fgvce_jax.counterfactual.baselines import SALIENCY_METHOD
+
+    method = SALIENCY_METHOD.get(config.method)
+    if method is None:
+        return None
+    return np.asarray(saliency.compute(
+        split_model, params, batch.z, batch.ctx, jnp.asarray(classes), method=method,
+        kernel=config.kernel, samples=config.samples, key=key, baseline=config.baseline,
+        output=config.output, mesh=mesh))
+
+
+def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, dict]:
+    """Explanations of one shard -> (Parquet table, arrays) in the layout of ``docs/output_format.md``.
+
+    ``ref_idx`` maps ``ex.ref_index`` (rows of the references batch) to reference-split indices.
+    """
+    from fgvce_jax.counterfactual import REASONS
+
+    q, t_max = len(query_idx), ex.ref_index.shape[1]
+    true, pred = np.asarray(ex.true, np.int64), np.asarray(ex.pred, np.int64)
+    n_edits = np.asarray(ex.n_edits, np.int32)
+    ref_index = np.where(ex.ref_index >= 0, ref_idx[np.maximum(ex.ref_index, 0)], -1).astype(np.int64)
+    rows = np.arange(q)[:, None]
+    p_true = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], true[:, None]]
+    p_pred = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], pred[:, None]]
+    before = np.asarray(ex.probs_before, np.float32)
+    names = np.asarray(query_ds.class_names)
+
+    def edits(a):  # (Q, T) -> list of the first n_edits entries per row
+        return [a[i, :n_edits[i]].tolist() for i in range(q)]
+
+    table = pa.table({
+        "query_index": pa.array(query_idx, pa.int64()),
+        "query_id": pa.array(query_ds.ids[query_idx].tolist(), pa.string()),
+        "true": pa.array(true, pa.int32()), "true_name": pa.array(names[true].tolist(), pa.string()),
+        "pred": pa.array(pred, pa.int32()), "pred_name": pa.array(names[pred].tolist(), pa.string()),
+        "success": pa.array(np.asarray(ex.success, bool)),
+        "reason": pa.array([REASONS[int(r)] for r in ex.reason], pa.string()),
+        "n_edits": pa.array(n_edits, pa.int32()),
+        "region_size": pa.array(np.full(q, ex.region_size), pa.int32()),
+        "p_true_before": pa.array(before[np.arange(q), true], pa.float32()),
+        "p_pred_before": pa.array(before[np.arange(q), pred], pa.float32()),
+        "edit_query_row": pa.array(edits(ex.query_region[..., 0]), pa.list_(pa.int32())),
+        "edit_query_col": pa.array(edits(ex.query_region[..., 1]), pa.list_(pa.int32())),
+        "edit_ref_index": pa.array(edits(ref_index), pa.list_(pa.int64())),
+        "edit_ref_id": pa.array([ref_ds.ids[r].tolist() for r in edits(ref_index)], pa.list_(pa.string())),
+        "edit_ref_row": pa.array(edits(ex.ref_region[..., 0]), pa.list_(pa.int32())),
+        "edit_ref_col": pa.array(edits(ex.ref_region[..., 1]), pa.list_(pa.int32())),
+        "edit_similarity": pa.array(edits(np.asarray(ex.similarity, np.float32)), pa.list_(pa.float32())),
+        "edit_p_true": pa.array(edits(p_true), pa.list_(pa.float32())),
+        "edit_p_pred": pa.array(edits(p_pred), pa.list_(pa.float32())),
+    })
+    arrays = {"query_index": np.asarray(query_idx, np.int64), "success": np.asarray(ex.success, bool),
+              "n_edits": n_edits, "true": true, "pred": pred,
+              "query_region": np.asarray(ex.query_region, np.int32), "ref_index": ref_index,
+              "ref_region": np.asarray(ex.ref_region, np.int32),
+              "similarity": np.asarray(ex.similarity, np.float32),
+              "probs": np.asarray(ex.probs, np.float32), "probs_before": before,
+              "edit_mask": np.asarray(ex.edit_mask, bool), "query_phi": np.asarray(ex.query_phi, np.float32)}
+    return table, arrays
+
+
+# --------------------------------------------------------------------------- driver
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What one method's run produced (also written to ``OUT/<method>/summary.json``)."""
+
+    method: str
+    queries: int
+    success_rate: float
+    mean_edits: float
+    seconds_per_query: float
+
+    def line(self) -> str:
+        return (f"{self.method}: {self.queries} queries, success {100 * self.success_rate:.1f}%, "
+                f"mean edits {self.mean_edits:.2f}, {self.seconds_per_query:.3f} s/explanation")
+
+
+def summarise(directory: Path, method: str, seconds: float, computed: int) -> Summary:
+    """Summary of the results in ``directory``; time per explanation counts this run's work only."""
+    from fgvce_jax.metrics import edits_in_regions, validity
+
+    _, arrays = store.read_results(directory)
+    n = len(arrays.get("success", ()))
+    return Summary(method, n, validity(arrays["success"]) if n else 0.0,
+                   edits_in_regions(arrays["n_edits"], arrays["success"]) if n else float("nan"),
+                   seconds / computed if computed else 0.0)
+
+
+def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
+                  reference_split: str = "train", queries: Sequence[str] | None = None,
+                  limit: int | None = None, at: str | None = None, batch_size: int = 64,
+                  shard_size: int = 64, overwrite: bool = False) -> list[Summary]:
+    """Explain the misclassified images of ``dataset``/``split`` with each config, resumably.
+
+    Args:
+      model_dir: checkpoint written by ``fgvce train`` / ``models.save``.
+      dataset, split, reference_split: names for :func:`fgvce_jax.data.load`.
+      out_dir: output directory; each config's results go to ``out_dir/<method>/``.
+      configs: a :class:`CounterfactualConfig` or a sequence of them (distinct methods).
+      queries: dataset ids to explain instead of all misclassified images.
+      limit: explain at most this many queries (the first ones, in dataset order).
+      at: split point (default: the checkpoint's).
+      batch_size: images per forward batch (rounded up to the device count); no effect on results.
+      shard_size: queries per result shard (part of the stored config).
+      overwrite: replace results of a different config instead of refusing.
+
+    Returns: one :class:`Summary` per config.
+    """
+    from fgvce_jax import data, models
+    from fgvce_jax.counterfactual import CounterfactualConfig, explain
+
+    configs = [configs] if isinstance(configs, CounterfactualConfig) else list(configs)
+    methods = [c.method for c in configs]
+    if len(set(methods)) != len(methods):
+        raise FgvceError(f"each method may be given once; got {', '.join(methods)}")
+    for name, v in (("batch_size", batch_size), ("shard_size", shard_size), ("limit", limit or 1)):
+        if not isinstance(v, int) or v < 1:
+            raise FgvceError(f"{name} must be a positive integer; got {v!r}")
+    model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()
+    if not model_dir.exists():
+        raise FgvceError(f"model checkpoint {model_dir} does not exist (train one with `fgvce train`)")
+    model, info = models.load(model_dir)
+    split_model, params = models.split(model, at)
+    at = split_model.at
+    ds = data.load(dataset, split, image_size=info.image_size)
+    ref_ds = ds if reference_split == split else data.load(dataset, reference_split, image_size=info.image_size)
+    if list(ds.class_names) != list(info.class_names):
+        raise FgvceError(f"dataset {dataset!r} has {len(ds.class_names)} classes that do not match "
+                         f"the checkpoint's {len(info.class_names)}")
+    mesh = device_mesh()  # 1-D over all devices, shared with the Shapley engine
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    preds = {}
+    for s, d in {split: ds, reference_split: ref_ds}.items():
+        key = json.dumps({"model": str(model_dir), "at": at, "dataset": dataset, "split": s,
+                          "preprocessing": dataclasses.asdict(d.preprocessing)}, sort_keys=True, default=str)
+        preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
+                                 cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)
+    q_idx = select_queries(ds, preds[split]["pred"], queries, limit)
+    print(f"pass 1: {split} accuracy {np.mean(preds[split]['pred'] == ds.labels):.3f} on {len(ds)} images, "
+          f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+    summaries = []
+    for config in configs:
+        summaries.append(_explain_method(
+            split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx, config,
+            explain, mesh=mesh, out=out_dir / config.method, batch_size=batch_size, shard_size=shard_size,
+            overwrite=overwrite, run={"model": str(model_dir), "at": at, "dataset": dataset, "split": split,
+                                      "image_size": ds.preprocessing.image_size,
+                                      "reference_split": reference_split, "queries": list(queries) if queries else None,
+                                      "limit": limit, "shard_size": shard_size}))
+    return summaries
+
+
+def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, *,
+                    mesh, out: Path, batch_size, shard_size, overwrite, run) -> Summary:
+    """Passes 2-5 for one config into ``out`` (resumes the shards already there)."""
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "chunk_size"}  # chunking never changes results
+    writer = store.ShardWriter(out, {**run, **cfg}, overwrite=overwrite)
+    n_shards = -(-len(q_idx) // shard_size)
+    todo = [s for s in range(n_shards) if s not in writer.done]
+    key = jax.random.PRNGKey(config.seed)
+    t0, computed = time.perf_counter(), 0
+    if todo:
+        r_idx = select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred,
+                                  config.n_references, config.reference_mode)
+        if len(r_idx) == 0:
+            raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
+        refs = _features(split_model, params, ref_ds, r_idx, ref_ds.labels[r_idx], ref_pred["pred"][r_idx],
+                         batch_size, mesh, f"pass 3: {config.method} reference features")
+        ref_phi = _reference_phi(split_model, params, refs, r_idx, config, writer.cache_path("references"),
+                                 key=jax.random.fold_in(key, _REFERENCE_TAG), mesh=mesh)
+        q_key = jax.random.fold_in(key, _QUERY_TAG)
+        with tqdm(total=len(q_idx), initial=len(q_idx) - sum(min(shard_size, len(q_idx) - s * shard_size) for s in todo),
+                  desc=f"pass 4-5: {config.method} search", unit="query", file=sys.stderr) as bar:
+            rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
+            for s in todo:
+                idx = q_idx[s * shard_size:(s + 1) * shard_size]
+                padded = _pad_to(idx, rows)
+                batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
+                                  batch_size, mesh, "query features")
+                k_phi, k_search = jax.random.split(jax.random.fold_in(q_key, s))
+                q_phi = compute_phi(split_model, params, batch, pred["pred"][padded], config, key=k_phi, mesh=mesh)
+                ex = explain(split_model, params, batch, refs, config, key=k_search,
+                             query_phi=None if q_phi is None else jnp.asarray(q_phi),
+                             reference_phi=None if ref_phi is None else jnp.asarray(ref_phi), mesh=mesh)
+                table, arrays = results_table(_first_rows(ex, len(idx)), idx, ds, r_idx, ref_ds)
+                writer.write_shard(s, s * shard_size, s * shard_size + len(idx), table, arrays)
+                computed += len(idx)
+                bar.update(len(idx))
+    summary = summarise(out, config.method, time.perf_counter() - t0, computed)
+    store.atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
+    print(summary.line(), file=sys.stderr)
+    return summary
+
+
+def _first_rows(ex, n: int):
+    """``ex`` (an Explanations dataclass) without the padding rows beyond ``n``."""
+    return dataclasses.replace(ex, **{f.name: getattr(ex, f.name)[:n] for f in dataclasses.fields(ex)
+                                      if isinstance(getattr(ex, f.name), np.ndarray)})
+
+
+def _reference_phi(split_model, params, refs, r_idx, config, cache: Path, *, key, mesh):
+    """Phi of every reference on its own class, once; cached next to the shards."""
+    from fgvce_jax.counterfactual.baselines import SALIENCY_METHOD
+
+    if config.method not in SALIENCY_METHOD:  # random / cve: the engine makes its own
+        return None
+    if cache.exists():
+        cached = store.load_arrays(cache)
+        if np.array_equal(cached["index"], r_idx):
+            return cached["phi"]
+    t0 = time.perf_counter()
+    phi = compute_phi(split_model, params, refs, refs.labels, config, key=key, mesh=mesh)
+    store.save_arrays(cache, {"index": r_idx, "phi": phi})
+    print(f"pass 3: Phi of {len(r_idx)} references in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return phi

@@ -1,0 +1,114 @@
+"""Saliency maps Phi (N, H, W) for a batch of feature maps, one compiled call per request.
+
+Methods:
+- ``local``: the saliency-partition Shapley estimate (SPEC 3), ``fgvce_jax.shapley.local`` per image.
+- ``global``: permutation Shapley values over all H*W positions (default budget 2 HW * samples,
+  the cost of ``local``).
+- ``gradient``: gradient x activation summed over channels, ``sum_d z_hwd * d out_c / d z_hwd``.
+- ``gradcam``: ``relu(sum_d alpha_d z_hwd)`` with ``alpha_d = mean_hw d out_c / d z_hwd`` (Selvaraju et al.).
+
+Image i uses the key ``fold_in(key, i)``, so ``compute(...)[i]`` equals the single-image estimator on image
+i's game with that key. Shapley work is split over the devices of a 1-D mesh and chunked by a memory budget;
+neither changes the result.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley import sharding
+from fgvce_jax.shapley.estimate import plan as plan_global
+from fgvce_jax.shapley.estimate import run_batch as run_global
+from fgvce_jax.shapley.game import feature_game, read_output
+from fgvce_jax.shapley.local import check_local
+from fgvce_jax.shapley.local import layout as local_layout
+from fgvce_jax.shapley.local import run_batch as run_local
+
+METHODS = ("local", "global", "gradient", "gradcam")
+
+
+def image_keys(key: jax.Array, n: int) -> jax.Array:
+    """keys (n,): ``fold_in(key, i)`` for image i."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def batch_games(split_model, params, z, ctx, classes, baseline, output):
+    """(fn, args with a leading N axis, bytes per evaluation): the games of N images, built in one call."""
+    def build(zi, ci, cls):
+        return feature_game(split_model, params, zi, ci, cls, baseline=baseline, output=output)
+
+    shape = jax.eval_shape(build, z[0], jax.tree.map(lambda a: a[0], ctx), classes[0])
+    args = jax.jit(jax.vmap(lambda zi, ci, cls: build(zi, ci, cls).args))(z, ctx, classes)
+    return shape.fn, args, shape.bytes_per_evaluation
+
+
+def _input_gradients(split_model, params, z, ctx, cls, output):
+    """d out_c / d z (H, W, D) for one image."""
+    def value(zi):
+        logits = split_model.head(params, zi[None], jax.tree.map(lambda a: a[None], ctx))
+        return read_output(logits, cls, output)[0]
+    return jax.grad(value)(z)
+
+
+@functools.partial(jax.jit, static_argnames=("split_model", "method", "output", "mesh"))
+def gradient_maps(split_model, params, z, ctx, classes, *, method, output, mesh):
+    """Phi (N, H, W) by gradient x activation or Grad-CAM, images sharded over the mesh (N divisible by it)."""
+    def one(zi, ci, cls):
+        g = _input_gradients(split_model, params, zi, ci, cls, output)
+        if method == "gradient":
+            return (g * zi).sum(-1)
+        return jax.nn.relu((g.mean(axis=(0, 1)) * zi).sum(-1))
+
+    axis = mesh.axis_names[0]
+    return jax.shard_map(lambda zz, cc, kk: jax.vmap(one)(zz, cc, kk), mesh=mesh,
+                         in_specs=(P(axis), P(axis), P(axis)), out_specs=P(axis), check_vma=False)(z, ctx, classes)
+
+
+def _pad(tree, n_to: int):
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n_to - a.shape[0], axis=0)]), tree)
+
+
+def compute(split_model, params, z, ctx, classes, *, method: str = "local", kernel: int = 3, samples: int = 32,
+            key: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
+            paired: bool = True, budget: int | None = None, chunk_size: int | None = None, mesh=None) -> jax.Array:
+    """Phi (N, H, W) float32 for feature maps z (N, H, W, D), contexts ctx (per-image, leading N) and classes (N,).
+
+    See the module docstring for the methods; ``kernel``, ``samples``, ``outside`` and ``paired`` are
+    ``local``'s (SPEC 3), ``budget`` is ``global``'s (default 2 H W samples evaluations per image).
+    ``baseline`` and ``output`` define the game (SPEC 2, ``fgvce_jax.shapley.feature_game``).
+    """
+    if method not in METHODS:
+        raise FgvceError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
+    z = jnp.asarray(z)
+    if z.ndim != 4 or z.shape[0] < 1:
+        raise FgvceError(f"z must be a batch of feature maps (N, H, W, D), got shape {tuple(z.shape)}")
+    n, h, w, _ = z.shape
+    classes = jnp.asarray(classes, jnp.int32).reshape(-1)
+    if classes.shape != (n,):
+        raise FgvceError(f"classes must have one entry per feature map ({n}), got {classes.shape[0]}")
+    num_classes = getattr(split_model, "num_classes", None)
+    if num_classes is not None and not bool(((classes >= 0) & (classes < num_classes)).all()):
+        raise FgvceError(f"classes must lie in 0..{num_classes - 1}")
+    ctx = {} if ctx is None else ctx
+    mesh = sharding.device_mesh(mesh)
+    if method in ("gradient", "gradcam"):
+        n_pad = -(-n // mesh.size) * mesh.size
+        return gradient_maps(split_model, params, _pad(z, n_pad), _pad(ctx, n_pad), _pad(classes, n_pad),
+                             method=method, output=output, mesh=mesh)[:n]
+    if key is None:
+        raise FgvceError(f"method {method!r} samples coalitions and needs a PRNG key")
+    fn, args, bytes_per_eval = batch_games(split_model, params, z, ctx, classes, baseline, output)
+    keys = image_keys(key, n)
+    if method == "local":
+        draws = check_local((h, w), kernel, samples, outside, paired)
+        u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh)
+        return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
+                                paired=paired, u=u, n_chunks=n_chunks, mesh=mesh)
+    budget = 2 * h * w * samples if budget is None else budget
+    est, n_units, u, n_chunks, _ = plan_global("permutation", h * w, budget, bytes_per_eval, n, chunk_size, mesh)
+    phi = run_global(est, fn, args, keys, n_units=n_units, u=u, n_chunks=n_chunks, mesh=mesh)
+    return phi.reshape(n, h, w)

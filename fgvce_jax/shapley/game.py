@@ -1,0 +1,217 @@
+"""Games: vectorised value functions ``bool[B, ...] -> float[B]``, and the feature-map game of SPEC 2.
+
+A :class:`Game` pairs a static pure function ``fn(args, masks)`` with a pytree
+of arrays ``args``. It is itself a pytree whose static part is ``fn``, so a jit
+keyed on it compiles once per function and shape, not once per image or set
+of weights. For an image with feature map Z (H, W, D) and class c,
+
+    v(m) = out_c( g( Z * m + B * (1 - m) ) )
+
+with B the baseline (``zero``, a per-channel mean, a given map) or, for ViT,
+``attention`` masking of absent tokens. Two structural fast paths are chosen
+automatically and give the generic path's numbers:
+
+- g = GAP + linear (``split_model.linear_head(params)`` is not None): the
+  logits are affine in m, ``l(m) = b + W^T mean_p B_p + sum_p m_p W^T (Z_p - B_p) / HW``,
+  so the per-position contributions (HW, C) are computed once and a coalition
+  costs one (HW,) x (HW, C) product.
+- the last ViT block with ``attention``: ``split_model.last_block_cache`` (the
+  patch K/V, once per image) and ``last_block_logits`` (the class token's row).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fgvce_jax.errors import FgvceError
+
+OUTPUTS = ("prob", "logit", "log_prob")
+BASELINES = ("zero", "mean", "attention")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Game:
+    """``game(masks bool[B, H, W] or bool[B, n]) -> float[B]`` = ``fn(args, masks)``.
+
+    fn: a hashable pure function (static under jit); args: a pytree of arrays;
+    bytes_per_evaluation: memory one evaluation needs, used to size chunks.
+    """
+
+    fn: Callable = dataclasses.field(metadata={"static": True})
+    args: Any
+    bytes_per_evaluation: int = dataclasses.field(default=4096, metadata={"static": True})
+
+    def __call__(self, masks: jax.Array) -> jax.Array:
+        if masks.dtype != jnp.bool_:
+            raise FgvceError(f"game masks must be boolean, got {masks.dtype}")
+        return self.fn(self.args, masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plain:
+    """A plain callable ``f(masks)`` as a Game function (hashed by the callable itself)."""
+
+    f: Callable
+
+    def __call__(self, args, masks):
+        return self.f(masks)
+
+
+def as_game(game: Game | Callable) -> Game:
+    """A Game as is; a plain callable ``masks -> values`` wrapped with no array arguments."""
+    if isinstance(game, Game):
+        return game
+    if callable(game):
+        return Game(_Plain(game), ())
+    raise FgvceError(f"a game must be a Game or a callable bool[B, n] -> float[B], got {type(game).__name__}")
+
+
+def check_game(game: Game, mask_shape: tuple[int, ...]) -> None:
+    """FgvceError unless ``game`` maps bool[2, *mask_shape] to a float array of shape (2,)."""
+    masks = jax.ShapeDtypeStruct((2, *mask_shape), jnp.bool_)
+    want = f"bool[B, {', '.join(map(str, mask_shape))}] -> float[B]"
+    try:
+        out = jax.eval_shape(game.fn, game.args, masks)
+    except FgvceError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any tracing failure means the game does not fit the masks
+        raise FgvceError(f"the game must map {want}; calling it failed: {type(e).__name__}: {e}") from None
+    if not (hasattr(out, "dtype") and jnp.issubdtype(out.dtype, jnp.floating) and out.shape == (2,)):
+        got = f"{out.dtype}{list(out.shape)}" if hasattr(out, "dtype") else type(out).__name__
+        raise FgvceError(f"the game must map {want}; for B = 2 it returned {got}")
+
+
+def read_output(logits: jax.Array, cls: jax.Array, output: str) -> jax.Array:
+    """out_c: (B, C) logits -> (B,) softmax probability, logit or log-probability of class ``cls``."""
+    if output == "prob":
+        return jax.nn.softmax(logits, axis=-1)[:, cls]
+    if output == "log_prob":
+        return jax.nn.log_softmax(logits, axis=-1)[:, cls]
+    return logits[:, cls]
+
+
+def _grid_masks(masks: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """masks bool (B, H, W) or (B, H*W) -> (B, H, W)."""
+    return masks.reshape(masks.shape[0], *grid)
+
+
+def _broadcast(tree, b: int):
+    return jax.tree.map(lambda a: jnp.broadcast_to(a[None], (b, *a.shape)), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenericHead:
+    """v(m) by running the head on ``where(m, Z, B)`` (or with ``token_mask = m`` for attention)."""
+
+    split_model: Any
+    output: str
+    attention: bool
+
+    def __call__(self, args, masks):
+        z = args["z"]
+        m = _grid_masks(masks, z.shape[:2])
+        b = m.shape[0]
+        ctx = _broadcast(args["ctx"], b)
+        if self.attention:
+            logits = self.split_model.head(args["params"], _broadcast(z, b), ctx, token_mask=m)
+        else:
+            logits = self.split_model.head(args["params"], jnp.where(m[..., None], z, args["base"]), ctx)
+        return read_output(logits, args["cls"], self.output)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearHead:
+    """v(m) = out_c(offset + m_flat @ contrib) for a GAP + linear head (contrib (HW, C), offset (C,))."""
+
+    output: str
+
+    def __call__(self, args, masks):
+        m = masks.reshape(masks.shape[0], -1).astype(args["contrib"].dtype)
+        return read_output(args["offset"] + m @ args["contrib"], args["cls"], self.output)
+
+
+@dataclasses.dataclass(frozen=True)
+class LastBlockAttention:
+    """v(m) = out_c(last_block_logits(cache, token_mask = m)) for a ViT split at its last block."""
+
+    split_model: Any
+    output: str
+    grid: tuple[int, int]
+
+    def __call__(self, args, masks):
+        m = _grid_masks(masks, self.grid)
+        logits = self.split_model.last_block_logits(args["params"], args["cache"], m)
+        return read_output(logits, args["cls"], self.output)
+
+
+def baseline_map(z: jax.Array, baseline) -> jax.Array:
+    """B (H, W, D) for one feature map z (H, W, D).
+
+    ``zero``; ``mean`` = the image's own per-channel mean over positions; an array
+    (D,) (e.g. a dataset's per-channel mean) or (H, W, D) (a given map).
+    """
+    if isinstance(baseline, str):
+        if baseline == "zero":
+            return jnp.zeros_like(z)
+        if baseline == "mean":
+            return jnp.broadcast_to(z.mean(axis=(0, 1)), z.shape)
+        raise FgvceError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}, or pass an array")
+    base = jnp.asarray(baseline, z.dtype)
+    if base.shape not in ((z.shape[-1],), z.shape):
+        raise FgvceError(f"a baseline array must have shape ({z.shape[-1]},) or {tuple(z.shape)}, got {base.shape}")
+    return jnp.broadcast_to(base, z.shape)
+
+
+def _vit_cache(split_model, params, z, ctx):
+    """The last-block K/V cache, or None when the model offers no last-block fast path at this split."""
+    make = getattr(split_model, "last_block_cache", None)
+    if make is None:
+        return None
+    return make(params, z[None], _broadcast(ctx, 1))
+
+
+def feature_game(split_model, params, z: jax.Array, ctx: dict | None, cls, *, baseline="zero",
+                 output: str = "prob", fast: bool = True) -> Game:
+    """The game of SPEC 2 for one image: masks bool[B, H, W] (or bool[B, H*W]) -> out_c, float[B].
+
+    Args:
+      split_model, params: the functional split view (``fgvce_jax.models.split``).
+      z: (H, W, D) the image's feature map; ctx: its per-image head context (no batch axis) or None.
+      cls: int, the explained class.
+      baseline: ``zero`` | ``mean`` | ``attention`` (ViT) | an array (D,) or (H, W, D).
+      output: ``prob`` | ``logit`` | ``log_prob``.
+      fast: use a structural fast path when one applies (the default; False forces the generic path).
+    """
+    if output not in OUTPUTS:
+        raise FgvceError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    z = jnp.asarray(z)
+    if z.ndim != 3:
+        raise FgvceError(f"feature_game expects one feature map (H, W, D), got shape {tuple(z.shape)}")
+    ctx = {} if ctx is None else ctx
+    h, w, d = z.shape
+    cls = jnp.asarray(cls, jnp.int32)
+    attention = isinstance(baseline, str) and baseline == "attention"
+    if attention and getattr(split_model, "family", "vit") != "vit":
+        raise FgvceError("the attention baseline masks ViT tokens; use zero, mean or a map for a CNN")
+    generic_bytes = 4 * h * w * d * 8
+    if attention:
+        cache = _vit_cache(split_model, params, z, ctx) if fast else None
+        if cache is not None:
+            args = {"params": params, "cache": cache, "cls": cls}
+            return Game(LastBlockAttention(split_model, output, (h, w)), args, 4 * (h * w * 16 + 8 * d))
+        return Game(GenericHead(split_model, output, True), {"params": params, "z": z, "ctx": ctx, "cls": cls},
+                    generic_bytes)
+    base = baseline_map(z, baseline)
+    linear = split_model.linear_head(params) if fast else None
+    if linear is not None:
+        W, b = linear
+        contrib = ((z - base) @ W).reshape(h * w, -1) / (h * w)
+        offset = b + base.mean(axis=(0, 1)) @ W
+        return Game(LinearHead(output), {"contrib": contrib, "offset": offset, "cls": cls},
+                    4 * (h * w + 2 * W.shape[-1]))
+    return Game(GenericHead(split_model, output, False),
+                {"params": params, "z": z, "ctx": ctx, "cls": cls, "base": base}, generic_bytes)

@@ -1,0 +1,149 @@
+"""Local (saliency partition) Shapley values, SPEC 3.
+
+For each position p of an H x W grid the players are the positions of the
+k x k window W_p centred on p (clipped at the borders), and
+
+    phi_p = E_S [ v_p(S + {p}) - v_p(S) ],   S drawn with Shapley weights from W_p minus {p}:
+
+its size uniform in 0..|W_p|-1, then a uniform subset of that size. Positions
+outside W_p are held absent (``outside="absent"``) or present. With ``paired``
+each draw S also uses its complement in W_p minus {p} (whose size is again
+uniform), so M samples are M/2 pairs; either way a window costs 2 M
+evaluations and the map 2 HW M.
+
+Work item i = (window p, draw j) with i = p * draws + j uses the key
+``fold_in(image_key, i)``. Items are split over a 1-D device mesh and walked in
+chunks; every item's marginal is kept and averaged per window at the end, so
+neither the chunk size nor the device count changes the result.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley import sharding
+from fgvce_jax.shapley.game import as_game, check_game
+
+OUTSIDE = ("absent", "present")
+
+
+def window(grid: tuple[int, int], kernel: int, p: jax.Array) -> jax.Array:
+    """bool (H, W): the k x k window centred on flat position p, clipped to the grid."""
+    h, w = grid
+    r, c = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    half = kernel // 2
+    return (jnp.abs(r - p // w) <= half) & (jnp.abs(c - p % w) <= half)
+
+
+def shapley_subset(key: jax.Array, players: jax.Array) -> jax.Array:
+    """bool like ``players``: a subset S with |S| uniform in 0..|players| and S uniform given its size."""
+    k_size, k_order = jax.random.split(key)
+    n = players.sum()
+    size = jax.random.randint(k_size, (), 0, n + 1)
+    priority = jnp.where(players, jax.random.uniform(k_order, players.shape), jnp.inf).ravel()
+    threshold = jnp.sort(priority)[size]  # the (size+1)-th smallest; inf once size == n
+    return players & (priority.reshape(players.shape) < threshold)
+
+
+def item_masks(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int, outside: str,
+               paired: bool) -> jax.Array:
+    """bool (E, H, W) for one draw at window p: [S, S + p] (+ [S', S' + p] when paired), E = 2 or 4."""
+    win = window(grid, kernel, p)
+    here = (jnp.arange(grid[0] * grid[1]) == p).reshape(grid)
+    players = win & ~here
+    s = shapley_subset(key, players)
+    draws = [s, players & ~s] if paired else [s]
+    rest = ~win if outside == "present" else jnp.zeros(grid, bool)
+    return jnp.stack([m for d in draws for m in (d | rest, d | rest | here)])
+
+
+def marginal(values: jax.Array) -> jax.Array:
+    """The mean marginal of one draw from values (E,) on ``item_masks``: mean of v(S + p) - v(S)."""
+    return (values[1::2] - values[0::2]).mean()
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "grid", "kernel", "draws", "outside", "paired", "u",
+                                             "n_chunks", "mesh"))
+def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh):
+    """Phi (N, H, W) for N games ``fn(args[i], .)`` (args with a leading N axis) and keys (N,)."""
+    axis = mesh.axis_names[0]
+    hw = grid[0] * grid[1]
+    n_items = hw * draws
+    e = 4 if paired else 2
+
+    def body(args, keys):
+        first = jax.lax.axis_index(axis) * n_chunks * u
+
+        def chunk(c):
+            idx = first + c * u + jnp.arange(u)
+            p = jnp.minimum(idx // draws, hw - 1)  # padding items reuse the last window; dropped below
+
+            def one_game(a, key):
+                masks = jax.vmap(lambda i, q: item_masks(jax.random.fold_in(key, i), q, grid, kernel, outside,
+                                                         paired))(idx, p)
+                values = fn(a, masks.reshape(u * e, *grid)).reshape(u, e).astype(jnp.float32)
+                return jax.vmap(marginal)(values)
+
+            return jax.vmap(one_game)(args, keys)  # (N, u)
+
+        out = jax.lax.map(chunk, jnp.arange(n_chunks))  # (n_chunks, N, u)
+        return out.transpose(1, 0, 2).reshape(keys.shape[0], n_chunks * u)
+
+    items = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(None, axis),
+                          check_vma=False)(args, keys)
+    return items[:, :n_items].reshape(-1, hw, draws).mean(axis=-1).reshape(-1, *grid)
+
+
+def check_local(grid, kernel, samples, outside, paired) -> int:
+    """Validate local's arguments; returns the number of draws per window (samples, or samples / 2 paired)."""
+    if len(grid) != 2 or min(grid) < 1:
+        raise FgvceError(f"grid must be (H, W) with H, W >= 1, got {grid}")
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise FgvceError(f"kernel must be a positive odd integer (windows are centred), got {kernel!r}")
+    if kernel // 2 >= max(grid):
+        raise FgvceError(f"kernel {kernel} is larger than the grid {tuple(grid)} needs: "
+                         f"{2 * max(grid) - 1} already covers it from every position")
+    if outside not in OUTSIDE:
+        raise FgvceError(f"outside must be one of {', '.join(OUTSIDE)}, got {outside!r}")
+    if not isinstance(samples, int) or samples < 1 or (paired and samples % 2):
+        raise FgvceError(f"samples must be a positive integer{' and even when paired' if paired else ''}, "
+                         f"got {samples!r}")
+    return samples // 2 if paired else samples
+
+
+def layout(grid, draws, paired, n_games, bytes_per_evaluation, chunk_size, mesh) -> tuple[int, int]:
+    """(items per chunk, chunks per device) for a local request over n_games games."""
+    per_chunk = sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)
+    e = 4 if paired else 2
+    return sharding.layout(grid[0] * grid[1] * draws, max(1, per_chunk // (e * n_games)), mesh.size)
+
+
+def local(game, grid: tuple[int, int], *, kernel: int, samples: int, key: jax.Array, outside: str = "absent",
+          paired: bool = True, chunk_size: int | None = None, mesh=None) -> jax.Array:
+    """The saliency-partition estimate Phi (H, W) of a game ``bool[B, H, W] -> float[B]``.
+
+    Args:
+      game: a :class:`Game` or a jax-traceable callable.
+      grid: (H, W).
+      kernel: k, the odd window size; k = 2 max(H, W) - 1 makes every window the whole grid.
+      samples: M draws per window (including complements when ``paired``); 2 HW M evaluations.
+      key: a PRNG key.
+      outside: positions outside the window are ``absent`` or ``present``.
+      paired: pair each draw with its complement inside the window.
+      chunk_size: evaluations per chunk on one device (default: from the memory budget).
+      mesh: a 1-D device mesh (default: all devices).
+    """
+    grid = tuple(int(g) for g in grid)
+    draws = check_local(grid, kernel, samples, outside, paired)
+    game = as_game(game)
+    check_game(game, grid)
+    mesh = sharding.device_mesh(mesh)
+    u, n_chunks = layout(grid, draws, paired, 1, game.bytes_per_evaluation, chunk_size, mesh)
+    args = jax.tree.map(lambda a: jnp.asarray(a)[None], game.args)
+    keys = key[None]
+    return run_batch(game.fn, args, keys, grid=grid, kernel=kernel, draws=draws, outside=outside, paired=paired,
+                     u=u, n_chunks=n_chunks, mesh=mesh)[0]

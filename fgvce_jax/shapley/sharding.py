@@ -1,0 +1,51 @@
+"""Device mesh and chunk sizing shared by the Shapley engines.
+
+Work is split over a 1-D device mesh; each device walks its share in chunks
+whose size comes from a memory budget (``chunk_size`` overrides it). Padding
+to whole chunks on every device is masked out by the engines.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import Mesh
+
+from fgvce_jax.errors import FgvceError
+
+CPU_MEMORY_BUDGET = 256 * 2**20  # bytes of live evaluation data per chunk on a CPU device
+
+
+def device_mesh(mesh: Mesh | None = None) -> Mesh:
+    """``mesh`` if given (it must be 1-D), else a 1-D mesh over all devices with axis "d"."""
+    if mesh is None:
+        return jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    if len(mesh.axis_names) != 1:
+        raise FgvceError(f"the Shapley engine needs a 1-D device mesh, got axes {mesh.axis_names}")
+    return mesh
+
+
+def memory_budget() -> int:
+    """Bytes of evaluation data one chunk may hold: 1/8 of an accelerator's memory, or 256 MiB on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return int(limit) // 8 if limit else CPU_MEMORY_BUDGET
+
+
+def evaluations_per_chunk(bytes_per_evaluation: int, chunk_size: int | None) -> int:
+    """Game evaluations per chunk on one device: ``chunk_size`` if given, else budget / bytes per evaluation."""
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise FgvceError(f"chunk_size must be a positive number of evaluations, got {chunk_size}")
+        return int(chunk_size)
+    return max(1, memory_budget() // max(1, int(bytes_per_evaluation)))
+
+
+def layout(n_items: int, items_per_chunk: int, n_devices: int) -> tuple[int, int]:
+    """(items per chunk U, chunks per device) so that n_devices * chunks * U >= n_items.
+
+    U shrinks when the work is smaller than one chunk per device, so tiny jobs are not padded to a big chunk.
+    """
+    per_device = math.ceil(n_items / n_devices)
+    u = max(1, min(items_per_chunk, per_device))
+    return u, math.ceil(per_device / u)

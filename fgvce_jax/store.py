@@ -1,0 +1,246 @@
+"""Sharded, atomic, resumable result files.
+
+An explain run writes its results into one directory::
+
+    DIR/manifest.json          config, config hash, completed shards (written last)
+    DIR/shard-00000.parquet    one row per query (scalars and per-edit lists)
+    DIR/shard-00000.npz        the same rows' arrays (Phi maps, probabilities)
+    DIR/cache-*.npz            intermediate results a resumed run reuses
+
+Every file is written to a temporary name in the same directory, flushed,
+``fsync``'d and then ``os.replace``'d into place, so a reader never sees half
+a file. A shard counts as done only once ``manifest.json`` lists it; files not
+listed there (left by a run that was killed between the rename and the
+manifest update) are ignored and overwritten by the next run. The exact file
+layout is documented in ``docs/output_format.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fgvce_jax.errors import FgvceError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- atomic files
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` via ``write(fileobj)`` so that it appears whole or not at all.
+
+    The bytes go to a temporary file in the same directory which is fsync'd and
+    renamed over ``path``. If ``write`` raises, the temporary file is removed
+    and ``path`` keeps its previous content (or stays absent).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Atomically write ``obj`` as indented, key-sorted JSON."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically write a dict of arrays as an uncompressed ``.npz``."""
+    atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` written by :func:`save_arrays` into a dict (no pickles)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# --------------------------------------------------------------------------- config
+def config_hash(config: Mapping) -> str:
+    """sha256 of the canonical JSON of ``config`` (sorted keys), first 16 hex digits."""
+    canon = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def config_diff(old: Mapping, new: Mapping) -> list[str]:
+    """``["key: old -> new", ...]`` for every top-level key whose value differs."""
+    keys = sorted(set(old) | set(new))
+    missing = "<unset>"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+            for k in keys if old.get(k, missing) != new.get(k, missing)]
+
+
+def _normalise(config: Mapping) -> dict:
+    """Round-trip through JSON so that tuples/lists and numpy scalars compare equal."""
+    return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- writer
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+class ShardWriter:
+    """Writes result shards into ``directory``; reopening with the same config resumes.
+
+    Args:
+      directory: output directory (created if missing).
+      config: JSON-serialisable dict that determines the results. It is stored
+        in the manifest; reopening with a different one raises
+        :class:`FgvceError` naming the differing keys, unless ``overwrite``.
+      overwrite: discard an existing manifest, its shards and caches.
+
+    A shard is identified by its index and covers the half-open row range
+    ``[start, stop)`` of the caller's query list. ``done`` tells which shards a
+    previous run completed; the caller skips them.
+    """
+
+    def __init__(self, directory: str | os.PathLike, config: Mapping, *, overwrite: bool = False):
+        self.dir = Path(directory).absolute()
+        if self.dir.exists() and not self.dir.is_dir():
+            raise FgvceError(f"{self.dir} exists and is not a directory")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = _normalise(config)
+        self.hash = config_hash(self.config)
+        manifest_path = self.dir / MANIFEST
+        self.shards: dict[int, dict] = {}
+        if manifest_path.exists():
+            try:
+                old = json.loads(manifest_path.read_text())
+                old_config, old_hash = old["config"], old["config_hash"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise FgvceError(f"{manifest_path} is not a valid fgvce manifest ({e}); "
+                                 "remove it or pass --overwrite") from None
+            if overwrite:
+                self._clear()
+            elif old_hash != self.hash:
+                diff = "; ".join(config_diff(old_config, self.config)) or "format differs"
+                raise FgvceError(f"{self.dir} holds results of a different config ({diff}); "
+                                 "pass --overwrite to replace them or choose another output directory")
+            else:
+                self.shards = {int(s["index"]): s for s in old["shards"]}
+        elif overwrite:
+            self._clear()
+        self._remove_strays()
+        if not manifest_path.exists():
+            self._write_manifest()
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def done(self) -> set[int]:
+        """Indices of the shards that are complete on disk."""
+        return set(self.shards)
+
+    def done_rows(self) -> np.ndarray:
+        """Sorted row indices (positions in the caller's query list) already written."""
+        rows = [np.arange(s["start"], s["stop"]) for s in self.shards.values()]
+        return np.sort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+
+    def cache_path(self, name: str) -> Path:
+        """Path of an intermediate-result file that belongs to this directory's config."""
+        return self.dir / f"cache-{name}.npz"
+
+    # -- writing ----------------------------------------------------------------------
+    def write_shard(self, index: int, start: int, stop: int, table: pa.Table,
+                    arrays: Mapping[str, np.ndarray]) -> None:
+        """Atomically write shard ``index`` (rows ``[start, stop)``) and record it.
+
+        ``table`` must have ``stop - start`` rows and every array a leading axis
+        of that length. The Parquet file and the ``.npz`` are each renamed into
+        place; the manifest is updated last, so the shard becomes visible only
+        when both files are complete.
+        """
+        n = stop - start
+        if table.num_rows != n or any(np.shape(a)[0] != n for a in arrays.values()):
+            raise ValueError(f"shard {index}: expected {n} rows, got table {table.num_rows}, "
+                             f"arrays { {k: np.shape(a) for k, a in arrays.items()} }")
+        name = shard_name(index)
+        atomic_write(self.dir / f"{name}.parquet", lambda f: pq.write_table(table, f))
+        save_arrays(self.dir / f"{name}.npz", arrays)
+        self.shards[index] = {"index": index, "start": int(start), "stop": int(stop), "name": name}
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        atomic_write_json(self.dir / MANIFEST, {
+            "format": FORMAT_VERSION,
+            "config": self.config,
+            "config_hash": self.hash,
+            "shards": [self.shards[i] for i in sorted(self.shards)],
+        })
+
+    def _clear(self) -> None:
+        """Remove the manifest first (so no shard stays visible), then our files."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dir / MANIFEST)
+        for pattern in ("shard-*.parquet", "shard-*.npz", "cache-*.npz"):
+            for p in self.dir.glob(pattern):
+                p.unlink()
+        self.shards = {}
+
+    def _remove_strays(self) -> None:
+        """Delete temp files and shard files the manifest does not list (killed runs)."""
+        listed = {s["name"] for s in self.shards.values()}
+        for p in list(self.dir.glob(".*.tmp")) + list(self.dir.glob("shard-*")):
+            if p.name.startswith(".") or p.name.split(".")[0] not in listed:
+                p.unlink()
+
+
+# --------------------------------------------------------------------------- reader
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The parsed ``manifest.json`` of a result directory (FgvceError if absent)."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise FgvceError(f"{directory} has no {MANIFEST}: not an fgvce explain output directory")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise FgvceError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_results(directory: str | os.PathLike) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """Concatenate the completed shards of ``directory`` in shard order.
+
+    Returns:
+      table: one row per query (schema in ``docs/output_format.md``).
+      arrays: name -> array with a leading axis of ``table.num_rows``.
+    """
+    directory = Path(directory)
+    shards = read_manifest(directory)["shards"]
+    tables, arrays = [], {}
+    for s in sorted(shards, key=lambda s: s["index"]):
+        tables.append(pq.read_table(directory / f"{s['name']}.parquet"))
+        for k, v in load_arrays(directory / f"{s['name']}.npz").items():
+            arrays.setdefault(k, []).append(v)
+    if not tables:
+        return pa.table({}), {}
+    return (pa.concat_tables(tables),
+            {k: np.concatenate(v) for k, v in arrays.items()})

@@ -1,0 +1,212 @@
+"""Evaluation tables: hand-built explanations, a stored explain directory, RISE over a tiny model."""
+import csv
+import dataclasses
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fgvce_jax import evaluate, store
+from fgvce_jax.cli import main
+from fgvce_jax.metrics import rise
+
+GRID = (4, 4)
+
+
+def explanations(success, n_edits, query_region, ref_index, ref_region, region_size=1, phi=None):
+    """An Explanations-like object with the fields the metrics read (unused slots -1)."""
+    q, t = np.asarray(ref_index).shape
+    return SimpleNamespace(
+        success=np.asarray(success, bool), n_edits=np.asarray(n_edits, np.int32),
+        query_region=np.asarray(query_region, np.int32).reshape(q, t, 2),
+        ref_index=np.asarray(ref_index, np.int64),
+        ref_region=np.asarray(ref_region, np.int32).reshape(q, t, 2),
+        region_size=region_size, true=np.zeros(q, np.int64), pred=np.ones(q, np.int64),
+        query_index=np.arange(q, dtype=np.int64),
+        query_phi=np.zeros((q, *GRID), np.float32) if phi is None else phi)
+
+
+def two_methods():
+    # fgvce: 2 of 2 succeed, 1 and 2 single-cell edits. random: 1 of 2 succeeds with 2 edits.
+    fg = explanations([True, True], [1, 2], [[0, 0], [-1, -1], [1, 1], [2, 2]], [[0, -1], [1, 0]],
+                      [[0, 0], [-1, -1], [1, 1], [3, 3]])
+    rnd = explanations([False, True], [2, 2], [[0, 0], [0, 1], [3, 3], [3, 2]], [[0, 0], [0, 1]],
+                       [[1, 0], [2, 0], [0, 0], [0, 1]])
+    return {"random": rnd, "fgvce": fg}
+
+
+def test_summarise_rows_by_hand():
+    curves = {"gradcam": rise.RiseCurves(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([[0.0, 1.0], [1.0, 1.0]])),
+              "fgvce": rise.RiseCurves(np.array([[1.0, 1.0], [0.0, 0.0]]), np.array([[0.0, 0.0], [0.0, 1.0]]))}
+    # parts: query 0 has part 0 on cell (0,0); reference 0 has part 0 on (0,0), reference 1 nothing.
+    qp = np.zeros((2, 2, *GRID), bool)
+    qp[0, 0, 0, 0] = True
+    rp = np.zeros((2, 2, *GRID), bool)
+    rp[0, 0, 0, 0] = True
+    rows = evaluate.summarise(two_methods(), curves_by_method=curves,
+                              parts_by_method={"fgvce": (qp, rp)})
+    assert [r["method"] for r in rows] == ["fgvce", "random", "gradcam"]
+    fg, rnd, gc = rows
+    assert (fg["validity"], fg["edits_regions"], fg["edits_cells"]) == (1.0, 1.5, 1.5)
+    assert (rnd["validity"], rnd["edits_regions"], rnd["edits_cells"]) == (0.5, 2.0, 2.0)
+    # fgvce curves: deletion AUCs 1 and 0, insertion 0 and 0.5
+    assert (fg["deletion_auc"], fg["insertion_auc"], fg["del_ins"]) == (0.5, 0.25, -0.25)
+    assert (gc["deletion_auc"], gc["insertion_auc"]) == (0.5, 0.75)
+    assert math.isnan(gc["validity"]) and math.isnan(rnd["deletion_auc"]) and math.isnan(rnd["near_kp"])
+    # fgvce edits: q0 (0,0)|ref0 (0,0) near 1 same 1; q1 (1,1)|ref1, (2,2)|ref0 (3,3): near 0, 0
+    assert fg["near_kp"] == pytest.approx(1 / 3) and fg["same_kp"] == pytest.approx(1 / 3)
+    assert fg["coverage"] == pytest.approx(1.0)  # only query 0 has visible parts, fully covered
+    assert fg["misleading"] == pytest.approx(2 / 3)
+
+
+def test_markdown_and_csv_carry_the_rows():
+    rows = evaluate.summarise(two_methods())
+    md = evaluate.to_markdown(rows)
+    assert md.splitlines()[0].startswith("| Method | Queries | Validity")
+    assert "Deletion" not in md and "Near-KP" not in md  # groups not computed are not shown
+    assert "| fgvce | 2 | 1.000 | 1.500 | 1.500 |" in md
+    parsed = list(csv.DictReader(io.StringIO(evaluate.to_csv(rows))))
+    assert [float(p["edits_regions"]) for p in parsed] == [r["edits_regions"] for r in rows]
+    nan_row = evaluate.summarise({}, curves_by_method={"gradcam": rise.RiseCurves(np.ones((1, 3)), np.ones((1, 3)))})
+    assert list(csv.DictReader(io.StringIO(evaluate.to_csv(nan_row))))[0]["validity"] == ""
+    assert "| gradcam | 1 | – | – | – | 1.000 | 1.000 | 0.000 |" in evaluate.to_markdown(nan_row)
+
+
+def test_write_outputs_is_complete_and_atomic(tmp_path):
+    curves = {"fgvce": rise.RiseCurves(np.linspace(1, 0, 6)[None], np.linspace(0, 1, 6)[None])}
+    rows = evaluate.summarise(two_methods(), curves_by_method=curves)
+    files = evaluate.write_outputs(rows, tmp_path / "ev", curves)
+    assert sorted(f.name for f in files) == ["curves.png", "metrics.json", "table.csv", "table.md"]
+    assert (tmp_path / "ev" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved[1]["method"] == "random" and saved[1]["deletion_auc"] is None
+    assert not list((tmp_path / "ev").glob(".*"))  # no temporary files left
+
+
+def _write_run(directory, method, e, shard_size=1):
+    """Store ``e`` the way the pipeline does: ShardWriter, arrays per shard, run keys in the config."""
+    w = store.ShardWriter(directory / method, {"method": method, "region_size": e.region_size,
+                                               "dataset": "digits", "split": "test", "model": None})
+    keys = ("query_index", "success", "n_edits", "true", "pred", "query_region", "ref_index", "ref_region",
+            "query_phi")
+    q = len(e.success)
+    for s, start in enumerate(range(0, q, shard_size)):
+        stop = min(q, start + shard_size)
+        w.write_shard(s, start, stop, pa.table({"query_index": e.query_index[start:stop]}),
+                      {k: getattr(e, k)[start:stop] for k in keys})
+
+
+def test_directory_gives_the_in_memory_table(tmp_path):
+    runs = two_methods()
+    for m, e in runs.items():
+        _write_run(tmp_path, m, e)
+    assert set(evaluate.find_runs(tmp_path)) == {"fgvce", "random"}
+    rows, files = evaluate.evaluate_directory(tmp_path, use_rise=False, parts=False)
+    assert rows == evaluate.summarise(runs)
+    assert (tmp_path / "evaluation" / "table.md").read_text() == evaluate.to_markdown(rows)
+    # one method's sub-directory alone; digits has no parts, so no part columns appear
+    rows, _ = evaluate.evaluate_directory(tmp_path / "random", tmp_path / "one", use_rise=False)
+    assert [r["method"] for r in rows] == ["random"] and "near_kp" not in rows[0]
+
+
+def test_cli_reports_bad_directories_in_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no explain results" in err and "Traceback" not in err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    _write_run(tmp_path, "fgvce", two_methods()["fgvce"])
+    assert main(["evaluate", str(tmp_path), "--steps", "0"]) == 2
+    assert main(["evaluate", str(tmp_path)]) == 2  # RISE needs the model, which the run does not name
+    assert "--no-rise" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--no-rise"]) == 0
+    assert "| fgvce | 2 |" in capsys.readouterr().out
+
+
+class _PartsDataset:
+    """Stand-in for a CUB Dataset: image i has part type (i % 3) on cell (i % 4, 0); image 5 has none."""
+
+    def parts(self, i):
+        if i == 5:
+            return None
+        def grid(shape):
+            g = np.zeros((3, *shape), bool)
+            g[i % 3, i % 4, 0] = True
+            return g
+        return SimpleNamespace(names=("a", "b", "c"), grid=grid)
+
+
+def test_parts_for_runs_indexes_queries_and_referenced_images():
+    e = explanations([True], [1], [[0, 0]], [[4]], [[0, 0]])
+    e.query_index = np.array([5])
+    qp, rp = evaluate._parts_for_runs(_PartsDataset(), _PartsDataset(), {"fgvce": e})["fgvce"]
+    assert qp.shape == (1, 3, *GRID) and not qp.any()  # image 5 has no annotation
+    assert rp.shape == (5, 3, *GRID) and rp[4, 1, 0, 0] and rp.sum() == 1  # only the referenced image
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearSplit:
+    """Stand-in for a SplitModel (hashable, params first): logits = flattened image @ params["w"]."""
+
+    def logits(self, params, images):
+        return images.reshape(images.shape[0], -1) @ params["w"]
+
+
+def test_rise_for_runs_matches_direct_curves_and_skips_maps_of_nan():
+    import jax
+
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(6, 16, 16, 3)).astype(np.float32)
+    ds = SimpleNamespace(images=lambda idx: pixels[np.asarray(idx)])  # stand-in for Dataset.images
+    split_model, params = _LinearSplit(), {"w": rng.normal(size=(16 * 16 * 3, 10)).astype(np.float32) * 0.05}
+    grid = (4, 4)
+    fg = explanations([True] * 3, [0] * 3, [[-1, -1]] * 3, [[-1]] * 3, [[-1, -1]] * 3,
+                      phi=rng.normal(size=(3, *grid)).astype(np.float32))
+    fg.query_index, fg.pred = np.array([3, 1, 4]), np.array([2, 7, 1])
+    cve = explanations([True], [0], [[-1, -1]], [[-1]], [[-1, -1]], phi=np.full((1, *grid), np.nan, np.float32))
+    got = evaluate.rise_for_runs(split_model, params, ds, {"fgvce": fg, "cve": cve}, steps=4, chunk_size=7,
+                                 batch_size=2, gradcam=False)
+    assert set(got) == {"fgvce"}
+
+    def predict(x):
+        return jax.nn.softmax(split_model.logits(params, x), -1)
+
+    want = rise.deletion_insertion(predict, ds.images(fg.query_index), fg.query_phi, fg.pred, steps=4, chunk_size=64)
+    np.testing.assert_allclose(got["fgvce"].deletion, want.deletion, atol=1e-5)
+    np.testing.assert_allclose(got["fgvce"].insertion, want.insertion, atol=1e-5)
+
+
+def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
+    """A CUB folder (written by the data tests' helper) and a stored run whose query_index / ref_index
+    point into its test / train splits: the part columns equal part_metrics on the dataset's own masks."""
+    import warnings
+
+    from test_data_cub import _write_cub
+
+    from fgvce_jax import data
+    from fgvce_jax.metrics.parts import part_metrics
+
+    _write_cub(tmp_path / "CUB_200_2011", np.random.default_rng(0))
+    name = f"cub:{tmp_path / 'CUB_200_2011'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the helper writes one corrupt image on purpose
+        test, train = data.load(name, "test", image_size=32), data.load(name, "train", image_size=32)
+    e = explanations([True, True], [2, 1], [[0, 0], [1, 2], [3, 3], [-1, -1]], [[1, 0], [0, -1]],
+                     [[0, 1], [2, 2], [3, 0], [-1, -1]])
+    e.query_index = np.array([1, 0])
+    w = store.ShardWriter(tmp_path / "run" / "fgvce", {"method": "fgvce", "region_size": 1, "dataset": name,
+                                                        "split": "test", "reference_split": "train",
+                                                        "image_size": 32, "model": None})
+    w.write_shard(0, 0, 2, pa.table({"query_index": e.query_index}),
+                  {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows, _ = evaluate.evaluate_directory(tmp_path / "run", use_rise=False)
+    qp = np.stack([test.parts(i).grid(GRID) for i in e.query_index])
+    rp = np.stack([train.parts(i).grid(GRID) for i in range(len(train))])
+    want = part_metrics(e, qp, rp)
+    assert qp.shape[1] == 12 and qp.any() and rp.any()
+    assert {k: rows[0][k] for k in want} == pytest.approx(want, nan_ok=True)

@@ -1,0 +1,176 @@
+"""explain_split on a hand-built model and dataset: resume after an interruption gives
+byte-identical results, pass 1 is cached, configs are checked, methods get sub-directories."""
+import dataclasses
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fgvce_jax import counterfactual, data, models, pipeline, store
+from fgvce_jax.counterfactual import CounterfactualConfig
+from fgvce_jax.data.dataset import Preprocessing
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.models.base import Classifier
+
+C = 3
+MODEL_DIR = Path(__file__).parent  # models.load is patched; the path only has to exist
+CONFIG = CounterfactualConfig(kernel=3, samples=2, max_regions=4, n_references=2, candidates_per_reference=2, t_max=3)
+
+
+class PatchLinear(Classifier):
+    """f: 2x2 patches -> ReLU(linear) gives an (S/2, S/2, 8) map; g: mean over H, W then linear."""
+
+    family, arch, split_points = "resnet", "patch_linear", ("z",)
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.num_classes = C
+        self.w_enc = nnx.Param(jax.random.normal(rngs.params(), (12, 8)))
+        self.w_out = nnx.Param(jax.random.normal(rngs.params(), (8, C)))
+
+    def encode(self, x, at=None):
+        n, h, w, c = x.shape
+        p = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2, w // 2, 4 * c)
+        return jax.nn.relu(p @ self.w_enc[...]), {}
+
+    def head(self, z, ctx=None, at=None, token_mask=None):
+        return z.mean((1, 2)) @ self.w_out[...]
+
+
+class ToyData:
+    """Random 8x8 images; labels = the model's prediction, except the test images chosen
+    as mistakes, whose label is the model's second choice."""
+
+    def __init__(self, split, images, labels):
+        self.name, self.split, self.splits = "toy", split, ("train", "test")
+        self._x, self.labels = images, labels
+        self.ids = np.asarray([f"{split}-{i}" for i in range(len(labels))])
+        self.class_names = ["a", "b", "c"]
+        self.preprocessing = Preprocessing(8, 8)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def images(self, idx):
+        return self._x[np.asarray(idx)]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = PatchLinear(nnx.Rngs(0))
+    sm, params = models.split(model)
+    rng = np.random.default_rng(0)
+    sets = {}
+    for split, n in (("train", 48), ("test", 24)):
+        x = rng.normal(size=(n, 8, 8, 3)).astype(np.float32) + rng.normal(size=(n, 1, 1, 3)).astype(np.float32)
+        order = np.argsort(-np.asarray(sm.head(params, *sm.encode(params, x))), -1)
+        labels = order[:, 0].copy()
+        if split == "test":
+            labels[::3] = order[::3, 1]  # 8 mistakes
+        sets[split] = ToyData(split, x, labels)
+    assert len(set(sets["train"].labels)) == C  # every class has references
+    info = types.SimpleNamespace(class_names=sets["test"].class_names, image_size=8, default_split="z")
+    return model, info, sets
+
+
+def _patch(mp, toy):
+    model, info, sets = toy
+    mp.setattr(models, "load", lambda path: (model, info))
+    mp.setattr(data, "load", lambda name, split, image_size=None: sets[split])
+
+
+@pytest.fixture
+def patched(toy, monkeypatch):
+    _patch(monkeypatch, toy)
+
+
+def _run(out, config=CONFIG, **kw):
+    """All runs use 3-query shards, so the jit caches are shared between tests."""
+    return pipeline.explain_split(MODEL_DIR, "toy", "test", out, config, shard_size=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy, tmp_path_factory):
+    """One uninterrupted run over the 8 mistakes: (out dir, summary)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "a"
+    with pytest.MonkeyPatch.context() as mp:
+        _patch(mp, toy)
+        (summary,) = _run(out, batch_size=8)
+    return out, summary
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "summary.json"}
+
+
+def test_uninterrupted_run_explains_every_mistake(uninterrupted, toy):
+    out, summary = uninterrupted
+    test = toy[2]["test"]
+    assert summary.queries == 8 and 0 <= summary.success_rate <= 1
+    table, arrays = store.read_results(out / "fgvce")
+    assert table.column("query_id").to_pylist() == [f"test-{i}" for i in range(0, 24, 3)]
+    assert (arrays["true"] != arrays["pred"]).all() and (arrays["true"] == test.labels[::3]).all()
+    assert [(s["start"], s["stop"]) for s in store.read_manifest(out / "fgvce")["shards"]] == [(0, 3), (3, 6), (6, 8)]
+
+
+def test_interrupted_run_resumes_to_identical_results(tmp_path, uninterrupted, patched, monkeypatch):
+    a = uninterrupted[0]
+    real, calls = counterfactual.explain, []
+
+    def explain_then_fail(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the second shard
+        return real(*args, **kw)
+
+    monkeypatch.setattr(counterfactual, "explain", explain_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", batch_size=8)
+    manifest = store.read_manifest(tmp_path / "b" / "fgvce")
+    assert [s["index"] for s in manifest["shards"]] == [0]
+    monkeypatch.setattr(counterfactual, "explain", real)
+
+    def no_forward(*args, **kw):
+        raise AssertionError("pass 1 should come from the cache")
+
+    monkeypatch.setattr(pipeline, "_forward_jit", no_forward)
+    _run(tmp_path / "b", batch_size=5)  # the batch size has no effect on the results
+    assert _files(tmp_path / "b" / "fgvce") == _files(a / "fgvce")
+    for name in ("predictions-test.npz", "predictions-train.npz"):
+        assert (tmp_path / "b" / name).read_bytes() == (a / name).read_bytes()
+
+
+def test_predictions_match_the_model(uninterrupted, toy):
+    model, _, sets = toy
+    sm, params = models.split(model)
+    for split, n in (("test", 24), ("train", 48)):  # batch 8 over 4 devices
+        cached = store.load_arrays(uninterrupted[0] / f"predictions-{split}.npz")
+        x = sets[split].images(np.arange(n))
+        z = sm.encode(params, x)[0]
+        np.testing.assert_allclose(cached["probs"], jax.nn.softmax(sm.head(params, z)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cached["pooled"], z.mean((1, 2)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(cached["pred"], np.argmax(cached["probs"], -1))
+
+
+def test_other_config_refused_and_methods_get_subdirectories(tmp_path, uninterrupted, patched):
+    with pytest.raises(FgvceError, match=r"t_max: 3 -> 4") as e:
+        _run(uninterrupted[0], dataclasses.replace(CONFIG, t_max=4))
+    assert "limit" not in str(e.value)
+    with pytest.raises(FgvceError, match="each method may be given once"):
+        _run(tmp_path / "o", [CONFIG, CONFIG])
+    configs = [CONFIG, dataclasses.replace(CONFIG, method="random")]
+    summaries = _run(tmp_path / "o", configs, limit=3)
+    assert [s.method for s in summaries] == ["fgvce", "random"]
+    for m in ("fgvce", "random"):
+        assert store.read_results(tmp_path / "o" / m)[0].num_rows == 3
+
+
+def test_given_query_ids(tmp_path, patched):
+    _run(tmp_path / "o", queries=["test-9", "test-3", "test-21"])
+    ids = store.read_results(tmp_path / "o" / "fgvce")[0].column("query_id").to_pylist()
+    assert ids == ["test-9", "test-3", "test-21"]
+    with pytest.raises(FgvceError, match="correctly"):
+        _run(tmp_path / "p", queries=["test-1"])

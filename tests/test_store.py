@@ -1,0 +1,148 @@
+"""Result store: round trip, resume, config refusal, and interruption at every write step."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fgvce_jax import store
+from fgvce_jax.errors import FgvceError
+
+CONFIG = {"method": "fgvce", "t_max": 3, "seed": 0, "shape": [8, 8]}
+
+
+def _shard(i, n=4):
+    """Deterministic rows for shard i: a table with list columns and two arrays."""
+    rng = np.random.default_rng(i)
+    ids = [f"q{i}_{j}" for j in range(n)]
+    table = pa.table({
+        "query_id": ids,
+        "n_edits": np.arange(n, dtype=np.int32) + i,
+        "edit_similarity": [list(rng.random(j).astype(np.float32)) for j in range(n)],
+    })
+    arrays = {"phi": rng.random((n, 8, 8)).astype(np.float32), "probs": rng.random((n, 3, 5))}
+    return table, arrays
+
+
+def _write_all(d, shards=(0, 1, 2), config=CONFIG):
+    w = store.ShardWriter(d, config)
+    for i in shards:
+        if i not in w.done:
+            t, a = _shard(i)
+            w.write_shard(i, 4 * i, 4 * i + 4, t, a)
+    return w
+
+
+def _files(d):
+    return {p: (d / p).read_bytes() for p in sorted(os.listdir(d))}
+
+
+def test_round_trip_in_shard_order(tmp_path):
+    _write_all(tmp_path, shards=(2, 0, 1))  # written out of order, read in order
+    table, arrays = store.read_results(tmp_path)
+    expected = [_shard(i) for i in range(3)]
+    assert table.column("query_id").to_pylist() == sum((t.column("query_id").to_pylist() for t, _ in expected), [])
+    assert table.column("edit_similarity").to_pylist() == sum((t.column("edit_similarity").to_pylist() for t, _ in expected), [])
+    np.testing.assert_array_equal(arrays["phi"], np.concatenate([a["phi"] for _, a in expected]))
+    assert arrays["probs"].dtype == np.float64 and arrays["probs"].shape == (12, 3, 5)
+    manifest = store.read_manifest(tmp_path)
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 4), (4, 8), (8, 12)]
+    assert manifest["config_hash"] == store.config_hash(CONFIG)
+
+
+def test_reopen_same_config_resumes(tmp_path):
+    _write_all(tmp_path, shards=(0, 2))
+    w = store.ShardWriter(tmp_path, dict(reversed(list(CONFIG.items()))))  # key order is irrelevant
+    assert w.done == {0, 2}
+    np.testing.assert_array_equal(w.done_rows(), [0, 1, 2, 3, 8, 9, 10, 11])
+
+
+def test_different_config_refused_naming_keys(tmp_path):
+    _write_all(tmp_path)
+    before = _files(tmp_path)
+    with pytest.raises(FgvceError) as e:
+        store.ShardWriter(tmp_path, {**CONFIG, "t_max": 5, "extra": 1})
+    msg = str(e.value)
+    assert "t_max: 3 -> 5" in msg and "extra" in msg and "seed" not in msg and "\n" not in msg
+    assert _files(tmp_path) == before  # nothing touched
+    w = store.ShardWriter(tmp_path, {**CONFIG, "t_max": 5}, overwrite=True)
+    assert w.done == set() and store.read_results(tmp_path)[0].num_rows == 0
+    assert not list(tmp_path.glob("shard-*"))
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(FgvceError, match="not a valid fgvce manifest"):
+        store.ShardWriter(tmp_path, CONFIG)
+    with pytest.raises(FgvceError, match="no manifest.json"):
+        store.read_results(tmp_path / "missing")
+
+
+def test_exception_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
+    reference = tmp_path / "ref"
+    _write_all(reference)
+    d = tmp_path / "run"
+    w = _write_all(d, shards=(0,))
+    real_savez = np.savez
+
+    def failing_savez(f, **arrays):
+        f.write(b"partial bytes")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(np, "savez", failing_savez)
+    t, a = _shard(1)
+    with pytest.raises(RuntimeError):
+        w.write_shard(1, 4, 8, t, a)
+    monkeypatch.setattr(np, "savez", real_savez)
+    assert store.read_results(d)[0].num_rows == 4  # shard 1 not visible
+    assert not list(d.glob(".*.tmp"))  # temp file removed
+    assert store.ShardWriter(d, CONFIG).done == {0}
+    _write_all(d)
+    assert _files(d) == _files(reference)  # byte-identical once finished
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import test_store
+    from fgvce_jax import store
+    kill_at, calls = int(sys.argv[2]), [0]
+    def tick(real):
+        def wrapped(*a, **k):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        return wrapped
+    os.fsync, os.replace = tick(os.fsync), tick(os.replace)
+    test_store._write_all(__import__("pathlib").Path(sys.argv[1]))
+""")
+
+
+def test_killed_at_every_write_step_resumes_identically(tmp_path):
+    """SIGKILL the writer before its k-th fsync/rename, for every k; the re-run must match."""
+    reference = tmp_path / "ref"
+    _write_all(reference)
+    expected = _files(reference)
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(tests=os.path.dirname(__file__)))
+    k, killed = 0, 0
+    while True:
+        k += 1
+        d = tmp_path / f"run{k}"
+        proc = subprocess.run([sys.executable, str(script), str(d), str(k)], capture_output=True)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -9, proc.stderr.decode()
+        killed += 1
+        if (d / "manifest.json").exists():  # whatever is visible is complete and listed
+            manifest = json.loads((d / "manifest.json").read_text())
+            n = store.read_results(d)[0].num_rows
+            assert n == 4 * len(manifest["shards"])
+        _write_all(d)
+        assert _files(d) == expected, f"kill before write step {k}"
+    assert killed >= 9  # 4 manifests + 3 shards x 2 files, each with fsync + rename
