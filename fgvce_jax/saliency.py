@@ -36,14 +36,36 @@ def image_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
-def batch_games(split_model, params, z, ctx, classes, baseline, output):
-    """(fn, args with a leading N axis, bytes per evaluation): the games of N images, built in one call."""
-    def build(zi, ci, cls):
-        return feature_game(split_model, params, zi, ci, cls, baseline=baseline, output=output)
+_FNS: dict = {}  # (split_model, baseline kind, output, shapes) -> (game fn, bytes per evaluation)
 
-    shape = jax.eval_shape(build, z[0], jax.tree.map(lambda a: a[0], ctx), classes[0])
-    args = jax.jit(jax.vmap(lambda zi, ci, cls: build(zi, ci, cls).args))(z, ctx, classes)
-    return shape.fn, args, shape.bytes_per_evaluation
+
+def _baseline_kind(baseline) -> tuple[str, jax.Array | None]:
+    """(static kind, array or None): strings are their own kind; arrays are passed to jit as ``array``."""
+    return (baseline, None) if isinstance(baseline, str) else ("array", jnp.asarray(baseline))
+
+
+@functools.partial(jax.jit, static_argnames=("split_model", "kind", "output"))
+def _batch_args(split_model, params, z, ctx, classes, base, *, kind, output):
+    """The games' array arguments for N images (leading N axis), built in one compiled call."""
+    baseline = base if kind == "array" else kind
+    return jax.vmap(lambda zi, ci, cls: feature_game(split_model, params, zi, ci, cls, baseline=baseline,
+                                                     output=output).args)(z, ctx, classes)
+
+
+def batch_games(split_model, params, z, ctx, classes, baseline, output):
+    """(fn, args with a leading N axis, bytes per evaluation): the games of N images (SPEC 2)."""
+    kind, base = _baseline_kind(baseline)
+    ctx0 = jax.tree.map(lambda a: a[0], ctx)
+    shapes = (z.shape[1:], jax.tree.structure(ctx0), tuple(a.shape for a in jax.tree.leaves(ctx0)),
+              None if base is None else base.shape)
+    cache_key = (split_model, kind, output, shapes)
+    if cache_key not in _FNS:  # the static game function depends only on the model, options and shapes
+        shape = jax.eval_shape(lambda zi, ci, b: feature_game(split_model, params, zi, ci, 0,
+                                                              baseline=b if kind == "array" else kind,
+                                                              output=output), z[0], ctx0, base)
+        _FNS[cache_key] = (shape.fn, shape.bytes_per_evaluation)
+    fn, bytes_per_eval = _FNS[cache_key]
+    return fn, _batch_args(split_model, params, z, ctx, classes, base, kind=kind, output=output), bytes_per_eval
 
 
 def _input_gradients(split_model, params, z, ctx, cls, output):

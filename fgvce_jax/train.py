@@ -1,8 +1,8 @@
 """Fine-tuning a classifier on a dataset, resumable.
 
 Cross-entropy ``L = -mean_i log softmax(f(x_i))[y_i]`` minimised with optax:
-SGD with momentum (plus decoupled L2 ``wd * theta`` added to the gradient) or
-AdamW, under a learning rate that rises linearly from 0 over the warm-up steps
+SGD with Nesterov momentum on ``grad + wd * theta`` (L2) or AdamW (decoupled
+decay), under a learning rate that rises linearly from 0 over the warm-up steps
 and then stays constant or follows a cosine to 0 at the last step. BatchNorm
 uses batch statistics in training (NNX ``train()`` mode) and running averages
 for evaluation.
@@ -14,17 +14,21 @@ always sees the same images. Model and optimizer state go to an orbax
 at the end of each epoch; running the same command again restores the latest
 step and continues, ending with the same parameters as an uninterrupted run.
 The final model goes to ``OUT`` with :func:`fgvce_jax.models.checkpoint.save`.
+
+Example (about 40 s of CPU time; test accuracy about 0.98)::
+
+    fgvce train --arch resnet_tiny --dataset digits --out runs/digits
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 
 from fgvce_jax import data as data_lib
 from fgvce_jax import models
+from fgvce_jax.models import checkpoint
 from fgvce_jax.errors import FgvceError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -48,9 +53,9 @@ class TrainConfig:
 
     arch: str = "resnet_tiny"
     dataset: str = "digits"
-    epochs: int = 8
+    epochs: int = 3
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.1
     optimizer: str = "sgd"
     schedule: str = "cosine"
     warmup_epochs: float = 0.5
@@ -84,7 +89,11 @@ def learning_rate(config: TrainConfig, total_steps: int, steps_per_epoch: int) -
                                 [warmup])
 
 
-def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+@functools.lru_cache(maxsize=8)
+def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optax transformation of ``config``; cached, so that a second run with the same
+    configuration reuses the compiled train step (the transformation is part of its cache key)."""
+    schedule = learning_rate(config, total_steps, steps_per_epoch)
     if config.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(config.weight_decay),
                            optax.sgd(schedule, momentum=config.momentum, nesterov=True))
@@ -204,8 +213,6 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
       (model in eval mode, ModelInfo, history: one dict per epoch with
       ``epoch, loss, train_accuracy, test_accuracy``).
     """
-    from fgvce_jax.models import checkpoint
-
     config.validate()
     out = Path(out).expanduser().resolve()
     if train_set is None:
@@ -214,13 +221,14 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
         test_set = data_lib.load(config.dataset, "test", image_size=config.image_size)
     pre = train_set.preprocessing
     n, c = len(train_set), len(train_set.class_names)
+    if n == 0:
+        raise FgvceError(f"the train split of {train_set.name} is empty")
     batch_size = min(config.batch_size, n)
     steps_per_epoch = n // batch_size
     total_steps = config.epochs * steps_per_epoch
 
     model = build_model(config, c, pre.image_size)
-    schedule = learning_rate(config, total_steps, steps_per_epoch)
-    optimizer = nnx.Optimizer(model, make_optimizer(config, schedule), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps, steps_per_epoch), wrt=nnx.Param)
 
     manager = ocp.CheckpointManager(out / STATE_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     step, history, losses, accs = 0, [], [], []  # losses/accs: per step of the current epoch
@@ -288,8 +296,6 @@ def write_model(out: Path, model: nnx.Module, info) -> None:
     its ``state/`` then ``info.json`` are renamed into ``out``, so ``info.json``
     appears last and only over complete weights. A finished run is left as is.
     """
-    from fgvce_jax.models import checkpoint
-
     if (out / checkpoint.INFO_FILE).exists():
         return
     tmp = checkpoint.save(out / f".model-{os.getpid()}.tmp", model, info, overwrite=True)

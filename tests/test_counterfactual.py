@@ -407,3 +407,17 @@ def test_bad_input_is_clear_error(change, message):
 def test_bad_config_is_clear_error(field, value):
     with pytest.raises(FgvceError, match=field):
         CounterfactualConfig(**{field: value})
+
+
+def test_second_call_does_not_recompile():
+    from fgvce_jax.counterfactual.search import _search_sharded
+
+    model, params, q, refs, phi, r_phi = constructed_case((1.0, 0.0, 0.0))
+    cfg = CounterfactualConfig(max_regions=5, n_references=2, candidates_per_reference=3, t_max=5)
+    explain(model, params, q, refs, cfg, key=jax.random.key(0), query_phi=phi, reference_phi=r_phi)
+    size = _search_sharded._cache_size()
+    other = q._replace(z=q.z * 1.5, pooled=q.pooled * 1.5)
+    again = explain(model, params, other, refs, cfg, key=jax.random.key(1), query_phi=phi[:, ::-1, ::-1],
+                    reference_phi=r_phi)
+    assert _search_sharded._cache_size() == size
+    assert again.query_region[0, 0].tolist() == [3, 3]  # the new data was used: (3, 3) now has Phi 5

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley.permutation import uniform_ranks
 from fgvce_jax.shapley.registry import Estimator, register
 
 
@@ -65,7 +66,7 @@ class Kernel(Estimator):
         k_size, k_sub = jax.random.split(key)
         p = jnp.asarray(size_distribution(self.n), jnp.float32)
         s = jax.random.choice(k_size, jnp.arange(1, self.n), p=p)
-        z = jnp.argsort(jnp.argsort(jax.random.uniform(k_sub, (self.n,)))) < s
+        z = uniform_ranks(jax.random.uniform(k_sub, (self.n,))) < s
         return jnp.stack([z, ~z])
 
     def stats(self, masks, values, valid):

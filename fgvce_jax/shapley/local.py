@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
 from fgvce_jax.shapley.game import as_game, check_game
+from fgvce_jax.shapley.permutation import uniform_ranks
 
 OUTSIDE = ("absent", "present")
 
@@ -42,11 +43,26 @@ def window(grid: tuple[int, int], kernel: int, p: jax.Array) -> jax.Array:
 def shapley_subset(key: jax.Array, players: jax.Array) -> jax.Array:
     """bool like ``players``: a subset S with |S| uniform in 0..|players| and S uniform given its size."""
     k_size, k_order = jax.random.split(key)
-    n = players.sum()
-    size = jax.random.randint(k_size, (), 0, n + 1)
-    priority = jnp.where(players, jax.random.uniform(k_order, players.shape), jnp.inf).ravel()
-    threshold = jnp.sort(priority)[size]  # the (size+1)-th smallest; inf once size == n
-    return players & (priority.reshape(players.shape) < threshold)
+    size = jax.random.randint(k_size, (), 0, players.sum() + 1)
+    priority = jnp.where(players, jax.random.uniform(k_order, players.shape), 2.0).ravel()
+    return players & (uniform_ranks(priority) < size).reshape(players.shape)
+
+
+def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int) -> jax.Array:
+    """bool (H, W): a Shapley-weighted subset S of W_p minus {p}, drawn in the k x k window's own coordinates.
+
+    Sampling among the k^2 window cells (not the H W grid) keeps the sort small; the subset is then
+    gathered onto the grid. Used when k^2 < H W; otherwise the grid itself is sampled.
+    """
+    h, w = grid
+    half = kernel // 2
+    rows, cols = p // w - half + jnp.arange(kernel), p % w - half + jnp.arange(kernel)
+    inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+    centre = (jnp.arange(kernel) == half)[:, None] & (jnp.arange(kernel) == half)[None, :]
+    s_local = shapley_subset(key, inside & ~centre)
+    dr, dc = jnp.arange(h) - p // w + half, jnp.arange(w) - p % w + half
+    gathered = s_local[jnp.clip(dr, 0, kernel - 1)][:, jnp.clip(dc, 0, kernel - 1)]
+    return gathered & window(grid, kernel, p)
 
 
 def item_masks(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int, outside: str,
@@ -55,7 +71,7 @@ def item_masks(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int,
     win = window(grid, kernel, p)
     here = (jnp.arange(grid[0] * grid[1]) == p).reshape(grid)
     players = win & ~here
-    s = shapley_subset(key, players)
+    s = window_subset(key, p, grid, kernel) if kernel * kernel < grid[0] * grid[1] else shapley_subset(key, players)
     draws = [s, players & ~s] if paired else [s]
     rest = ~win if outside == "present" else jnp.zeros(grid, bool)
     return jnp.stack([m for d in draws for m in (d | rest, d | rest | here)])

@@ -28,9 +28,19 @@ def marginals(values: jax.Array, rank: jax.Array) -> jax.Array:
     return (values[1:] - values[:-1])[rank]
 
 
+PAIRWISE_RANK_MAX = 1024  # up to this many items, ranks by O(n^2) comparisons beat XLA's CPU sort
+
+
+def uniform_ranks(u: jax.Array) -> jax.Array:
+    """rank (n,) int32 of each entry of u (n,) (distinct values): ``#{j : u_j < u_i}``."""
+    if u.shape[0] <= PAIRWISE_RANK_MAX:
+        return (u[None, :] < u[:, None]).sum(axis=1).astype(jnp.int32)
+    return jnp.argsort(jnp.argsort(u)).astype(jnp.int32)
+
+
 def random_rank(key: jax.Array, n: int) -> jax.Array:
-    """rank (n,) int32 of each player in a uniform random permutation."""
-    return jnp.argsort(jax.random.permutation(key, n)).astype(jnp.int32)
+    """rank (n,) int32 of each player in a uniform random permutation (ranks of n uniforms)."""
+    return uniform_ranks(jax.random.uniform(key, (n,)))
 
 
 def rank_of(prefixes: jax.Array) -> jax.Array:

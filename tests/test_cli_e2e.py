@@ -1,0 +1,100 @@
+"""End to end through the `fgvce` command on digits with a small budget:
+train -> explain -> report, a killed explain that resumes identically, and CLI errors."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fgvce_jax import cli, store
+
+DOCS = Path(__file__).parent.parent / "docs" / "output_format.md"
+EXPLAIN = ["--dataset", "digits", "--split", "test", "--limit", "5", "--samples", "4", "--t-max", "4",
+           "--references", "3", "--max-regions", "6", "--shard-size", "1", "--batch-size", "256"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """train (2 epochs) -> explain (5 mistakes) -> report, through cli.main."""
+    d = tmp_path_factory.mktemp("e2e")
+    assert cli.main(["train", "--arch", "resnet_tiny", "--dataset", "digits", "--epochs", "2",
+                     "--out", str(d / "model")]) == 0
+    assert cli.main(["explain", "--model", str(d / "model"), "--out", str(d / "explanations"), *EXPLAIN]) == 0
+    assert cli.main(["report", str(d / "explanations")]) == 0
+    return d
+
+
+def _documented_columns():
+    section = DOCS.read_text().split("## Parquet columns")[1].split("##")[0]
+    names = []
+    for cell in re.findall(r"^\| (`[^|]+`) \|", section, re.M):
+        names += re.findall(r"`([^`]+)`", cell)
+    return names
+
+
+def test_explain_and_report_produce_the_documented_files(run_dir):
+    out = run_dir / "explanations"
+    assert (out / "predictions-test.npz").exists() and (out / "predictions-train.npz").exists()
+    for name in ("manifest.json", "summary.json", "cache-references.npz", "shard-00000.parquet", "shard-00000.npz"):
+        assert (out / "fgvce" / name).exists(), name
+    table, arrays = store.read_results(out / "fgvce")
+    assert table.num_rows == 5
+    assert table.column_names == _documented_columns()
+    for name in re.findall(r"`(\w+) \(Q", DOCS.read_text()):
+        assert arrays[name].shape[0] == 5, name
+    assert any(table.column("success").to_pylist()), "no successful counterfactual"
+    page = out / "report.html"
+    srcs = re.findall(r"<img src='([^']+)'", page.read_text())
+    assert len(srcs) == 5 and all((page.parent / s).is_file() for s in srcs)
+
+
+def _explain_cmd(model, out):
+    return [sys.executable, "-m", "fgvce_jax.cli", "explain", "--model", str(model), "--out", str(out), *EXPLAIN]
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "summary.json"}
+
+
+def test_killed_explain_resumes_to_identical_results(run_dir, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.Popen(_explain_cmd(run_dir / "model", out), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest, deadline = out / "fgvce" / "manifest.json", time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and store.read_manifest(out / "fgvce")["shards"]:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "explain finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(store.read_manifest(out / "fgvce")["shards"])
+    assert 1 <= done < 5
+    rerun = subprocess.run(_explain_cmd(run_dir / "model", out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _files(out / "fgvce") == _files(run_dir / "explanations" / "fgvce")
+
+
+def _error(capsys, argv):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
+    model, out = str(run_dir / "model"), str(run_dir / "explanations")
+    assert "unknown dataset 'nope'" in _error(capsys, ["explain", "--model", model, "--dataset", "nope", "--out", str(tmp_path)])
+    assert "does not exist" in _error(capsys, ["explain", "--model", str(tmp_path / "none"), "--dataset", "digits",
+                                               "--out", str(tmp_path)])
+    assert "unknown split point 'layer9'" in _error(capsys, ["explain", "--model", model, "--dataset", "digits",
+                                                             "--at", "layer9", "--out", str(tmp_path)])
+    assert "unknown arch 'resnet9'" in _error(capsys, ["train", "--arch", "resnet9", "--out", str(tmp_path / "m")])
+    line = _error(capsys, ["explain", "--model", model, "--out", out, *EXPLAIN, "--t-max", "5"])
+    assert "t_max: 4 -> 5" in line and "--overwrite" in line
+    assert "no explain results" in _error(capsys, ["report", str(tmp_path)])
