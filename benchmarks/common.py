@@ -39,13 +39,14 @@ def versions(packages=PACKAGES) -> dict[str, str]:
 
 
 def environment() -> dict[str, Any]:
-    """Where this process runs: JAX backend and devices, versions, host CPU count and XLA_FLAGS."""
+    """Where this process runs: JAX backend and devices, versions, host CPU count and load, XLA_FLAGS."""
     import jax
 
     devices = jax.devices()
     return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
             "device_count": len(devices), "devices": [str(d) for d in devices],
             "host": platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions()}
 
 

@@ -6,7 +6,8 @@ Two workloads, each run through ``fgvce_jax.pipeline.explain_split`` itself:
   demo's own settings, or the checkpoint cached under ``--cache``); every
   misclassified test digit is explained with the demo's counterfactual config.
 - ``cub``: a CUB-sized synthetic workload: a random-weight ResNet-50 with 200
-  classes at 448 px (14 x 14 x 2048 feature maps) on ``--images`` random smooth
+  classes at 448 px (14 x 14 x 2048 feature maps; ``--arch``, ``--image-size``
+  change it) on ``--images`` random smooth
   images written as a ``folder:`` dataset. A random network gives every image
   the same class, so its fc layer is calibrated on the images (bias centred on
   their mean pooled feature, weights scaled to a logit spread of 2); every
@@ -28,9 +29,11 @@ run includes compilation (``cold``), later ones reuse the compiled functions
     python benchmarks/end_to_end.py --workloads cub --images 256 --at layer4.0 --samples 32   # on a GPU
     python benchmarks/end_to_end.py --quick --out /tmp/e2e.json                              # smoke test
 
-Defaults depend on the backend: on CPU the CUB workload uses 16 images and the
-``layer4`` head (GAP + fc, the linear fast path); on a GPU/TPU 256 images and
-the paper's ``layer4.0`` head.
+Defaults depend on the backend: on CPU the digits workload explains the first 8
+mistakes and the CUB workload uses 16 images and the ``layer4`` head (GAP + fc,
+the linear fast path); on a GPU/TPU every mistake, 256 images and the paper's
+``layer4.0`` head. ``--quick`` swaps in a random tiny ResNet for both
+workloads and minimal budgets: it checks that the script runs, it measures nothing.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ import numpy as np
 import common
 
 PASSES = ("features", "selection", "shapley", "search", "writing")
-CUB_CLASSES, CUB_IMAGE, CUB_RESIZE = 200, 448, 512
+CUB_CLASSES = 200
 LOGIT_SPREAD = 2.0
 
 
@@ -114,7 +117,10 @@ def timed_runs(run_into, repeats: int) -> list[dict]:
 
 # --------------------------------------------------------------------------- digits
 def digits_model(cache: Path, epochs: int) -> Path:
-    """The demo's tiny ResNet on digits in ``cache``: trained with the demo's settings, or random (fc calibrated) if epochs = 0."""
+    """The demo's tiny ResNet on digits, cached in ``cache``.
+
+    Trained with the demo's settings, or random with its fc calibrated (:func:`calibrate_fc`) if ``epochs`` = 0.
+    """
     from fgvce_jax import data, models
     from fgvce_jax.commands.demo import DEMO_TRAIN
     from fgvce_jax.errors import FgvceError
@@ -144,7 +150,8 @@ def digits_workload(args) -> dict:
     from fgvce_jax.pipeline import explain_split
 
     model_dir = digits_model(Path(args.cache), args.epochs)
-    config = CounterfactualConfig(**DEMO_EXPLAIN)
+    config = CounterfactualConfig(**{**DEMO_EXPLAIN, **({"samples": args.samples, "n_references": args.references}
+                                                        if args.quick else {})})
 
     def run_into(out):
         summary, = explain_split(model_dir, "digits", "test", out, config, reference_split="train",
@@ -216,8 +223,8 @@ def calibrated_random_model(arch: str, num_classes: int, inputs, n: int, seed: i
     return model, (pooled @ W + b).argmax(-1)
 
 
-def cub_synthetic(cache: Path, n_images: int, seed: int) -> tuple[Path, Path, dict]:
-    """(model dir, folder dataset dir, facts) of the synthetic CUB workload, built once per (n_images, seed)."""
+def cub_synthetic(cache: Path, arch: str, image_size: int, n_images: int, seed: int) -> tuple[Path, Path, dict]:
+    """(model dir, folder dataset dir, facts) of the synthetic CUB workload, built once per setting."""
     from PIL import Image
 
     from fgvce_jax import models, store
@@ -225,15 +232,15 @@ def cub_synthetic(cache: Path, n_images: int, seed: int) -> tuple[Path, Path, di
     from fgvce_jax.errors import FgvceError
     from fgvce_jax.models.preprocess import eval_transform
 
-    root = (cache / f"cub-synthetic-n{n_images}-seed{seed}").absolute()
+    root = (cache / f"cub-synthetic-{arch}-{image_size}px-n{n_images}-seed{seed}").absolute()
     model_dir, data_dir, facts_file = root / "model", root / "data", root / "facts.json"
     if facts_file.exists():
         return model_dir, data_dir, json.loads(facts_file.read_text())
     names = [f"class_{c:03d}" for c in range(CUB_CLASSES)]
-    images = smooth_images(n_images, CUB_RESIZE, seed)
-    pre = Preprocessing(CUB_IMAGE, CUB_RESIZE)
+    pre = Preprocessing.imagenet(image_size)
+    images = smooth_images(n_images, pre.resize_size, seed)
     model, preds = calibrated_random_model(
-        "resnet50", CUB_CLASSES, lambda i, j: eval_transform(list(images[i:j]), pre.resize_size, pre.image_size,
+        arch, CUB_CLASSES, lambda i, j: eval_transform(list(images[i:j]), pre.resize_size, pre.image_size,
                                                              pre.mean, pre.std), n_images, seed)
     if len(np.unique(preds)) < 2:
         raise FgvceError("the calibrated random model predicts one class for every image; use more --images")
@@ -243,8 +250,8 @@ def cub_synthetic(cache: Path, n_images: int, seed: int) -> tuple[Path, Path, di
             (data_dir / split / name).mkdir(parents=True, exist_ok=True)
     for i, (img, y) in enumerate(zip(images, labels)):
         Image.fromarray(img).save(data_dir / "test" / names[y] / f"img_{i:04d}.png")
-    info = models.ModelInfo(arch="resnet50", num_classes=CUB_CLASSES, class_names=names, image_size=CUB_IMAGE,
-                            resize_size=CUB_RESIZE, default_split="layer4.0")
+    info = models.ModelInfo(arch=arch, num_classes=CUB_CLASSES, class_names=names, image_size=pre.image_size,
+                            resize_size=pre.resize_size, default_split="layer4.0")
     models.save(model_dir, model, info, overwrite=True)
     facts = {"images": n_images, "queries": int(np.sum(labels != preds)),
              "predicted_classes": int(len(np.unique(preds))), "seed": seed}
@@ -257,7 +264,7 @@ def cub_workload(args) -> dict:
     from fgvce_jax.pipeline import explain_split
 
     t0 = time.perf_counter()
-    model_dir, data_dir, facts = cub_synthetic(Path(args.cache), args.images, args.seed)
+    model_dir, data_dir, facts = cub_synthetic(Path(args.cache), args.arch, args.image_size, args.images, args.seed)
     print(f"cub: synthetic data ready in {time.perf_counter() - t0:.0f} s: {facts}", flush=True)
     config = CounterfactualConfig(kernel=3, samples=args.samples, max_regions=8, n_references=args.references,
                                   t_max=8)
@@ -267,10 +274,10 @@ def cub_workload(args) -> dict:
                                  at=args.at, batch_size=args.batch_size, shard_size=args.shard_size)
         return summary.queries
 
-    print(f"cub: resnet50 {CUB_IMAGE} px, {CUB_CLASSES} classes, {args.images} images, at {args.at}, "
+    print(f"cub: {args.arch} {args.image_size} px, {CUB_CLASSES} classes, {args.images} images, at {args.at}, "
           f"samples {args.samples}", flush=True)
-    return {"workload": "cub-synthetic", "arch": "resnet50", "image_size": CUB_IMAGE, "classes": CUB_CLASSES,
-            "images": args.images, "at": args.at, "grid": [CUB_IMAGE // 32] * 2, "data": facts,
+    return {"workload": "cub-synthetic", "arch": args.arch, "image_size": args.image_size, "classes": CUB_CLASSES,
+            "images": args.images, "at": args.at, "data": facts,
             "config": dataclasses.asdict(config), "runs": timed_runs(run_into, args.repeats)}
 
 
@@ -287,6 +294,29 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
+def plot(results: list[dict], path) -> None:
+    """Horizontal stacked bars: seconds per pass for each workload's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{r['workload']} ({run['run']}, {run['queries']} q)", run["pass_seconds"])
+            for r in results for run in r["runs"]]
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * len(bars)))
+    for i, (_, passes) in enumerate(bars):
+        left = 0.0
+        for j, p in enumerate((*PASSES, "other")):
+            ax.barh(i, passes[p], left=left, color=f"C{j}", label=p if i == 0 else None)
+            left += passes[p]
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize=7, ncol=6, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     accel = common.on_accelerator()
     p = common.parser(__doc__, "end_to_end")
@@ -294,21 +324,26 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "runs" / "benchmarks"),
                    help="where the trained digits model and the synthetic CUB data are kept between runs")
     p.add_argument("--epochs", type=int, default=None, help="digits: demo training epochs (0 = random weights)")
-    p.add_argument("--limit", type=int, default=None, help="digits: explain at most this many mistakes")
+    p.add_argument("--limit", type=int, default=None, help="digits: explain at most this many mistakes "
+                                                                  "(default: all on GPU/TPU, 8 on CPU)")
     p.add_argument("--images", type=int, default=None, help="cub: synthetic images (default 256 GPU/TPU, 16 CPU)")
+    p.add_argument("--arch", default="resnet50", help="cub: the random-weight model")
+    p.add_argument("--image-size", type=int, default=448, help="cub: input side (the map is 1/32 of it)")
     p.add_argument("--at", default=None, help="cub: split point (default layer4.0 GPU/TPU, layer4 CPU)")
     p.add_argument("--samples", type=int, default=None, help="cub: local Shapley samples per window")
-    p.add_argument("--references", type=int, default=5, help="cub: references per query (N)")
+    p.add_argument("--references", type=int, default=None, help="cub: references per query (N)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2, help="runs per workload (the first includes compilation)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per workload (the first includes compilation)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from fgvce_jax.commands.demo import DEMO_TRAIN
+    from fgvce_jax.errors import FgvceError
 
-    quick = dict(epochs=0, limit=4, images=4, at="layer4", samples=2, references=2, batch_size=4)
-    full = dict(epochs=DEMO_TRAIN["epochs"], limit=None, images=256 if accel else 16,
-                at="layer4.0" if accel else "layer4", samples=32 if accel else 8)
+    quick = dict(epochs=0, limit=2, images=6, at="layer4", samples=2, references=2, batch_size=8, repeats=1,
+                 arch="resnet_tiny", image_size=32)
+    full = dict(epochs=DEMO_TRAIN["epochs"], limit=None if accel else 8, images=256 if accel else 16,
+                at="layer4.0" if accel else "layer4", samples=32 if accel else 8, references=5, repeats=2)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None or (args.quick and k in quick):
             setattr(args, k, v)
@@ -318,7 +353,10 @@ def main(argv=None) -> None:
     env = common.environment()
     print(f"end_to_end on {common.describe(env)}", flush=True)
     runners = {"digits": digits_workload, "cub": cub_workload}
-    results = [runners[w](args) for w in args.workloads]
+    try:
+        results = [runners[w](args) for w in args.workloads]
+    except FgvceError as e:
+        raise SystemExit(f"end_to_end: {e}") from None
     notes = ["explanations/s = explained queries / wall time of the whole explain_split call (all passes, "
              "model and data loading included); 'warm' runs reuse compiled functions, 'cold' include compilation",
              "cub-synthetic: random-weight ResNet-50 with its fc calibrated on the synthetic images (centred bias, "
@@ -328,6 +366,9 @@ def main(argv=None) -> None:
                      "run on a GPU for the full one (see benchmarks/README.md)")
     doc = common.document("end_to_end", env, {**vars(args), "quick": args.quick}, summarise(results), results, notes)
     print(f"wrote {common.write_json(args.out, doc)}")
+    png = Path(args.out).with_suffix(".png")
+    plot(results, png)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

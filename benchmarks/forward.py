@@ -43,6 +43,8 @@ def timed(fn, reps: int) -> tuple[float, list[float]]:
 
 def bench_arch(arch: str, batch: int, size: int, reps: int) -> dict:
     tm = getattr(torchvision.models, arch)(num_classes=1000).eval()
+    head = [m for m in tm.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(head.weight, std=head.in_features**-0.5)  # torchvision zero-inits ViT's head
     model = converters.convert(arch, tm.state_dict())
     x = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
     xj = jax.device_put(x)

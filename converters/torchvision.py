@@ -74,7 +74,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FgvceError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v.detach().cpu().numpy() for k, v in obj.items()}
+    return _as_numpy(obj)
+
+
+def _as_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
+    """Tensors or arrays -> numpy, without DataParallel's ``module.`` prefix."""
+    return {k.removeprefix("module."): np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            for k, v in state_dict.items()}
 
 
 def guess_arch(state_dict: Mapping[str, np.ndarray]) -> str | None:
@@ -116,11 +122,7 @@ def convert(arch: str, weights, *, num_classes: int | None = None) -> nnx.Module
       FgvceError: unreadable file, or missing / unexpected / mis-shaped keys (listed).
     """
     family = _family(arch)
-    if isinstance(weights, (str, os.PathLike)):
-        sd = load_state_dict(weights)
-    else:
-        sd = {k.removeprefix("module."): np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-              for k, v in weights.items()}
+    sd = load_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else _as_numpy(weights)
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     guess = guess_arch(sd)
     if guess is not None and guess != arch:

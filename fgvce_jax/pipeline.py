@@ -22,6 +22,7 @@ uninterrupted one exactly. The file layout is in ``docs/output_format.md``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -43,6 +44,14 @@ _REFERENCE_TAG, _QUERY_TAG = 0, 1
 
 
 # --------------------------------------------------------------------------- pass 1
+def params_fingerprint(params) -> str:
+    """First 16 hex digits of sha256 over every parameter array (in tree order): which weights ran."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     """Pad axis 0 of ``x`` to length ``n`` by repeating its last row."""
     return x if len(x) == n else np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)])
@@ -278,8 +287,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     methods = [c.method for c in configs]
     if len(set(methods)) != len(methods):
         raise FgvceError(f"each method may be given once; got {', '.join(methods)}")
-    for name, v in (("batch_size", batch_size), ("shard_size", shard_size), ("limit", limit or 1)):
-        if not isinstance(v, int) or v < 1:
+    for name, v in (("batch_size", batch_size), ("shard_size", shard_size), ("limit", limit)):
+        if (v is not None or name != "limit") and (not isinstance(v, int) or v < 1):
             raise FgvceError(f"{name} must be a positive integer; got {v!r}")
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()
     if not model_dir.exists():
@@ -295,11 +304,17 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     mesh = device_mesh()  # 1-D over all devices, shared with the Shapley engine
     params = jax.device_put(params, NamedSharding(mesh, P()))
     out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"model": str(model_dir), "weights": params_fingerprint(params), "at": at, "dataset": dataset, "split": split,
+           "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
+           "queries": list(queries) if queries else None, "limit": limit, "shard_size": shard_size}
+    # Opened before any work, so that a different config in out_dir is refused at once.
+    writers = [store.ShardWriter(out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite)
+               for c in configs]
 
     t0 = time.perf_counter()
     preds = {}
     for s, d in {split: ds, reference_split: ref_ds}.items():
-        key = json.dumps({"model": str(model_dir), "at": at, "dataset": dataset, "split": s,
+        key = json.dumps({"weights": run["weights"], "at": at, "dataset": dataset, "split": s,
                           "preprocessing": dataclasses.asdict(d.preprocessing)}, sort_keys=True, default=str)
         preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
                                  cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)
@@ -307,23 +322,20 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     print(f"pass 1: {split} accuracy {np.mean(preds[split]['pred'] == ds.labels):.3f} on {len(ds)} images, "
           f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
-    summaries = []
-    for config in configs:
-        summaries.append(_explain_method(
-            split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx, config,
-            explain, mesh=mesh, out=out_dir / config.method, batch_size=batch_size, shard_size=shard_size,
-            overwrite=overwrite, run={"model": str(model_dir), "at": at, "dataset": dataset, "split": split,
-                                      "image_size": ds.preprocessing.image_size,
-                                      "reference_split": reference_split, "queries": list(queries) if queries else None,
-                                      "limit": limit, "shard_size": shard_size}))
-    return summaries
+    return [_explain_method(split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx,
+                            config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size)
+            for config, writer in zip(configs, writers)]
 
 
-def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, *,
-                    mesh, out: Path, batch_size, shard_size, overwrite, run) -> Summary:
-    """Passes 2-5 for one config into ``out`` (resumes the shards already there)."""
-    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "chunk_size"}  # chunking never changes results
-    writer = store.ShardWriter(out, {**run, **cfg}, overwrite=overwrite)
+def _stored_config(config) -> dict:
+    """The fields of ``config`` that decide the results (chunking never changes them)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "chunk_size"}
+
+
+def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
+                    mesh, batch_size, shard_size) -> Summary:
+    """Passes 2-5 for one config into ``writer.dir`` (resumes the shards already there)."""
+    out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
     todo = [s for s in range(n_shards) if s not in writer.done]
     key = jax.random.PRNGKey(config.seed)
@@ -338,8 +350,7 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
         ref_phi = _reference_phi(split_model, params, refs, r_idx, config, writer.cache_path("references"),
                                  key=jax.random.fold_in(key, _REFERENCE_TAG), mesh=mesh)
         q_key = jax.random.fold_in(key, _QUERY_TAG)
-        with tqdm(total=len(q_idx), initial=len(q_idx) - sum(min(shard_size, len(q_idx) - s * shard_size) for s in todo),
-                  desc=f"pass 4-5: {config.method} search", unit="query", file=sys.stderr) as bar:
+        with tqdm(total=len(q_idx), initial=len(writer.done_rows()), desc=f"pass 4-5: {config.method} search", unit="query", file=sys.stderr) as bar:
             rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
             for s in todo:
                 idx = q_idx[s * shard_size:(s + 1) * shard_size]
@@ -356,6 +367,9 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                 computed += len(idx)
                 bar.update(len(idx))
     summary = summarise(out, config.method, time.perf_counter() - t0, computed)
+    if not computed and (out / "summary.json").exists():  # all shards were there: keep the timing that made them
+        previous = json.loads((out / "summary.json").read_text())
+        summary = dataclasses.replace(summary, seconds_per_query=previous["seconds_per_query"])
     store.atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
     print(summary.line(), file=sys.stderr)
     return summary

@@ -24,23 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from fgvce_jax import store
-from fgvce_jax.errors import FgvceError
 
 _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
-
-
-def method_dirs(directory: str | os.PathLike) -> list[Path]:
-    """The result directories under an explain output: ``directory`` itself if it holds a
-    manifest, else its sub-directories that do (sorted). FgvceError if none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FgvceError(f"{directory} does not exist or is not a directory")
-    if (directory / store.MANIFEST).exists():
-        return [directory]
-    found = sorted(p for p in directory.iterdir() if (p / store.MANIFEST).exists())
-    if not found:
-        raise FgvceError(f"{directory} holds no explain results (no {store.MANIFEST} in it or its sub-directories)")
-    return found
 
 
 def region_boxes(query_region, ref_region, n_edits: int, region_size: int, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +84,7 @@ def query_figure(path: Path, query_image, phi, edits: dict, reference_images: di
     size = query_image.shape[:2]
     ax = axes[0]
     ax.imshow(query_image)
-    ax.imshow(phi, cmap="jet", alpha=0.45, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5),
+    ax.imshow(phi, cmap="jet", alpha=0.4, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5),
               interpolation="bilinear")
     for t in range(n):
         if ok[t]:
@@ -140,6 +125,16 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _evaluation(directory: Path) -> str:
+    """The metrics table of ``fgvce evaluate`` (``DIR/evaluation/metrics.json``), if it was run."""
+    import json
+
+    path = directory / "evaluation" / "metrics.json"
+    if not path.exists():
+        return "<p>Run <code>fgvce evaluate DIR</code> for the full metrics table (deletion/insertion, parts).</p>"
+    return f"<h2>Metrics (fgvce evaluate)</h2>{_table(json.loads(path.read_text()))}"
+
+
 _CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "img{max-width:100%;border:1px solid #eee}.q{margin:1.5em 0}")
@@ -160,9 +155,10 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
     import json
 
     from fgvce_jax import data, metrics
+    from fgvce_jax.evaluate import find_runs
 
     directory = Path(directory)
-    dirs = method_dirs(directory)
+    dirs = list(find_runs(directory).values())
     html_path = Path(html_path) if html_path else directory / "report.html"
     files = html_path.parent / f"{html_path.stem}_files"
     html_path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,8 +208,10 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
                 "(numbered in order), the correctly classified references they were taken from, and the "
                 "probabilities of the true and predicted class after each replacement. The replaced "
                 "regions are the features that caused the mistake.</p>"
-                f"<h2>Summary</h2>{_table(summary_rows)}" + "".join(sections) + "</body></html>")
+                f"<h2>Summary</h2>{_table(summary_rows)}{_evaluation(directory)}"
+                + "".join(sections) + "</body></html>")
         old = html_path.parent / f".{files.name}.old"
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed at this point
         if files.exists():
             os.replace(files, old)
         os.replace(tmp, files)

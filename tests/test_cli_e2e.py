@@ -62,7 +62,9 @@ def _files(d):
 
 def test_killed_explain_resumes_to_identical_results(run_dir, tmp_path):
     out = tmp_path / "killed"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    # The same devices and matmul precision as this process (tests/conftest.py), so the numbers match.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
     proc = subprocess.Popen(_explain_cmd(run_dir / "model", out), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest, deadline = out / "fgvce" / "manifest.json", time.time() + 240

@@ -387,12 +387,14 @@ def test_phi_computed_on_predicted_and_own_class(monkeypatch):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(preds="labels"), "misclassified"), (dict(z="3d"), "query features"),
+    (dict(preds="labels"), "misclassified"), (dict(z="3d"), "query features"), (dict(labels=7), "0..2"),
     (dict(query_phi=(2, 2)), "query_phi")])
 def test_bad_input_is_clear_error(change, message):
     model, params, queries, refs, q_phi, r_phi = random_problem(seed=9, q=2)
     if "preds" in change:
         queries = queries._replace(preds=queries.labels)
+    if "labels" in change:
+        queries = queries._replace(labels=np.full_like(queries.labels, 7))
     if "z" in change:
         queries = queries._replace(z=queries.z[..., 0])
     if "query_phi" in change:

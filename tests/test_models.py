@@ -180,3 +180,7 @@ def test_vit_last_block_fast_path_equals_masked_head(small_vit):
     np.testing.assert_allclose(fast, generic, atol=1e-5)
     with pytest.raises(FgvceError, match="block2"):
         small_vit.last_block_cache(z, ctx, at="block0")
+    # The split view offers the fast path only where it applies.
+    assert models.split(small_vit, "block0")[0].last_block_cache(params, z, ctx) is None
+    tiny_split, tiny_params = models.split(models.create("resnet_tiny", 3), "layer4")
+    assert tiny_split.last_block_cache(tiny_params, jnp.zeros((1, 8, 8, 128)), {}) is None

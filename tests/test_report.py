@@ -101,3 +101,7 @@ def test_report_html_references_existing_pngs(tmp_path, monkeypatch):
     assert len(list((page.parent / "report_files" / "fgvce").iterdir())) == 1
     with pytest.raises(FgvceError, match="no explain results"):
         report.write_report(tmp_path)
+    # The metrics table of `fgvce evaluate` is included when it exists.
+    (tmp_path / "out" / "evaluation").mkdir()
+    (tmp_path / "out" / "evaluation" / "metrics.json").write_text('[{"method": "fgvce", "del_ins": 0.25}]')
+    assert "<td>0.250</td>" in report.write_report(tmp_path / "out").read_text()

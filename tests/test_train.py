@@ -135,6 +135,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, match):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_trains_a_folder_dataset(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("dark", "light")):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for k in range(6):
+            Image.fromarray(rng.integers(200 * c, 56 + 200 * c, (40, 36, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{k}.png")
+    out = tmp_path / "model"
+    assert cli.main(["train", "--dataset", f"folder:{tmp_path / 'imgs'}", "--image-size", "32", "--epochs", "1",
+                     "--batch-size", "5", "--out", str(out)]) == 0
+    assert f"model written to {out}" in capsys.readouterr().out
+    model, info = models.load(out)
+    assert info.class_names == ("dark", "light") and (info.image_size, info.resize_size) == (32, 37)
+    assert info.mean == data.Preprocessing.imagenet(32).mean and model.fc.kernel.shape[-1] == 2
+
+
 @pytest.mark.slow
 def test_digits_resnet_tiny_default_run_is_accurate_but_not_perfect(tmp_path):
     _, _, history = train(TrainConfig(), tmp_path / "digits")

@@ -71,11 +71,9 @@ def configs_from_args(args) -> list:
 def run(args) -> int:
     from fgvce_jax.pipeline import explain_split
 
-    summaries = explain_split(args.model, args.dataset, args.split, args.out, configs_from_args(args),
+    explain_split(args.model, args.dataset, args.split, args.out, configs_from_args(args),
                               reference_split=args.reference_split, queries=args.queries, limit=args.limit,
                               at=args.at, batch_size=args.batch_size, shard_size=args.shard_size,
                               overwrite=args.overwrite)
-    for s in summaries:
-        print(s.line())
     print(f"results in {args.out} (read them with `fgvce report {args.out}`)")
     return 0

@@ -62,7 +62,7 @@ class Explanations:
     method: str
 
 
-def _check(queries: FeatureBatch, references: FeatureBatch, query_phi, reference_phi) -> None:
+def _check(queries: FeatureBatch, references: FeatureBatch, query_phi, reference_phi, num_classes) -> None:
     if np.ndim(queries.z) != 4:
         raise FgvceError(f"query features must be (N, H, W, D); got shape {np.shape(queries.z)}")
     n_q, *grid_dim = np.shape(queries.z)
@@ -79,6 +79,9 @@ def _check(queries: FeatureBatch, references: FeatureBatch, query_phi, reference
         if np.shape(batch.pooled) != (n, grid_dim[2]):
             raise FgvceError(f"{name} pooled features must have shape ({n}, {grid_dim[2]}); "
                              f"got {np.shape(batch.pooled)}")
+    for name, values in (("query labels", queries.labels), ("query preds", queries.preds)):
+        if num_classes is not None and np.any((np.asarray(values) < 0) | (np.asarray(values) >= num_classes)):
+            raise FgvceError(f"{name} must lie in 0..{num_classes - 1}")
     if np.any(np.asarray(queries.labels) == np.asarray(queries.preds)):
         raise FgvceError("every query must be misclassified (label != pred)")
     for name, phi, n in (("query_phi", query_phi, n_q), ("reference_phi", reference_phi, np.shape(references.z)[0])):
@@ -150,7 +153,7 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
     Returns:
       :class:`Explanations` (numpy arrays; see docs/counterfactual.md).
     """
-    _check(queries, references, query_phi, reference_phi)
+    _check(queries, references, query_phi, reference_phi, getattr(split_model, "num_classes", None))
     has_bank = np.shape(references.z)[0] > 0
     bank_src = _with_placeholder(references, queries)
     grid = tuple(np.shape(queries.z)[1:3])

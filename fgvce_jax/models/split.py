@@ -53,8 +53,12 @@ class SplitModel:
         return self.module(params).linear_head(at=self.at)
 
     def last_block_cache(self, params, z: jax.Array, ctx: dict):
-        """ViT at its last block only: per-image patch K/V, see ``ViT.last_block_cache``."""
-        return self.module(params).last_block_cache(z, ctx, at=self.at)
+        """ViT split at its last block: per-image attention scores and values (``ViT.last_block_cache``);
+        None for any other model or split (no last-block fast path there)."""
+        module = self.module(params)
+        if getattr(module, "last_block", None) != self.at:
+            return None
+        return module.last_block_cache(z, ctx, at=self.at)
 
     def last_block_logits(self, params, cache, token_mask: jax.Array) -> jax.Array:
         """ViT at its last block only: logits with absent tokens masked, see ``ViT.last_block_logits``."""

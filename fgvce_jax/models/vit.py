@@ -131,6 +131,11 @@ class ViT(Classifier):
         self.encoder = Encoder(1 + self.grid**2, hidden_dim, num_layers, num_heads, mlp_dim, rngs=rngs)
         self.heads = nnx.Dict(head=nnx.Linear(hidden_dim, num_classes, rngs=rngs))
 
+    @property
+    def last_block(self) -> str:
+        """The split whose head is the last block only (the default, and the fast path's split)."""
+        return self.split_points[0]
+
     def _block_index(self, at: str | None) -> int:
         return int(self.resolve_split(at).removeprefix("block"))
 
@@ -176,10 +181,9 @@ class ViT(Classifier):
 
         ``scores`` are the class token's attention logits q_cls . k_s / sqrt(d_h) over all tokens.
         """
-        last = len(self.encoder.layers) - 1
-        if self._block_index(at) != last:
-            raise FgvceError(f"the last-block fast path needs split block{last}, not {at}")
-        block = self.encoder.layers[last]
+        if self.resolve_split(at) != self.last_block:
+            raise FgvceError(f"the last-block fast path needs split {self.last_block}, not {at}")
+        block = self.encoder.layers[-1]
         t = jnp.concatenate([ctx["cls"][..., None, :], z.reshape(*z.shape[:-3], -1, z.shape[-1])], axis=-2)
         x = block.ln_1(t)
         att = block.self_attention

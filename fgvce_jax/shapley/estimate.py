@@ -97,8 +97,8 @@ def estimate(game, n_players: int, *, method: str, budget: int, key: jax.Array,
     game = as_game(game)
     check_game(game, (n_players,))
     mesh = sharding.device_mesh(mesh)
-    est, n_units, u, n_chunks, evaluations = plan(method, n_players, budget, game.bytes_per_evaluation, 1, chunk_size, mesh)
+    est, n_units, u, n_chunks, evaluations = plan(method, n_players, budget, game.bytes_per_evaluation, 1,
+                                                  chunk_size, mesh)
     args = jax.tree.map(lambda a: jnp.asarray(a)[None], game.args)
-    phi = run_batch(est, game.fn, args, key[None], n_units=n_units, u=u, n_chunks=n_chunks,
-                    mesh=mesh)
+    phi = run_batch(est, game.fn, args, key[None], n_units=n_units, u=u, n_chunks=n_chunks, mesh=mesh)
     return ShapleyResult(phi[0], evaluations)

@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
 from fgvce_jax.shapley.game import as_game, check_game
-from fgvce_jax.shapley.permutation import uniform_ranks
 
 OUTSIDE = ("absent", "present")
 
@@ -41,28 +40,32 @@ def window(grid: tuple[int, int], kernel: int, p: jax.Array) -> jax.Array:
 
 
 def shapley_subset(key: jax.Array, players: jax.Array) -> jax.Array:
-    """bool like ``players``: a subset S with |S| uniform in 0..|players| and S uniform given its size."""
-    k_size, k_order = jax.random.split(key)
-    size = jax.random.randint(k_size, (), 0, players.sum() + 1)
-    priority = jnp.where(players, jax.random.uniform(k_order, players.shape), 2.0).ravel()
-    return players & (uniform_ranks(priority) < size).reshape(players.shape)
+    """bool like ``players``: a subset S with |S| uniform in 0..|players| and S uniform given its size.
+
+    Drawn as the players that precede p in a random order: with u_q, t iid uniform, S = {q : u_q < t}.
+    Given t, |S| is Binomial(n, t); over t uniform that makes |S| uniform on 0..n, and by symmetry S is
+    uniform given its size -- the Shapley weights, with no sort or ranking.
+    """
+    k_order, k_p = jax.random.split(key)
+    return players & (jax.random.uniform(k_order, players.shape) < jax.random.uniform(k_p))
 
 
 def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int) -> jax.Array:
     """bool (H, W): a Shapley-weighted subset S of W_p minus {p}, drawn in the k x k window's own coordinates.
 
-    Sampling among the k^2 window cells (not the H W grid) keeps the sort small; the subset is then
-    gathered onto the grid. Used when k^2 < H W; otherwise the grid itself is sampled.
+    Sampling among the k^2 window cells (not the H W grid) keeps the draw small; the subset is then
+    placed onto the grid by one-hot products (cheaper than a vmapped gather on CPU).
+    Used when k^2 < H W; otherwise the grid itself is sampled.
     """
     h, w = grid
     half = kernel // 2
     rows, cols = p // w - half + jnp.arange(kernel), p % w - half + jnp.arange(kernel)
     inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
     centre = (jnp.arange(kernel) == half)[:, None] & (jnp.arange(kernel) == half)[None, :]
-    s_local = shapley_subset(key, inside & ~centre)
-    dr, dc = jnp.arange(h) - p // w + half, jnp.arange(w) - p % w + half
-    gathered = s_local[jnp.clip(dr, 0, kernel - 1)][:, jnp.clip(dc, 0, kernel - 1)]
-    return gathered & window(grid, kernel, p)
+    s_local = shapley_subset(key, inside & ~centre).astype(jnp.float32)
+    to_rows = (rows[:, None] == jnp.arange(h)[None, :]).astype(jnp.float32)  # (k, H) one-hot placement
+    to_cols = (cols[:, None] == jnp.arange(w)[None, :]).astype(jnp.float32)  # (k, W)
+    return (to_rows.T @ s_local @ to_cols) > 0.5
 
 
 def item_masks(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int, outside: str,

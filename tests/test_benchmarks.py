@@ -1,0 +1,228 @@
+"""The benchmarks of issue 6: their pure helpers, a --quick smoke run of each, and the README table.
+
+The three --quick runs start together in one fixture (subprocesses, about a
+minute on 2 idle cores); the other tests are instant.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import make_table  # noqa: E402
+
+TOP_KEYS = {"benchmark", "date", "environment", "settings", "summary", "results", "notes"}
+HAS_PEERS = all(importlib.util.find_spec(m) is not None for m in ("captum", "shapiq", "torchvision"))
+
+
+# --------------------------------------------------------------------------- pure helpers
+def test_time_call_warms_up_then_times_each_repeat():
+    calls = []
+    out, timing = common.time_call(lambda: calls.append(time.sleep(0.01)) or len(calls), warmup=2, repeats=3)
+    assert len(calls) == 5 and out == 5
+    assert len(timing.times) == 3 and all(t >= 0.01 for t in timing.times)
+    assert timing.best <= timing.median
+
+
+def test_write_json_is_atomic_and_handles_numpy(tmp_path):
+    path = common.write_json(tmp_path / "sub" / "r.json", {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan")})
+    assert json.loads(path.read_text(), parse_constant=lambda c: c) == {"a": 1.5, "b": [0, 1, 2], "c": "NaN"}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left
+
+
+def test_query_labels_make_queries_whose_true_class_has_references():
+    from end_to_end import query_labels
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        preds = rng.integers(0, 4, size=rng.integers(2, 15))
+        labels = query_labels(preds)
+        refs = labels == preds
+        assert refs[::2].all()  # even positions are references
+        for i in np.flatnonzero(~refs):
+            assert i % 2 == 1 and labels[i] in preds[refs]  # a reference of the query's true class exists
+        # an odd image stays correct only when every earlier even image has its prediction
+        for i in np.flatnonzero(refs[1::2]) * 2 + 1:
+            assert (preds[:i:2] == preds[i]).all()
+
+
+def test_calibrate_fc_centres_and_spreads_the_logits():
+    from flax import nnx
+
+    from end_to_end import LOGIT_SPREAD, calibrate_fc
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+
+    net = Net()
+    pooled = np.random.default_rng(1).normal(3.0, 0.1, size=(9, 6)).astype(np.float32)
+    before = np.asarray(net.fc(pooled))
+    calibrate_fc(net, pooled)
+    logits = np.asarray(net.fc(pooled))
+    np.testing.assert_allclose(logits.mean(0), 0, atol=1e-4)  # every class's logit centred over the images
+    np.testing.assert_allclose(logits.std(), LOGIT_SPREAD, rtol=1e-4)
+    # an affine map of the old logits' deviations: the same ranking of images for each class
+    dev = before - before.mean(0)
+    np.testing.assert_allclose(logits, dev * (LOGIT_SPREAD / dev.std()), rtol=1e-3, atol=1e-4)
+
+
+def test_pass_clock_times_the_pipeline_functions_and_restores_them():
+    from end_to_end import PassClock
+    from fgvce_jax import pipeline
+
+    original = pipeline.select_queries
+
+    class DS:
+        labels = np.array([0, 1, 2])
+
+    with PassClock() as clock:
+        assert pipeline.select_queries is not original
+        q = pipeline.select_queries(DS(), np.array([0, 2, 2]), None, None)
+    assert pipeline.select_queries is original
+    assert q.tolist() == [1] and clock.seconds["selection"] > 0 and set(clock.seconds) == {"selection"}
+
+
+def test_with_device_count_replaces_an_earlier_count():
+    from scaling import with_device_count
+
+    env = with_device_count({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1", "X": "y"}, 4)
+    assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=4"] and env["X"] == "y"
+    assert with_device_count({}, 2)["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+def test_scaling_compare_separates_bitwise_and_tolerant_equality():
+    from scaling import compare
+
+    base = {"phi": np.ones((2, 3, 3), np.float32), "success": np.array([True, False]),
+            "probs": np.array([[0.2, np.nan], [0.5, 0.5]], np.float32)}
+    close = {**base, "probs": base["probs"] + np.float32(1e-7)}
+    far = {**base, "phi": base["phi"] + 1e-3}
+    check = compare({1: base, 2: close, 4: far}, 1e-5)
+    assert check["1"]["consistent"] and all(check["1"]["identical"].values())
+    assert check["2"]["consistent"] and not check["2"]["identical"]["probs"] and check["2"]["identical"]["phi"]
+    assert not check["4"]["consistent"] and check["4"]["phi_max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- make_table
+SAMPLE = {"benchmark": "peers", "date": "2026-01-01T00:00:00+00:00",
+          "environment": {"backend": "gpu", "device_kind": "H100", "device_count": 2, "devices": ["cuda:0", "cuda:1"],
+                          "cpu_count": 16, "versions": {"jax": "9.9", "torch": "8.8"}},
+          "settings": {}, "summary": {"ours permutation": "1.5 ms", "speed-up | x": 12.3456, "ok": True},
+          "results": {}, "notes": ["a note"]}
+LEGACY = {"benchmark": "counterfactual_cost", "devices": ["TFRT_CPU_0"], "backend": "cpu", "versions": {"jax": "1"},
+          "results": [{"head": "layer4", "fgvce": {"explanations_per_s": 2.5, "success": 3}, "speedup_over_cve": 7.0}]}
+
+
+def test_render_shows_device_versions_and_summary_rows():
+    text = make_table.render([("peers", SAMPLE)])
+    assert "### peers" in text and "gpu x2 (H100), 16 host CPUs" in text and "jax 9.9, torch 8.8" in text
+    assert "| ours permutation | 1.5 ms |" in text and "| speed-up \\| x | 12.35 |" in text and "| ok | yes |" in text
+    assert "_a note_" in text
+
+
+def test_render_falls_back_to_named_figures_without_a_summary():
+    text = make_table.render([("counterfactual_cost", LEGACY)])
+    assert "cpu x1 (TFRT_CPU_0)" in text and "Versions: jax 1." in text
+    other = {"env": {"jax_devices": ["cuda:0"], "jax": "2", "torch": "3", "platform": "Linux"}, "results": {}}
+    assert "Device: cuda x1 (cuda:0). Versions: jax 2, torch 3." in make_table.render([("f", other)])
+    assert "| [layer4].fgvce.explanations_per_s | 2.5 |" in text and "| [layer4].speedup_over_cve | 7 |" in text
+    assert "success" not in text  # a count, not a rate, ratio, time or error
+
+
+def test_update_replaces_only_the_marked_section_and_is_idempotent():
+    readme = "# Title\n\ntext\n"
+    once = make_table.update(readme, "TABLE 1")
+    assert once.startswith(readme.rstrip("\n")) and once.count(make_table.START) == 1 and "TABLE 1" in once
+    twice = make_table.update(once + "tail\n", "TABLE 2")
+    assert "TABLE 1" not in twice and "TABLE 2" in twice and twice.endswith("tail\n")
+    assert make_table.update(twice, "TABLE 2") == twice
+
+
+def test_make_table_main_writes_and_checks_a_readme(tmp_path):
+    results = tmp_path / "results"
+    common.write_json(results / "peers.json", SAMPLE)
+    common.write_json(results / "peers_quick.json", {**SAMPLE, "benchmark": "quick one"})
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n")
+    args = ["--results", str(results), "--readme", str(readme)]
+    assert make_table.main([*args, "--check"]) == 1
+    assert make_table.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# Project\n") and "| ours permutation | 1.5 ms |" in text and "quick one" not in text
+    assert make_table.main([*args, "--check"]) == 0
+
+
+# --------------------------------------------------------------------------- --quick smoke runs
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Start every benchmark's --quick run at once; {name: (returncode, output, JSON path)}."""
+    tmp = tmp_path_factory.mktemp("bench")
+    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": []}
+    if HAS_PEERS:
+        commands["peers"] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = {name: subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out",
+                                     str(tmp / f"{name}.json"), *extra], cwd=BENCH, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for name, extra in commands.items()}
+    return {name: (p.wait(timeout=900), p.stdout.read(), tmp / f"{name}.json") for name, p in procs.items()}
+
+
+def _document(quick_runs, name):
+    code, output, path = quick_runs[name]
+    assert code == 0, output[-3000:]
+    doc = json.loads(path.read_text())
+    assert TOP_KEYS <= set(doc) and doc["benchmark"] == name and doc["settings"]["quick"] is True
+    assert doc["environment"]["devices"] and doc["environment"]["versions"]["jax"]
+    return doc
+
+
+def test_end_to_end_quick_writes_per_pass_times(quick_runs):
+    doc = _document(quick_runs, "end_to_end")
+    assert [r["workload"] for r in doc["results"]] == ["digits", "cub-synthetic"]
+    for r in doc["results"]:
+        run = r["runs"][0]
+        assert run["queries"] >= 1 and run["explanations_per_s"] > 0
+        assert set(run["pass_seconds"]) == {"features", "selection", "shapley", "search", "writing", "other"}
+        assert run["pass_seconds"]["shapley"] > 0 and run["pass_seconds"]["search"] > 0
+        assert sum(run["pass_seconds"].values()) == pytest.approx(run["seconds"], rel=1e-6)
+    assert any("explanations/s" in k for k in doc["summary"])
+    assert quick_runs["end_to_end"][2].with_suffix(".png").stat().st_size > 0
+
+
+def test_scaling_quick_records_identical_results(quick_runs):
+    doc = _document(quick_runs, "scaling")
+    runs = doc["results"]["runs"]
+    assert [r["devices"] for r in runs] == [1, 2]
+    assert all(r["saliency"]["images_per_s"] > 0 and r["search"]["queries_per_s"] > 0 for r in runs)
+    check = doc["results"]["check"]["2"]
+    assert check["identical"]["phi"] and check["consistent"]
+    assert doc["summary"]["Phi bit-identical across device counts"] is True
+
+
+@pytest.mark.skipif(not HAS_PEERS, reason="peers.py needs the bench extra: pip install -e '.[bench]'")
+def test_peers_quick_compares_every_estimator_on_one_game(quick_runs):
+    doc = _document(quick_runs, "peers")
+    game = doc["results"]["game"]
+    assert game["jax_torch_max_abs_diff"] < 1e-4  # the torch port computes the same game
+    rows = {(r["library"], r["estimator"]): r for r in doc["results"]["estimators"]}
+    for key in [("ours", "permutation"), ("ours", "kernel"), ("captum", "ShapleyValueSampling"),
+                ("captum", "KernelShap"), ("shapiq", "PermutationSamplingSV"), ("shapiq", "KernelSHAP")]:
+        r = rows[key]
+        assert r["ms"] > 0 and r["evaluations"] > 0 and 0 <= r["relative_error"] < 1, key
+    assert set(doc["results"]["ratios"]) == {"permutation vs captum ShapleyValueSampling",
+                                            "permutation vs shapiq PermutationSamplingSV",
+                                            "kernel vs captum KernelShap", "kernel vs shapiq KernelSHAP"}
+    assert quick_runs["peers"][2].with_suffix(".png").stat().st_size > 0
