@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fgvce_jax.models.preprocess import resize_crop_layout
+
 SIDES = ("left ", "right ")
 
 
@@ -71,11 +73,7 @@ def resize_crop_geometry(height: int, width: int, resize_size: int, crop: int) -
     longer ``int(resize_size * long / short)``; the crop starts at
     ``round((new - crop) / 2)`` on each axis.
     """
-    if height <= width:
-        new_h, new_w = resize_size, int(resize_size * width / height)
-    else:
-        new_h, new_w = int(resize_size * height / width), resize_size
-    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    new_h, new_w, top, left = resize_crop_layout(height, width, resize_size, crop)
     return new_w / width, new_h / height, left, top
 
 

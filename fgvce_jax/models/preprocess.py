@@ -28,22 +28,28 @@ def _to_pil(image) -> Image.Image:
     return Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a).convert("RGB")
 
 
-def resize_center_crop(image, size: int, crop: int) -> np.ndarray:
-    """One image (PIL or uint8 (h, w[, c])) -> uint8 (crop, crop, 3), as shown to a person.
+def resize_crop_layout(height: int, width: int, size: int, crop: int) -> tuple[int, int, int, int]:
+    """torchvision ``Resize(size)`` + ``CenterCrop(crop)`` geometry: (new_h, new_w, top, left).
 
-    The shorter side is resized to ``size`` (the longer to ``int(size * long / short)``),
-    then the central ``crop`` x ``crop`` window is kept (offsets ``round((side - crop) / 2)``).
+    The shorter side becomes ``size``, the longer ``int(size * long / short)``;
+    the crop starts at ``round((new - crop) / 2)`` on each axis.
     """
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    return new_h, new_w, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+
+
+def resize_center_crop(image, size: int, crop: int) -> np.ndarray:
+    """One image (PIL or uint8 (h, w[, c])) -> uint8 (crop, crop, 3), as shown to a person (see ``resize_crop_layout``)."""
     if crop > size:
         raise FgvceError(f"crop {crop} is larger than the resize size {size}")
     img = _to_pil(image)
     w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    new_h, new_w, top, left = resize_crop_layout(h, w, size, crop)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
     return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 
