@@ -1,0 +1,17 @@
+"""A hand-built Explanations-like object for the metric and evaluate tests."""
+from types import SimpleNamespace
+
+import numpy as np
+
+
+def explanations(success, n_edits, query_region, ref_index, ref_region, region_size=1, phi=None, grid=(4, 4)):
+    """The fields the metrics read, (Q, T) edit slots with unused slots -1; query i is query_index i."""
+    q, t = np.asarray(ref_index).shape
+    return SimpleNamespace(
+        success=np.asarray(success, bool), n_edits=np.asarray(n_edits, np.int32),
+        query_region=np.asarray(query_region, np.int32).reshape(q, t, 2),
+        ref_index=np.asarray(ref_index, np.int64),
+        ref_region=np.asarray(ref_region, np.int32).reshape(q, t, 2),
+        region_size=region_size, true=np.zeros(q, np.int64), pred=np.ones(q, np.int64),
+        query_index=np.arange(q, dtype=np.int64),
+        query_phi=np.zeros((q, *grid), np.float32) if phi is None else phi)
