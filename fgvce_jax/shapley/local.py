@@ -46,8 +46,8 @@ def shapley_subset(key: jax.Array, players: jax.Array) -> jax.Array:
     Given t, |S| is Binomial(n, t); over t uniform that makes |S| uniform on 0..n, and by symmetry S is
     uniform given its size -- the Shapley weights, with no sort or ranking.
     """
-    k_order, k_p = jax.random.split(key)
-    return players & (jax.random.uniform(k_order, players.shape) < jax.random.uniform(k_p))
+    u = jax.random.uniform(key, (players.size + 1,))  # one draw: the u_q and t (a split would cost a second)
+    return players & (u[:-1].reshape(players.shape) < u[-1])
 
 
 def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int) -> jax.Array:
