@@ -245,8 +245,9 @@ class Summary:
     seconds_per_query: float
 
     def line(self) -> str:
+        edits = "-" if np.isnan(self.mean_edits) else f"{self.mean_edits:.2f}"  # mean over successful queries
         return (f"{self.method}: {self.queries} queries, success {100 * self.success_rate:.1f}%, "
-                f"mean edits {self.mean_edits:.2f}, {self.seconds_per_query:.3f} s/explanation")
+                f"mean edits {edits}, {self.seconds_per_query:.3f} s/explanation")
 
 
 def summarise(directory: Path, method: str, seconds: float, computed: int) -> Summary:

@@ -423,3 +423,17 @@ def test_second_call_does_not_recompile():
                     reference_phi=r_phi)
     assert _search_sharded._cache_size() == size
     assert again.query_region[0, 0].tolist() == [3, 3]  # the new data was used: (3, 3) now has Phi 5
+
+
+def test_default_chunk_keeps_candidate_scoring_within_the_memory_budget():
+    """cve on a CUB-sized map scores H W x N H W pairs; unchunked that is tens of GB (it was OOM-killed)."""
+    from fgvce_jax.counterfactual.explain import HEAD_ACTIVATION_FACTOR, default_chunk_size
+    from fgvce_jax.shapley.sharding import device_mesh, memory_budget
+
+    mesh = device_mesh()
+    for shape, n_q in [((14, 14, 2048), 64), ((7, 7, 2048), 3), ((8, 8, 128), 1)]:
+        chunk = default_chunk_size(shape, n_q, mesh)
+        per_device = -(-n_q // mesh.size)
+        live = chunk * per_device * 4 * np.prod(shape) * HEAD_ACTIVATION_FACTOR
+        assert chunk >= 1 and (live <= memory_budget() or chunk == 1)
+    assert default_chunk_size((8, 8, 128), 1, mesh) > default_chunk_size((8, 8, 128), 64, mesh)

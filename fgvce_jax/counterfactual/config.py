@@ -29,7 +29,8 @@ class CounterfactualConfig:
       method: ``"fgvce"`` or one of the baselines of SPEC 5.
       baseline, output: the game's absent-feature fill and output read (SPEC 2).
       seed: seeds the random reference mode and the ``random`` baseline.
-      chunk_size: head evaluations per batch when scoring candidates (None = all at once).
+      chunk_size: head evaluations per batch when scoring candidates (None = sized from the memory budget,
+        see ``explain.default_chunk_size``); never changes the result.
     """
 
     kernel: int = 3

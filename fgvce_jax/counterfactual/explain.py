@@ -14,6 +14,7 @@ from fgvce_jax.counterfactual.partition import partition
 from fgvce_jax.counterfactual.references import build_bank, query_candidates, select_references, top_regions
 from fgvce_jax.counterfactual.search import run_search
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley import sharding
 
 
 class FeatureBatch(NamedTuple):
@@ -130,6 +131,21 @@ def _with_placeholder(references: FeatureBatch, queries: FeatureBatch) -> Featur
                         jnp.array([-1]), jnp.array([-2]), jnp.zeros_like(jnp.asarray(queries.pooled)[:1]))
 
 
+HEAD_ACTIVATION_FACTOR = 8  # live activations of one head call, in feature maps (deep heads keep several)
+
+
+def default_chunk_size(map_shape: tuple[int, int, int], n_queries: int, mesh) -> int:
+    """Head calls scored at once per query when the config gives no ``chunk_size``.
+
+    The candidates of all queries on a device are scored together, so the memory budget of
+    :func:`fgvce_jax.shapley.sharding.memory_budget` is split over them:
+    budget / (queries per device * 4 bytes * H * W * D * HEAD_ACTIVATION_FACTOR). Results do not depend on it.
+    """
+    per_call = 4 * int(np.prod(map_shape)) * HEAD_ACTIVATION_FACTOR
+    per_device = -(-max(1, n_queries) // sharding.device_mesh(mesh).size)
+    return max(1, sharding.memory_budget() // (per_call * per_device))
+
+
 def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch,
             config: CounterfactualConfig, *, key: jax.Array, query_phi=None, reference_phi=None,
             mesh: jax.sharding.Mesh | None = None) -> Explanations:
@@ -163,6 +179,8 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
         jnp.asarray(bank_src.labels), jnp.asarray(bank_src.preds), n=config.n_references,
         mode=config.reference_mode, key=jax.random.key(config.seed))
     options = baselines.search_options(config)
+    if options.chunk_size is None:
+        options = options._replace(chunk_size=default_chunk_size(np.shape(queries.z)[1:], n_q, mesh))
 
     if config.method == "cve":
         q_phi = jnp.full((n_q,) + grid, jnp.nan, jnp.float32)
