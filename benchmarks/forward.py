@@ -10,7 +10,6 @@ framework gets one warm-up call (which includes jit compilation), then
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torchvision
 
+import common
 import converters
 
 RESULT = Path(__file__).resolve().parent / "results" / "forward.json"
@@ -93,11 +93,7 @@ def main(argv=None) -> dict:
           "torchvision", env["torchvision"], "| torch threads", env["torch_threads"], flush=True)
     result = {"benchmark": "forward", "measured": "images/s of logits (median of timed calls after warm-up)",
               "env": env, "results": [bench_arch(a, args.batch, args.size, args.reps) for a in args.archs]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = common.write_json(args.out, result)
     print("wrote", out)
     return result
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import time
 from importlib import metadata
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 from fgvce_jax import saliency, shapley
 from fgvce_jax.models import create, split
 
@@ -234,11 +234,8 @@ def main() -> None:
         t = time.perf_counter()
         results[part] = fn(args.quick)
         print(f"({part}) in {time.perf_counter() - t:.0f}s:", json.dumps(results[part], indent=1))
-    RESULTS.mkdir(exist_ok=True)
     name = "shapley_cost_quick.json" if args.quick else "shapley_cost.json"
-    tmp = RESULTS / (name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, RESULTS / name)
+    common.write_json(RESULTS / name, results)
     if "c" in results:
         plot(results["c"], RESULTS / ("shapley_error_quick.png" if args.quick else "shapley_error.png"))
     print("wrote", RESULTS / name)

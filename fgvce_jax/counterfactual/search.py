@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.counterfactual.references import CandidateBank, masked_mean
+from fgvce_jax.shapley import sharding
 
 # Reason codes (Explanations.reason).
 SUCCESS, T_MAX_REACHED, NO_QUERY_REGIONS, NO_REFERENCES, CANDIDATES_EXHAUSTED = 0, 1, 2, 3, 4
@@ -200,11 +201,6 @@ def _search_sharded(split_model, options, mesh, params, bank, per_query):
                          check_vma=False)(params, bank, per_query)
 
 
-def default_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh ("q",) over all devices."""
-    return jax.make_mesh((jax.device_count(),), ("q",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def run_search(split_model, params, bank: CandidateBank, per_query: dict, options: SearchOptions,
                mesh: jax.sharding.Mesh | None = None) -> SearchResult:
     """Run the loop for Q queries, sharded over a 1-D mesh; returns numpy arrays.
@@ -220,7 +216,7 @@ def run_search(split_model, params, bank: CandidateBank, per_query: dict, option
       mesh: 1-D mesh (None = all devices). Q is padded to a multiple of its size
         with copies of query 0; the padding is dropped from the result.
     """
-    mesh = default_mesh() if mesh is None else mesh
+    mesh = sharding.device_mesh(mesh)
     n_queries = per_query["z"].shape[0]
     pad = -n_queries % mesh.size
     padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), per_query)
