@@ -23,7 +23,7 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
 from fgvce_jax.shapley.estimate import plan as plan_global
 from fgvce_jax.shapley.estimate import run_batch as run_global
-from fgvce_jax.shapley.game import feature_game, read_output
+from fgvce_jax.shapley.game import feature_game, is_affine, read_output
 from fgvce_jax.shapley.local import check_local
 from fgvce_jax.shapley.local import layout as local_layout
 from fgvce_jax.shapley.local import run_batch as run_local
@@ -127,7 +127,7 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
     keys = image_keys(key, n)
     if method == "local":
         draws = check_local((h, w), kernel, samples, outside, paired)
-        u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh)
+        u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh, is_affine(fn))
         return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
                                 paired=paired, u=u, n_chunks=n_chunks, mesh=mesh)
     budget = 2 * h * w * samples if budget is None else budget

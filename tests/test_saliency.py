@@ -176,3 +176,26 @@ def test_bad_requests_raise_clear_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(FgvceError, match=match):
         saliency.compute(LinearSplit(), LIN_PARAMS, args.pop("z"), None, args.pop("classes"), **args)
+
+
+def test_compute_on_a_real_vit_takes_the_last_block_fast_path_and_matches_the_generic_head():
+    """A small flax ViT split at its last block: saliency.compute (fast path, batched) equals local() on the
+    generic game (head on every token with a token mask), image by image with the per-image keys."""
+    from flax import nnx
+
+    from fgvce_jax.models.vit import ViT
+
+    vit = ViT(4, 3, 2, 16, 32, num_classes=5, arch="vit_b_16", image_size=16, rngs=nnx.Rngs(0))
+    sm, params = split(vit)
+    z, ctx = jax.jit(sm.encode)(params, jax.random.normal(jax.random.key(7), (2, 16, 16, 3)))
+    classes = jnp.array([1, 4])
+    assert isinstance(shapley.feature_game(sm, params, z[0], jax.tree.map(lambda a: a[0], ctx), 1,
+                                           baseline="attention").fn, LastBlockAttention)
+    phi = saliency.compute(sm, params, z, ctx, classes, baseline="attention", kernel=3, samples=4, key=KEY)
+    for i in range(2):
+        generic = shapley.feature_game(sm, params, z[i], jax.tree.map(lambda a: a[i], ctx), classes[i],
+                                       baseline="attention", fast=False)
+        assert isinstance(generic.fn, GenericHead)
+        want = shapley.local(generic, z.shape[1:3], kernel=3, samples=4, key=jax.random.fold_in(KEY, i))
+        np.testing.assert_allclose(phi[i], want, atol=1e-5)
+    assert np.abs(np.asarray(phi)).max() > 1e-4

@@ -9,6 +9,7 @@ import pytest
 
 from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley.game import Game, LinearHead, is_affine
 from fgvce_jax.shapley.local import layout, run_batch
 from fgvce_jax.shapley.sharding import device_mesh
 
@@ -110,14 +111,41 @@ def test_whole_grid_kernel_with_outside_present_estimates_the_global_value():
                       outside="present"), runs[3], rtol=1e-6, atol=1e-7)
 
 
-def test_chunk_size_and_device_count_do_not_change_results():
+def affine_game(grid, output, seed=2, classes=7):
+    """A random GAP + linear style game: v(m) = out_c(offset + m_flat @ contrib), which local evaluates
+    a window at a time (``is_affine``)."""
+    kc, ko = jax.random.split(jax.random.key(seed))
+    args = {"contrib": jax.random.normal(kc, (grid[0] * grid[1], classes)),
+            "offset": jax.random.normal(ko, (classes,)), "cls": jnp.int32(3)}
+    return Game(LinearHead(output), args)
+
+
+@pytest.mark.parametrize("grid, kernel", [((5, 6), 3), ((6, 6), 5), ((3, 3), 5)])  # last: draws on the grid
+@pytest.mark.parametrize("outside, paired", [("absent", True), ("present", True), ("absent", False)])
+@pytest.mark.parametrize("output", ["prob", "log_prob", "logit"])
+def test_affine_fast_path_equals_generic_path(grid, kernel, outside, paired, output):
+    game = affine_game(grid, output)
+    assert is_affine(game.fn)
+    kw = dict(kernel=kernel, samples=4, key=KEY, outside=outside, paired=paired)
+    fast = shapley.local(game, grid, **kw)
+    generic = shapley.local(lambda m: game(m), grid, **kw)  # a plain callable hides the structure
+    np.testing.assert_allclose(fast, generic, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(generic)).max() > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_chunk_size_and_device_count_do_not_change_results(affine):
+    """Bit for bit: every (window, draw) marginal is computed alone and averaged per window at the end."""
     grid = (5, 6)
-    game = sigmoid_game(grid)
-    one = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    ref = shapley.local(game, grid, kernel=3, samples=6, key=KEY, mesh=one)
-    for chunk, mesh in [(4, one), (4, None), (10 ** 6, None)]:
-        got = shapley.local(game, grid, kernel=3, samples=6, key=KEY, chunk_size=chunk, mesh=mesh)
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    game = affine_game(grid, "prob") if affine else sigmoid_game(grid)
+    meshes = [jax.make_mesh((d,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:d])
+              for d in sorted({1, 2, jax.device_count()})]
+    ref = shapley.local(game, grid, kernel=3, samples=6, key=KEY, mesh=meshes[0])
+    for chunk in (1, 4, 50, None, 10 ** 6):
+        for mesh in meshes:
+            got = shapley.local(game, grid, kernel=3, samples=6, key=KEY, chunk_size=chunk, mesh=mesh)
+            np.testing.assert_array_equal(got, ref, err_msg=f"chunk_size={chunk}, {mesh.size} devices")
+    assert jax.device_count() == 4  # the suite runs with 4 fake CPU devices (Makefile)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -87,8 +87,9 @@ def check_game(game: Game, mask_shape: tuple[int, ...]) -> None:
 
 def read_output(logits: jax.Array, cls: jax.Array, output: str) -> jax.Array:
     """out_c: (B, C) logits -> (B,) softmax probability, logit or log-probability of class ``cls``."""
-    if output == "prob":
-        return jax.nn.softmax(logits, axis=-1)[:, cls]
+    if output == "prob":  # 1 / sum_j exp(l_j - l_c): no max pass, one division; the clip keeps exp (and grads) finite
+        gap = jnp.minimum(logits - jnp.take(logits, cls, axis=-1)[:, None], 80.0)
+        return 1.0 / jnp.exp(gap).sum(axis=-1)
     if output == "log_prob":
         return jax.nn.log_softmax(logits, axis=-1)[:, cls]
     return logits[:, cls]
@@ -125,13 +126,29 @@ class GenericHead:
 
 @dataclasses.dataclass(frozen=True)
 class LinearHead:
-    """v(m) = out_c(offset + m_flat @ contrib) for a GAP + linear head (contrib (HW, C), offset (C,))."""
+    """v(m) = out_c(offset + m_flat @ contrib) for a GAP + linear head (contrib (HW, C), offset (C,)).
+
+    An *affine* game function (see :func:`is_affine`): ``args`` hold ``offset`` (C,) and ``contrib`` (n, C)
+    and ``v(m) = readout(args, offset + m @ contrib)``, so an engine may build the logits of related
+    coalitions incrementally (a prefix from the previous one, a complement from the window total).
+    """
 
     output: str
 
+    def readout(self, args, logits: jax.Array) -> jax.Array:
+        """(B, C) logits -> (B,) values."""
+        return read_output(logits, args["cls"], self.output)
+
     def __call__(self, args, masks):
         m = masks.reshape(masks.shape[0], -1).astype(args["contrib"].dtype)
-        return read_output(args["offset"] + m @ args["contrib"], args["cls"], self.output)
+        return self.readout(args, args["offset"] + m @ args["contrib"])
+
+
+def is_affine(fn) -> bool:
+    """Whether a game function is affine before its readout: ``fn(args, m) = fn.readout(args, s(m))`` with
+    ``s(m) = args["offset"] + m_flat @ args["contrib"]``. Engines use this to evaluate chains of coalitions
+    incrementally; a plain callable never is (wrap a game in a lambda to force the generic path)."""
+    return isinstance(fn, LinearHead)
 
 
 @dataclasses.dataclass(frozen=True)

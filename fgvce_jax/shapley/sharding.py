@@ -41,11 +41,16 @@ def evaluations_per_chunk(bytes_per_evaluation: int, chunk_size: int | None) -> 
     return max(1, memory_budget() // max(1, int(bytes_per_evaluation)))
 
 
+MIN_CHUNKS = 8  # small jobs are cut into this many chunks, whatever the device count
+
+
 def layout(n_items: int, items_per_chunk: int, n_devices: int) -> tuple[int, int]:
     """(items per chunk U, chunks per device) so that n_devices * chunks * U >= n_items.
 
-    U shrinks when the work is smaller than one chunk per device, so tiny jobs are not padded to a big chunk.
+    U depends on the job and the memory budget only, never on the device count, so every device
+    evaluates the game on the same batch shapes as a single device would: XLA may round a batch's
+    rows differently for another batch size, and this keeps 1 and D devices bit-identical. A job
+    smaller than MIN_CHUNKS full chunks is cut into MIN_CHUNKS smaller ones instead of being padded.
     """
-    per_device = math.ceil(n_items / n_devices)
-    u = max(1, min(items_per_chunk, per_device))
-    return u, math.ceil(per_device / u)
+    u = max(1, min(items_per_chunk, math.ceil(n_items / MIN_CHUNKS)))
+    return u, math.ceil(math.ceil(n_items / u) / n_devices)
