@@ -131,6 +131,6 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
         return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
                                 paired=paired, u=u, n_chunks=n_chunks, mesh=mesh)
     budget = 2 * h * w * samples if budget is None else budget
-    est, n_units, u, n_chunks, _ = plan_global("permutation", h * w, budget, bytes_per_eval, n, chunk_size, mesh)
-    phi = run_global(est, fn, args, keys, n_units=n_units, u=u, n_chunks=n_chunks, mesh=mesh)
+    p = plan_global("permutation", h * w, budget, bytes_per_eval, n, chunk_size, mesh)
+    phi = run_global(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r)
     return phi.reshape(n, h, w)

@@ -1,4 +1,5 @@
 """Estimators of fgvce_jax.shapley.estimate against closed forms, brute force and each other."""
+import importlib
 import itertools
 import math
 
@@ -10,7 +11,7 @@ import pytest
 from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
-from fgvce_jax.shapley.game import Game, as_game
+from fgvce_jax.shapley.game import Game, LinearHead, as_game
 from fgvce_jax.shapley.sharding import device_mesh
 
 MC = ("permutation", "antithetic", "kernel")
@@ -103,8 +104,9 @@ def test_mc_methods_are_unbiased_and_converge():
     mesh = device_mesh()
 
     def many(method, budget):  # the engine's batch over games: one run per key, in one compiled call
-        est, units, u, chunks, _ = plan(method, n, budget, 64, reps, None, mesh)
-        return np.asarray(run_batch(est, game.fn, (), keys, n_units=units, u=u, n_chunks=chunks, mesh=mesh))
+        p = plan(method, n, budget, 64, reps, None, mesh)
+        return np.asarray(run_batch(p.est, game.fn, (), keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks,
+                                    mesh=mesh, r=p.r))
 
     np.testing.assert_array_equal(many("permutation", 44)[5],
                                   shapley.estimate(game, n, method="permutation", budget=44, key=keys[5]).phi)
@@ -118,18 +120,153 @@ def test_mc_methods_are_unbiased_and_converge():
         assert rms_big < 0.6 * rms_small, (method, rms_small, rms_big)
 
 
-@pytest.mark.parametrize("method", ("exact",) + MC)
-def test_chunk_size_and_device_count_do_not_change_results(method):
-    n = 8
-    game = mlp_game(n)
-    budget = 2 ** n if method == "exact" else 400
+def _one_device_mesh():
     devices = jax.devices()
     assert len(devices) == 4
-    one = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:1])
-    ref = shapley.estimate(game, n, method=method, budget=budget, key=KEY, mesh=one).phi
-    for chunk, mesh in [(1, one), (7, None), (10 ** 6, None)]:
-        got = shapley.estimate(game, n, method=method, budget=budget, key=KEY, chunk_size=chunk, mesh=mesh).phi
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    return jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:1])
+
+
+def affine_game(n, c=5, seed=2, output="prob"):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return Game(LinearHead(output), {"contrib": jax.random.normal(k1, (n, c)), "offset": jax.random.normal(k2, (c,)),
+                                     "cls": jnp.int32(1)})
+
+
+def elementwise_game(n, seed=5):
+    """A nonlinear game with no matmul: sigmoid(sum_j a_j m_j + sum_j b_j m_j m_j+1), whose rows XLA
+    computes the same way at any batch size."""
+    ka, kb = jax.random.split(jax.random.key(seed))
+    a, b = jax.random.normal(ka, (n,)), jax.random.normal(kb, (n - 1,))
+
+    def game(m):
+        m = m.astype(jnp.float32)
+        return jax.nn.sigmoid((a * m).sum(-1) + (b * m[:, 1:] * m[:, :-1]).sum(-1))
+    return game
+
+
+@pytest.mark.parametrize("method", ("exact",) + MC)
+@pytest.mark.parametrize("game_kind", ["mlp", "elementwise", "affine"])
+def test_chunk_size_and_device_count_do_not_change_results(method, game_kind):
+    """Bit-identical (not just close) on 1, 2 and 4 devices, for chunk sizes default, huge, 7 and 1.
+
+    A small chunk_size really makes the game calls smaller; a game evaluated by a matmul gets rows of a
+    tiny batch rounded differently by XLA, so for those small chunks are only checked to float tolerance."""
+    n = 8
+    game = {"mlp": mlp_game(n), "elementwise": elementwise_game(n), "affine": affine_game(n)}[game_kind]
+    budget = 2 ** n if method == "exact" else 400
+    meshes = [jax.make_mesh((d,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:d])
+              for d in (1, 2, 4)]
+    ref = np.asarray(shapley.estimate(game, n, method=method, budget=budget, key=KEY, mesh=meshes[0]).phi)
+    for chunk in (None, 10 ** 6, 7, 1):
+        for mesh in meshes:
+            got = np.asarray(shapley.estimate(game, n, method=method, budget=budget, key=KEY, chunk_size=chunk,
+                                              mesh=mesh).phi)
+            matmul = game_kind == "mlp" or (game_kind == "affine" and method in ("exact", "kernel"))  # no hook
+            if matmul and chunk in (1, 7):
+                np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(got, ref, err_msg=f"chunk_size={chunk}, {mesh.size} devices")
+
+
+def test_chunk_size_bounds_the_game_calls():
+    """chunk_size is a memory bound: the game is called on at most that many evaluations at once."""
+    def batch_sizes(method, n, budget, chunk_size):  # a fresh game each time, so that it is traced again
+        seen = []
+
+        def game(m):
+            seen.append(m.shape[0])
+            return m.sum(-1).astype(jnp.float32)
+        shapley.estimate(game, n, method=method, budget=budget, key=KEY, chunk_size=chunk_size)
+        return seen[1:]  # the first call is check_game's (B = 2)
+
+    for method, n, budget in [("permutation", 6, 700), ("kernel", 6, 702), ("exact", 9, 512)]:
+        small, default = batch_sizes(method, n, budget, 14), batch_sizes(method, n, budget, None)
+        assert small and max(small) <= 14 < max(default), (method, small, default)
+
+
+@pytest.mark.parametrize("method", ("exact",) + MC)
+def test_batches_of_games_are_bit_identical_across_chunk_sizes_and_devices(method):
+    """run_batch over 3 games (affine and not) with many reduction blocks: bit-identical on 1 and 4 devices."""
+    n, reps = 9, 3
+    budget = 2 ** n if method == "exact" else 6000
+    keys = jax.random.split(jax.random.key(3), reps)
+    one, four = _one_device_mesh(), device_mesh()
+    contrib = jax.random.normal(jax.random.key(4), (reps, n, 6))
+    affine = LinearHead("prob"), {"contrib": contrib, "offset": jnp.zeros((reps, 6)), "cls": jnp.arange(reps)}
+    generic = _weighted_sum, {"w": contrib[..., 0]}
+    for fn, args in (affine, generic):
+        def run(chunk, mesh, fn=fn, args=args):
+            p = plan(method, n, budget, 64, reps, chunk, mesh)
+            return np.asarray(run_batch(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks,
+                                        mesh=mesh, r=p.r))
+        ref = run(None, one)
+        for chunk, mesh in [(None, four), (10 ** 6, one), (10 ** 6, four)]:
+            np.testing.assert_array_equal(run(chunk, mesh), ref)
+        for chunk, mesh in [(1, four), (7, one)]:  # smaller game calls: the same sums, rows may round apart
+            np.testing.assert_allclose(run(chunk, mesh), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_many_reduction_blocks_stay_bit_identical(monkeypatch):
+    """Force tiny STATS_BYTES so that R > E (several game calls per kept block sum) and many block sums."""
+    engine = importlib.import_module("fgvce_jax.shapley.estimate")
+    n = 8
+    game = mlp_game(n)
+    one = _one_device_mesh()
+    ref = np.asarray(shapley.estimate(game, n, method="kernel", budget=3000, key=KEY, mesh=one).phi)
+    monkeypatch.setattr(engine, "STATS_BYTES", 4 * n * 3)  # 3 block sums
+    monkeypatch.setattr(engine, "MIN_BLOCKS", 64)  # of about 21 game calls each
+    p = plan("kernel", n, 3000, 64, 1, None, device_mesh())
+    assert p.r > p.u and p.r == engine.reduction_block(p.est, p.n_units, p.u)
+    got = [np.asarray(shapley.estimate(game, n, method="kernel", budget=3000, key=KEY, mesh=mesh).phi)
+           for mesh in (one, None)]
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-6)  # another summation tree: close, not equal
+
+
+@pytest.mark.parametrize("method", MC)
+@pytest.mark.parametrize("bytes_per_evaluation", [2384, 12_845_056])  # CUB layer4 fast path; ResNet-50 generic head
+def test_ten_million_evaluations_keep_little_statistics(method, bytes_per_evaluation):
+    """Kept float statistics (block sums + one reduction block's per-unit buffer) of a 10M-evaluation request."""
+    engine = importlib.import_module("fgvce_jax.shapley.estimate")
+    n = 196
+    est, units, e, _, used, r = plan(method, n, 10 ** 7, bytes_per_evaluation, 1, None, device_mesh())
+    per_unit = 4 * sum(np.prod(s.shape) for s in jax.tree.leaves(engine._stat_shapes(est)))
+    kept = (math.ceil(units / r) + r) * per_unit
+    assert used > 0.99 * 10 ** 7 and r % e == 0 and kept <= 100 * 2 ** 20, (e, r, kept)
+
+
+def test_tree_sum_does_not_depend_on_surrounding_shapes():
+    from fgvce_jax.shapley.estimate import tree_sum
+    x = jax.random.normal(KEY, (6, 37, 11)) * 1e3
+    whole = np.asarray(jax.jit(jax.vmap(tree_sum))(x))
+    for i in range(6):
+        np.testing.assert_array_equal(np.asarray(jax.jit(tree_sum)(x[i])), whole[i])
+    np.testing.assert_array_equal(np.asarray(jax.jit(tree_sum)(x[0, :5])),
+                                  np.asarray(((x[0, 0] + x[0, 4]) + x[0, 2]) + (x[0, 1] + x[0, 3])))
+
+
+@pytest.mark.parametrize("method", ["permutation", "antithetic"])
+@pytest.mark.parametrize("output", ["prob", "logit", "log_prob"])
+def test_affine_fast_path_matches_generic_path(method, output):
+    n = 196
+    game = affine_game(n, c=20, output=output)
+    game.args["contrib"] = game.args["contrib"] * 0.1
+    hidden = lambda m: game(m)  # the same game with its structure hidden: the generic path
+    budget = 2 * (n + 1) * 6
+    fast = shapley.estimate(game, n, method=method, budget=budget, key=KEY).phi
+    generic = shapley.estimate(hidden, n, method=method, budget=budget, key=KEY).phi
+    np.testing.assert_allclose(fast, generic, rtol=0, atol=1e-5)
+    assert not np.array_equal(fast, generic) or output == "logit"  # really two paths (logit may agree exactly)
+
+
+def test_permutation_ranks_are_permutations_even_with_ties():
+    from fgvce_jax.shapley.permutation import order_of, uniform_ranks
+    u = jnp.array([0.5, 0.25, 0.5, 0.25, 0.1])
+    rank = uniform_ranks(u)
+    np.testing.assert_array_equal(rank, [3, 1, 4, 2, 0])
+    np.testing.assert_array_equal(order_of(rank), [4, 1, 3, 0, 2])
+    u = jax.random.uniform(KEY, (300,))
+    np.testing.assert_array_equal(uniform_ranks(u), (u[None, :] < u[:, None]).sum(1))
 
 
 def test_same_key_is_bit_identical_and_other_keys_differ():
@@ -140,8 +277,8 @@ def test_same_key_is_bit_identical_and_other_keys_differ():
     assert np.array_equal(r1, r2) and not np.array_equal(r1, r3)
 
 
-def _weighted_sum(args, masks):
-    return jnp.tanh(masks.astype(jnp.float32) @ args["w"])
+def _weighted_sum(args, masks):  # elementwise and a row sum, no matmul: the same rows at any batch size
+    return jnp.tanh((masks.astype(jnp.float32) * args["w"]).sum(-1))
 
 
 def test_new_game_arguments_do_not_recompile():
@@ -156,13 +293,13 @@ def test_new_game_arguments_do_not_recompile():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(n_players=21, method="exact", budget=2 ** 21), "at most 20"),
-    (dict(n_players=5, method="exact", budget=31), "2\\^5 = 32"),
-    (dict(n_players=5, method="permutation", budget=5), "at least 6"),
-    (dict(n_players=5, method="antithetic", budget=11), "at least 12"),
-    (dict(n_players=5, method="kernel", budget=3), "at least 4"),
-    (dict(n_players=5, method="banzhaf", budget=100), "unknown Shapley method"),
-    (dict(n_players=0, method="permutation", budget=100), "positive integer"),
+    ({"n_players": 21, "method": "exact", "budget": 2 ** 21}, "at most 20"),
+    ({"n_players": 5, "method": "exact", "budget": 31}, "2\\^5 = 32"),
+    ({"n_players": 5, "method": "permutation", "budget": 5}, "at least 6"),
+    ({"n_players": 5, "method": "antithetic", "budget": 11}, "at least 12"),
+    ({"n_players": 5, "method": "kernel", "budget": 3}, "at least 4"),
+    ({"n_players": 5, "method": "banzhaf", "budget": 100}, "unknown Shapley method"),
+    ({"n_players": 0, "method": "permutation", "budget": 100}, "positive integer"),
 ])
 def test_bad_requests_raise_clear_errors(kwargs, match):
     with pytest.raises(FgvceError, match=match):

@@ -1,15 +1,35 @@
 """The estimation engine: ``estimate(game, n, method=..., budget=..., key=...)``.
 
-Units (see :mod:`fgvce_jax.shapley.registry`) are numbered 0..U_total-1 and
-unit i uses ``fold_in(key, i)``. Each device of a 1-D mesh walks a contiguous
-range of units in chunks (a ``fori_loop``), the game is evaluated on a whole
-chunk's masks at once, and the per-device statistics are summed with ``psum``.
-Units past U_total (padding) are masked out. The same code runs vmapped over
-a batch of games (one per image) for :func:`fgvce_jax.saliency.compute`.
+Units (see :mod:`fgvce_jax.shapley.registry`) are numbered 0..U-1 and unit i
+draws from ``fold_in(key, i)``. Results are bit-identical for any device count,
+and for any ``chunk_size`` too unless the game itself rounds a row differently
+at another batch size, because nothing else that touches a float depends on them:
+
+- by default the game is called on one *evaluation block* of E units (E m
+  masks). E depends only on the estimator, n, the budget, the game's bytes per
+  evaluation and the device type's memory budget (XLA may round a matmul's
+  rows differently for another batch size, so the batch shape must not move
+  with the devices). A smaller ``chunk_size`` makes the calls smaller (a
+  divisor of R), which bounds memory without moving the summation order;
+- the per-unit float statistics of each *reduction block* of R units (R a
+  multiple of E, canonical too) are summed in a fixed pairwise order, the
+  block sums are gathered from all devices and summed in the same fixed order;
+- integer statistics (``counts``, e.g. KernelSHAP's A = sum z z^T) are summed
+  as int32, exact in any order.
+
+Each device of a 1-D mesh walks a contiguous range of reduction blocks in a
+``fori_loop``; units past U (padding) contribute zero. Kept statistics are one
+per-unit buffer of R units plus ceil(U / R) block sums of at most
+``STATS_BYTES``. The same code runs vmapped over a batch of games (one per
+image) for :func:`fgvce_jax.saliency.compute`. For an affine game
+(:func:`fgvce_jax.shapley.game.is_affine`) and an estimator with an
+``affine_values`` hook (permutation, antithetic) the values are built from
+prefix sums of contrib's rows instead of the generic masks-times-contrib product.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -18,7 +38,11 @@ from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import registry, sharding
-from fgvce_jax.shapley.game import as_game, check_game
+from fgvce_jax.shapley.game import as_game, check_game, is_affine
+
+MAX_BLOCK_EVALUATIONS = 2 ** 14  # evaluations of one game per game call (an evaluation block)
+MIN_BLOCKS = 8  # a job is cut into at least this many evaluation blocks (when it has the units), any device count
+STATS_BYTES = 8 * 2 ** 20  # at most this many bytes of block sums kept per game
 
 
 class ShapleyResult(NamedTuple):
@@ -28,53 +52,154 @@ class ShapleyResult(NamedTuple):
     evaluations: int
 
 
-def _unit_sums(est, fn, args, key, n_units, u, n_chunks, axis):
-    """Statistics summed over this device's units of one game (runs inside shard_map)."""
-    m, n = est.evals_per_unit(), est.n
-    first = jax.lax.axis_index(axis) * n_chunks * u
-
-    def chunk(c, acc):
-        idx = first + c * u + jnp.arange(u)
-        masks = jax.vmap(lambda i: est.masks(jax.random.fold_in(key, i), i))(idx)  # (u, m, n)
-        values = fn(args, masks.reshape(u * m, n)).reshape(u, m).astype(jnp.float32)
-        return jax.tree.map(jnp.add, acc, est.stats(masks, values, idx < n_units))
-
-    shapes = jax.eval_shape(est.stats, jax.ShapeDtypeStruct((u, m, n), jnp.bool_),
-                            jax.ShapeDtypeStruct((u, m), jnp.float32), jax.ShapeDtypeStruct((u,), jnp.bool_))
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return jax.lax.fori_loop(0, n_chunks, chunk, zero)
+def tree_sum(x: jax.Array) -> jax.Array:
+    """Sum over the leading axis in a fixed pairwise order: zero-padded to a power of two, then halved
+    by elementwise adds (``x[:h] + x[h:]``), so the bits depend on x alone, not on shapes around it."""
+    k = x.shape[0]
+    p = 1 << max(0, (k - 1).bit_length())
+    if p > k:
+        x = jnp.concatenate([x, jnp.zeros((p - k, *x.shape[1:]), x.dtype)])
+    while x.shape[0] > 1:
+        h = x.shape[0] // 2
+        x = x[:h] + x[h:]
+    return x[0]
 
 
-@functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh"))
-def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh):
-    """phi (N, n) for N games ``fn(args[i], .)`` with keys (N,); args carry a leading N axis."""
+def _stat_shapes(est):
+    m = est.evals_per_unit()
+    return jax.eval_shape(lambda: est.unit_stats(est.draw(jax.random.key(0), jnp.int32(0)),
+                                                 jnp.zeros((m,), jnp.float32)))
+
+
+def evaluation_block(est, n_units: int, bytes_per_evaluation: int, n_games: int) -> int:
+    """E, units per game call: the memory budget (for n_games games at once), MAX_BLOCK_EVALUATIONS,
+    and at least MIN_BLOCKS blocks; at least 1. Never depends on chunk_size or the device count."""
+    m = est.evals_per_unit()
+    by_memory = sharding.memory_budget() // max(1, m * int(bytes_per_evaluation) * n_games)
+    return max(1, min(by_memory, MAX_BLOCK_EVALUATIONS // m, math.ceil(n_units / MIN_BLOCKS)))
+
+
+def reduction_block(est, n_units: int, e: int) -> int:
+    """R, units per kept block sum: the smallest multiple of E whose ceil(U / R) block sums fit STATS_BYTES."""
+    per_unit = sum(4 * math.prod(s.shape) for s in jax.tree.leaves(_stat_shapes(est)))
+    most_blocks = max(1, STATS_BYTES // max(1, per_unit))
+    return e * math.ceil(math.ceil(n_units / e) / most_blocks)
+
+
+def _use_affine(est, fn) -> bool:
+    return is_affine(fn) and type(est).affine_values is not registry.Estimator.affine_values
+
+
+def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
+    """This device's block sums (n_chunks, ...) and summed counts for one game (inside shard_map)."""
+    m, n, sub = est.evals_per_unit(), est.n, r // e
+    first = jax.lax.axis_index(axis) * n_chunks * r
+    fast = _use_affine(est, fn)
+
+    def evaluate(start):  # one evaluation block: per-unit stats (e, ...) and counts
+        idx = start + jnp.arange(e, dtype=jnp.int32)
+        draws = jax.vmap(lambda i: est.draw(jax.random.fold_in(key, i), i))(idx)
+        valid = idx < n_units
+        if fast:
+            readout = functools.partial(fn.readout, args)
+            values = jax.vmap(lambda d: est.affine_values(d, args["offset"], args["contrib"], readout))(draws)
+        else:
+            masks = jax.vmap(est.masks)(draws)
+            values = fn(args, masks.reshape(e * m, n)).reshape(e, m)
+        stats = jax.vmap(est.unit_stats)(draws, values.astype(jnp.float32))
+        stats = jax.tree.map(lambda s: jnp.where(valid.reshape(-1, *(1,) * (s.ndim - 1)), s, 0.0), stats)
+        return stats, est.counts(draws, valid)
+
+    stats_shape, counts_shape = jax.eval_shape(evaluate, jnp.int32(0))
+    zeros = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype))
+
+    def reduction(c, carry):
+        blocks, counts = carry
+        start = first + c * r
+        if sub == 1:
+            stats, cnt = evaluate(start)
+        else:
+            def step(j, acc):
+                s, k = evaluate(start + j * e)
+                buf = jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x, j * e, 0), acc[0], s)
+                return buf, jax.tree.map(jnp.add, acc[1], k)
+
+            buf0 = jax.tree.map(lambda s: jnp.zeros((r, *s.shape[1:]), s.dtype), stats_shape)
+            stats, cnt = jax.lax.fori_loop(0, sub, step, (buf0, zeros(counts_shape)))
+        blocks = jax.tree.map(lambda b, s: b.at[c].set(tree_sum(s)), blocks, stats)
+        return blocks, jax.tree.map(jnp.add, counts, cnt)
+
+    blocks0 = jax.tree.map(lambda s: jnp.zeros((n_chunks, *s.shape[1:]), s.dtype), stats_shape)
+    return jax.lax.fori_loop(0, n_chunks, reduction, (blocks0, zeros(counts_shape)))
+
+
+@functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh", "r"))
+def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None):
+    """phi (N, n) for N games ``fn(args[i], .)`` with keys (N,); args carry a leading N axis.
+
+    u: units per game call (a divisor of r); n_chunks: reduction blocks per device; r: units per kept
+    block sum (default ``reduction_block(est, n_units, u)``). :func:`plan` gives all of them.
+    """
     axis = mesh.axis_names[0]
+    r = reduction_block(est, n_units, u) if r is None else r
+    if r % u:
+        raise ValueError(f"units per game call ({u}) must divide units per block ({r})")
+    n_blocks = math.ceil(n_units / r)
 
     def body(args, keys):
-        sums = jax.vmap(lambda a, k: _unit_sums(est, fn, a, k, n_units, u, n_chunks, axis))(args, keys)
-        return jax.lax.psum(sums, axis)
+        blocks, counts = jax.vmap(lambda a, k: _device_blocks(est, fn, a, k, n_units, u, r, n_chunks, axis))(
+            args, keys)
+        blocks = jax.tree.map(lambda b: jax.lax.all_gather(b, axis, axis=1, tiled=True)[:, :n_blocks], blocks)
+        return jax.tree.map(jax.vmap(tree_sum), blocks), jax.lax.psum(counts, axis)
 
-    total = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(args, keys)
+    total, counts = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(args, keys)
     anchors = jnp.asarray(est.anchors())
     if len(anchors):
         anchor_values = jax.vmap(lambda a, k: fn(a, anchors).astype(jnp.float32))(args, keys)
     else:
         anchor_values = jnp.zeros((keys.shape[0], 0), jnp.float32)
-    return jax.vmap(lambda t, av: est.finalize(t, n_units, av))(total, anchor_values)
+    return jax.vmap(lambda t, c, av: est.finalize(t, c, n_units, av))(total, counts, anchor_values)
 
 
-def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games: int, chunk_size, mesh):
-    """(estimator, units, units per chunk, chunks per device, evaluations per game) for a request."""
+class Plan(NamedTuple):
+    """How a request is cut: units, units per game call ``u``, reduction blocks per device, evaluations
+    per game, and units per kept block sum ``r`` (canonical: never from chunk_size or the devices)."""
+
+    est: registry.Estimator
+    n_units: int
+    u: int
+    n_chunks: int
+    evaluations: int
+    r: int
+
+
+def _largest_divisor_at_most(r: int, limit: int) -> int:
+    return max(d for d in range(1, min(r, max(1, limit)) + 1) if r % d == 0)
+
+
+def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games: int, chunk_size, mesh) -> Plan:
+    """Plan a request (see :class:`Plan`).
+
+    The reduction blocks are canonical (see the module docstring). By default the game is called on
+    evaluation blocks of canonical size E as well; a ``chunk_size`` (evaluations per call) that is
+    smaller makes the calls smaller -- the largest divisor of r that fits -- so memory follows it while
+    the summation order does not move. Only a game whose rows XLA rounds differently at another batch
+    size can then change (float matmuls at very small batches do, by about 1e-7 relative).
+    """
     if not isinstance(n_players, int) or n_players < 1:
         raise FgvceError(f"n_players must be a positive integer, got {n_players!r}")
     if budget is None or int(budget) < 1:
         raise FgvceError(f"budget must be a positive number of game evaluations, got {budget!r}")
+    sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)  # FgvceError for a bad chunk_size
     est = registry.get(method)(n_players)
     n_units = est.n_units(int(budget))
-    m = est.evals_per_unit()
-    per_chunk = sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)
-    u, n_chunks = sharding.layout(n_units, max(1, per_chunk // (m * n_games)), mesh.size)
-    return est, n_units, u, n_chunks, n_units * m + len(est.anchors())
+    e = evaluation_block(est, n_units, bytes_per_evaluation, n_games)
+    r = reduction_block(est, n_units, e)
+    u = e
+    if chunk_size is not None:
+        u = _largest_divisor_at_most(r, min(e, int(chunk_size) // (est.evals_per_unit() * n_games)))
+    n_chunks = math.ceil(math.ceil(n_units / r) / mesh.size)
+    return Plan(est, n_units, u, n_chunks, n_units * est.evals_per_unit() + len(est.anchors()), r)
 
 
 def estimate(game, n_players: int, *, method: str, budget: int, key: jax.Array,
@@ -87,8 +212,10 @@ def estimate(game, n_players: int, *, method: str, budget: int, key: jax.Array,
       method: a registered estimator (``exact``, ``permutation``, ``antithetic``, ``kernel``, ...).
       budget: the most game evaluations to use; the result reports how many were used.
       key: a PRNG key; the same key gives bit-identical results.
-      chunk_size: game evaluations per chunk on one device (default: from the memory budget).
-        It never changes the result beyond float rounding of the sums.
+      chunk_size: at most this many game evaluations per call (default: canonical blocks sized from the
+        memory budget). Sums are taken in a canonical order, so the device count never changes a bit,
+        and the chunk size does not either unless the game itself rounds rows differently at another
+        batch size (see :func:`plan`).
       mesh: a 1-D device mesh (default: all devices).
 
     Returns:
@@ -97,8 +224,8 @@ def estimate(game, n_players: int, *, method: str, budget: int, key: jax.Array,
     game = as_game(game)
     check_game(game, (n_players,))
     mesh = sharding.device_mesh(mesh)
-    est, n_units, u, n_chunks, evaluations = plan(method, n_players, budget, game.bytes_per_evaluation, 1,
-                                                  chunk_size, mesh)
+    p = plan(method, n_players, budget, game.bytes_per_evaluation, 1, chunk_size, mesh)
     args = jax.tree.map(lambda a: jnp.asarray(a)[None], game.args)
-    phi = run_batch(est, game.fn, args, key[None], n_units=n_units, u=u, n_chunks=n_chunks, mesh=mesh)
-    return ShapleyResult(phi[0], evaluations)
+    phi = run_batch(p.est, game.fn, args, key[None], n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh,
+                    r=p.r)
+    return ShapleyResult(phi[0], p.evaluations)

@@ -44,14 +44,17 @@ class Exact(Estimator):
     def evals_per_unit(self):
         return 1
 
-    def masks(self, key, index):
+    def draw(self, key, index):
+        return index
+
+    def masks(self, index):
         return coalition(index, self.n)[None]
 
-    def stats(self, masks, values, valid):
-        s = masks[:, 0].sum(axis=-1)
+    def unit_stats(self, index, values):
+        z = coalition(index, self.n)
+        s = z.sum()
         w = jnp.asarray(shapley_weights(self.n), jnp.float32)
-        c = jnp.where(masks[:, 0], w[jnp.maximum(s - 1, 0)][:, None], -w[jnp.minimum(s, self.n - 1)][:, None])
-        return jnp.where(valid[:, None], c * values, 0.0).sum(axis=0)
+        return jnp.where(z, w[jnp.maximum(s - 1, 0)], -w[jnp.minimum(s, self.n - 1)]) * values[0]
 
-    def finalize(self, total, n_units, anchor_values):
+    def finalize(self, total, counts, n_units, anchor_values):
         return total

@@ -12,6 +12,9 @@ in closed form from the sufficient statistics A = sum z z^T, b = sum z (v - v(0)
 
     phi = A^-1 (b - lam 1),   lam = (1^T A^-1 b - (v(1) - v(0))) / (1^T A^-1 1).
 
+A holds integer counts (int32 ``counts``, exact in any order); ``sum z v`` is a per-unit
+statistic that the engine sums in its fixed order.
+
 A gets a ridge of 1e-6 mean(diag A) so that few samples still give a solution; the
 constraint holds exactly whatever A is.
 
@@ -62,20 +65,26 @@ class Kernel(Estimator):
     def evals_per_unit(self):
         return 2
 
-    def masks(self, key, index):
+    def draw(self, key, index):
         k_size, k_sub = jax.random.split(key)
         p = jnp.asarray(size_distribution(self.n), jnp.float32)
         s = jax.random.choice(k_size, jnp.arange(1, self.n), p=p)
-        z = uniform_ranks(jax.random.uniform(k_sub, (self.n,))) < s
+        return uniform_ranks(jax.random.uniform(k_sub, (self.n,))) < s  # z (n,): a uniform subset of size s
+
+    def masks(self, z):
         return jnp.stack([z, ~z])
 
-    def stats(self, masks, values, valid):
-        z = (masks & valid[:, None, None]).reshape(-1, self.n).astype(jnp.float32)
-        v = jnp.where(valid[:, None], values, 0.0).reshape(-1)
-        return {"A": z.T @ z, "zv": z.T @ v}
+    def unit_stats(self, z, values):
+        return jnp.where(z, values[0], values[1])  # z v(z) + (1 - z) v(~z): one term is zero, so exact
 
-    def finalize(self, total, n_units, anchor_values):
+    def counts(self, z, valid):
+        """A = sum over the block's masks of z z^T, as int32 (a float product of 0/1 is exact below 2^24)."""
+        zz = jnp.concatenate([z, ~z]) & jnp.concatenate([valid, valid])[:, None]
+        zz = zz.astype(jnp.float32)
+        return {"A": jnp.matmul(zz.T, zz, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)}
+
+    def finalize(self, total, counts, n_units, anchor_values):
         v0, v1 = anchor_values[0], anchor_values[1]
-        A = total["A"]
-        b = total["zv"] - v0 * jnp.diagonal(A)  # sum_i z_i (v_i - v0); z binary so sum_i z_i = diag(A)
+        A = counts["A"].astype(jnp.float32)
+        b = total - v0 * jnp.diagonal(A)  # sum_i z_i (v_i - v0); z binary so sum_i z_i = diag(A)
         return constrained_wls(A, b, v1 - v0)

@@ -2,10 +2,12 @@
 
 An estimator describes a Shapley approximation as a sum over independent
 *units* (a coalition, a permutation, a pair of coalitions...). Unit ``i``
-draws its masks from ``jax.random.fold_in(key, i)`` alone, so the result does
-not depend on how units are grouped into chunks or spread over devices. The
-engine (:mod:`fgvce_jax.shapley.estimate`) evaluates the game on every unit's
-masks, sums the per-chunk statistics, and hands the total to ``finalize``.
+draws from ``jax.random.fold_in(key, i)`` alone, and its statistics depend on
+that draw and the game's values on its masks alone, so the result does not
+depend on how units are grouped into chunks or spread over devices. The engine
+(:mod:`fgvce_jax.shapley.estimate`) sums the per-unit float statistics in one
+fixed pairwise order (bit-identical for any chunk size and device count), sums
+the integer statistics (exact in any order), and hands both to ``finalize``.
 
 To add an estimator, subclass :class:`Estimator` in a new module, decorate it
 with ``@register("name")`` and import the module in ``shapley/__init__.py``;
@@ -14,6 +16,7 @@ see ``docs/shapley.md``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -28,9 +31,10 @@ _ESTIMATORS: dict[str, type[Estimator]] = {}
 class Estimator:
     """A Shapley estimator for ``n`` players (hashable: a static jit argument).
 
-    Subclasses implement ``evals_per_unit``, ``masks``, ``stats`` and
-    ``finalize``; ``anchors`` are masks evaluated once (e.g. the empty and full
-    coalitions for KernelSHAP).
+    Subclasses implement ``evals_per_unit``, ``draw``, ``masks``, ``unit_stats`` and ``finalize``.
+    Optional: ``anchors`` (masks evaluated once per game, e.g. the empty and full coalitions for
+    KernelSHAP), ``counts`` (integer statistics), ``affine_values`` (a fast path for affine games),
+    ``n_units`` / ``min_units`` (the budget rule). Everything is traced: no Python control flow on values.
     """
 
     n: int
@@ -55,19 +59,39 @@ class Estimator:
                 f"for {self.n} players, got {budget}")
         return units
 
-    def masks(self, key: jax.Array, index: jax.Array) -> jax.Array:
-        """One unit's coalitions bool (m, n), from its own key (``fold_in(key, index)``) and index."""
+    def draw(self, key: jax.Array, index: jax.Array) -> Any:
+        """One unit's random choice (any pytree of arrays, e.g. a permutation's ranks), from its own key
+        (``fold_in(key, index)``) and index only."""
         raise NotImplementedError
 
-    def stats(self, masks: jax.Array, values: jax.Array, valid: jax.Array) -> Any:
-        """Sum over a chunk of units of their statistics (a pytree).
+    def masks(self, draw: Any) -> jax.Array:
+        """The unit's coalitions bool (m, n)."""
+        raise NotImplementedError
 
-        masks bool (U, m, n), values float (U, m), valid bool (U,) (False for padding).
+    def unit_stats(self, draw: Any, values: jax.Array) -> Any:
+        """One unit's float statistics (a pytree of float32 arrays) from its draw and values (m,).
+
+        The engine sums them over units in a fixed order, so they must not be sums over units themselves.
         """
         raise NotImplementedError
 
-    def finalize(self, total: Any, n_units: int, anchor_values: jax.Array) -> jax.Array:
-        """phi (n,) from the statistics summed over all units and the anchors' values (a,)."""
+    def counts(self, draws: Any, valid: jax.Array) -> Any:
+        """Integer statistics (a pytree of int32 arrays) summed over a block of units: ``draws`` carry a
+        leading block axis, ``valid`` bool (U,) is False for padding (which must count zero).
+        Integer sums are exact in any order. Default: none."""
+        return {}
+
+    def affine_values(self, draw: Any, offset: jax.Array, contrib: jax.Array,
+                      readout: Callable[[jax.Array], jax.Array]) -> jax.Array | None:
+        """The unit's values (m,) for an affine game ``v(m) = readout(offset + m @ contrib)`` (offset (C,),
+        contrib (n, C), readout (B, C) -> (B,)), built without the (m, n) x (n, C) product; None (the
+        default) = no fast path, the engine evaluates ``masks(draw)``. Must equal the generic values to
+        float rounding."""
+        return None
+
+    def finalize(self, total: Any, counts: Any, n_units: int, anchor_values: jax.Array) -> jax.Array:
+        """phi (n,) from the unit statistics summed over all units, the summed counts and the anchors'
+        values (a,)."""
         raise NotImplementedError
 
 
