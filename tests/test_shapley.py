@@ -319,3 +319,21 @@ def test_bad_games_raise_clear_errors(game, match):
 def test_game_refuses_non_boolean_masks():
     with pytest.raises(FgvceError, match="boolean"):
         Game(_weighted_sum, {"w": jnp.ones(3)})(jnp.ones((2, 3)))
+
+
+def test_a_checked_game_is_not_traced_again_for_new_arguments():
+    traced = []
+
+    def fn(args, masks):
+        traced.append(masks.shape)
+        return (masks.astype(jnp.float32) * args["w"]).sum(-1)
+
+    n = 5
+    first = shapley.estimate(Game(fn, {"w": jnp.ones(n)}), n, method="permutation", budget=60, key=KEY).phi
+    assert (2, n) in traced  # check_game traced it once
+    traced.clear()
+    second = shapley.estimate(Game(fn, {"w": 2 * jnp.ones(n)}), n, method="permutation", budget=60, key=KEY).phi
+    assert traced == []  # neither check_game nor the engine traced it again
+    np.testing.assert_allclose(second, 2 * first, rtol=1e-6)
+    with pytest.raises(FgvceError, match="bool\\[B, 4\\]"):  # another shape is checked afresh
+        shapley.estimate(Game(fn, {"w": jnp.ones(n)}), 4, method="permutation", budget=60, key=KEY)

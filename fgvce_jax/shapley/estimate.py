@@ -65,6 +65,7 @@ def tree_sum(x: jax.Array) -> jax.Array:
     return x[0]
 
 
+@functools.cache  # estimators are hashable; tracing them costs about a millisecond per request
 def _stat_shapes(est):
     m = est.evals_per_unit()
     return jax.eval_shape(lambda: est.unit_stats(est.draw(jax.random.key(0), jnp.int32(0)),

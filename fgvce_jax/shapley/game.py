@@ -70,8 +70,29 @@ def as_game(game: Game | Callable) -> Game:
     raise FgvceError(f"a game must be a Game or a callable bool[B, n] -> float[B], got {type(game).__name__}")
 
 
+_CHECKED: set = set()  # (fn, argument structure, mask shape) of games that passed check_game
+
+
 def check_game(game: Game, mask_shape: tuple[int, ...]) -> None:
-    """FgvceError unless ``game`` maps bool[2, *mask_shape] to a float array of shape (2,)."""
+    """FgvceError unless ``game`` maps bool[2, *mask_shape] to a float array of shape (2,).
+
+    A game function that passed with the same argument shapes is not traced again.
+    """
+    leaves, treedef = jax.tree.flatten(game.args)
+    signature = (game.fn, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves), tuple(mask_shape))
+    try:
+        if signature in _CHECKED:
+            return
+    except TypeError:  # an unhashable game function: check it every time
+        signature = None
+    _check_game(game, mask_shape)
+    if signature is not None:
+        if len(_CHECKED) >= 1024:  # bounded: entries keep their functions (and closures) alive
+            _CHECKED.clear()
+        _CHECKED.add(signature)
+
+
+def _check_game(game: Game, mask_shape: tuple[int, ...]) -> None:
     masks = jax.ShapeDtypeStruct((2, *mask_shape), jnp.bool_)
     want = f"bool[B, {', '.join(map(str, mask_shape))}] -> float[B]"
     try:
