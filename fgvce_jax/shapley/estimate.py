@@ -76,7 +76,7 @@ def evaluation_block(est, n_units: int, bytes_per_evaluation: int, n_games: int)
     """E, units per game call: the memory budget (for n_games games at once), MAX_BLOCK_EVALUATIONS,
     and at least MIN_BLOCKS blocks; at least 1. Never depends on chunk_size or the device count."""
     m = est.evals_per_unit()
-    by_memory = sharding.memory_budget() // max(1, m * int(bytes_per_evaluation) * n_games)
+    by_memory = sharding.memory_budget() // max(1, (m * int(bytes_per_evaluation) + est.draw_bytes()) * n_games)
     return max(1, min(by_memory, MAX_BLOCK_EVALUATIONS // m, math.ceil(n_units / MIN_BLOCKS)))
 
 

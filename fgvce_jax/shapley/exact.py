@@ -44,6 +44,9 @@ class Exact(Estimator):
     def evals_per_unit(self):
         return 1
 
+    def draw_bytes(self):
+        return 4 * self.n  # the coalition's bits
+
     def draw(self, key, index):
         return index
 

@@ -59,6 +59,11 @@ class Estimator:
                 f"for {self.n} players, got {budget}")
         return units
 
+    def draw_bytes(self) -> int:
+        """Working memory of one unit's draw, for sizing blocks. Default 4 n^2: a random order or subset
+        drawn by ranking n uniforms compares all pairs (``permutation.uniform_ranks``)."""
+        return 4 * self.n * self.n
+
     def draw(self, key: jax.Array, index: jax.Array) -> Any:
         """One unit's random choice (any pytree of arrays, e.g. a permutation's ranks), from its own key
         (``fold_in(key, index)``) and index only."""
