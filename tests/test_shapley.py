@@ -349,7 +349,7 @@ def test_a_ten_million_evaluation_request_runs_in_bounded_memory(tmp_path):
 
     script = tmp_path / "ten_million.py"
     script.write_text(
-        "import json, resource, jax, jax.numpy as jnp\n"
+        "import json, re, jax, jax.numpy as jnp\n"
         "from fgvce_jax import shapley\n"
         "from fgvce_jax.shapley.game import Game, LinearHead\n"
         "c = 0.1 * jax.random.normal(jax.random.key(1), (196, 200))\n"
@@ -357,11 +357,12 @@ def test_a_ten_million_evaluation_request_runs_in_bounded_memory(tmp_path):
         "r = shapley.estimate(g, 196, method='permutation', budget=10**7, key=jax.random.key(0))\n"
         "gap = float(g(jnp.ones((1, 196), bool))[0] - g(jnp.zeros((1, 196), bool))[0])\n"
         "print(json.dumps({'evaluations': r.evaluations, 'sum': float(r.phi.sum()), 'gap': gap,\n"
-        "                  'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+        "                  'peak_mb': int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1]) / 1024}))\n")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: the plain case
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["evaluations"] >= 0.99 * 10 ** 7
     assert abs(got["sum"] - got["gap"]) < 1e-4 * max(1.0, abs(got["gap"]))  # efficiency over 50,761 permutations
-    assert got["maxrss_mb"] < 1500, got  # measured ~320 MB, most of it the JAX runtime
+    # this process's own peak RSS (VmHWM; getrusage's maxrss would carry the pytest worker's over exec)
+    assert got["peak_mb"] < 1500, got  # measured ~320 MB, most of it the JAX runtime
