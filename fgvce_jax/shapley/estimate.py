@@ -41,7 +41,7 @@ from fgvce_jax.shapley import registry, sharding
 from fgvce_jax.shapley.game import as_game, check_game, is_affine
 
 MAX_BLOCK_EVALUATIONS = 2 ** 14  # evaluations of one game per game call (an evaluation block)
-MIN_BLOCKS = 8  # a job is cut into at least this many evaluation blocks (when it has the units), any device count
+MIN_BLOCKS = sharding.MIN_CHUNKS  # a job is cut into at least this many evaluation blocks, any device count
 STATS_BYTES = 8 * 2 ** 20  # at most this many bytes of block sums kept per game
 
 

@@ -44,6 +44,12 @@ def window(grid: tuple[int, int], kernel: int, p: jax.Array) -> jax.Array:
     return (jnp.abs(r - p // w) <= half) & (jnp.abs(c - p % w) <= half)
 
 
+def window_players(grid: tuple[int, int], kernel: int, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(W_p, W_p minus {p}), both bool (H, W)."""
+    win = window(grid, kernel, p)
+    return win, win & (jnp.arange(grid[0] * grid[1]) != p).reshape(grid)
+
+
 def shapley_subset(key: jax.Array, players: jax.Array) -> jax.Array:
     """bool like ``players``: a subset S with |S| uniform in 0..|players| and S uniform given its size.
 
@@ -89,9 +95,8 @@ def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: i
 def item_masks(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int, outside: str,
                paired: bool) -> jax.Array:
     """bool (E, H, W) for one draw at window p: [S, S + p] (+ [S', S' + p] when paired), E = 2 or 4."""
-    win = window(grid, kernel, p)
-    here = (jnp.arange(grid[0] * grid[1]) == p).reshape(grid)
-    players = win & ~here
+    win, players = window_players(grid, kernel, p)
+    here = win & ~players
     s = window_subset(key, p, grid, kernel) if in_window_coordinates(grid, kernel) else shapley_subset(key, players)
     draws = [s, players & ~s] if paired else [s]
     rest = ~win if outside == "present" else jnp.zeros(grid, bool)
@@ -141,7 +146,7 @@ def affine_windows(fn, grid, kernel, draws, outside, paired):
             players = window_frame(p, grid, kernel)[2]
         else:
             cells = contrib
-            players = window(grid, kernel, p) & (jnp.arange(hw) != p).reshape(grid)
+            players = window_players(grid, kernel, p)[1]
         subsets = jax.vmap(lambda i: shapley_subset(jax.random.fold_in(key, i), players))(
             p * draws + jnp.arange(draws)).reshape(draws, -1).astype(jnp.float32)
         total = (cells * players.reshape(-1, 1)).sum(0)  # T (C,); a masked sum (a batched matvec is slow on CPU)

@@ -65,12 +65,6 @@ def random_rank(key: jax.Array, n: int) -> jax.Array:
     return uniform_ranks(jax.random.uniform(key, (n,)))
 
 
-def rank_of(prefixes: jax.Array) -> jax.Array:
-    """rank (..., n) int32 recovered from prefix masks (..., n + 1, n): ``n - #prefixes holding j``."""
-    n = prefixes.shape[-1]
-    return (n - prefixes.sum(axis=-2)).astype(jnp.int32)
-
-
 def chain_values(orders: jax.Array, offset: jax.Array, contrib: jax.Array, readout) -> jax.Array:
     """values (k, n + 1) of an affine game on k chains of prefixes, without the (n + 1, n) x (n, C) product.
 
