@@ -36,7 +36,9 @@ def image_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
-_FNS: dict = {}  # (split_model, baseline kind, output, shapes) -> (game fn, bytes per evaluation)
+_FNS: dict = {}  # (split_model, baseline kind, output, shapes) -> (game fn, bytes/evaluation, shared keys)
+
+SHARED = ("params",)  # game arguments that are the same for every image: never given an image axis
 
 
 def _baseline_kind(baseline) -> tuple[str, jax.Array | None]:
@@ -46,14 +48,20 @@ def _baseline_kind(baseline) -> tuple[str, jax.Array | None]:
 
 @functools.partial(jax.jit, static_argnames=("split_model", "kind", "output"))
 def _batch_args(split_model, params, z, ctx, classes, base, *, kind, output):
-    """The games' array arguments for N images (leading N axis), built in one compiled call."""
+    """The games' per-image array arguments for N images (leading N axis, the shared ones left out),
+    built in one compiled call."""
     baseline = base if kind == "array" else kind
-    return jax.vmap(lambda zi, ci, cls: feature_game(split_model, params, zi, ci, cls, baseline=baseline,
-                                                     output=output).args)(z, ctx, classes)
+
+    def one(zi, ci, cls):
+        args = feature_game(split_model, params, zi, ci, cls, baseline=baseline, output=output).args
+        return {k: v for k, v in args.items() if k not in SHARED}
+    return jax.vmap(one)(z, ctx, classes)
 
 
 def batch_games(split_model, params, z, ctx, classes, baseline, output):
-    """(fn, args with a leading N axis, bytes per evaluation): the games of N images (SPEC 2)."""
+    """(fn, per-image args with a leading N axis, shared args, bytes per evaluation): the games of N images
+    (SPEC 2). Image i's game is ``fn(with_shared(shared, args[i]), masks)``; the model parameters are shared,
+    so batched engines run each layer with one set of weights for all images."""
     kind, base = _baseline_kind(baseline)
     ctx0 = jax.tree.map(lambda a: a[0], ctx)
     shapes = (z.shape[1:], jax.tree.structure(ctx0), tuple(a.shape for a in jax.tree.leaves(ctx0)),
@@ -63,9 +71,11 @@ def batch_games(split_model, params, z, ctx, classes, baseline, output):
         shape = jax.eval_shape(lambda zi, ci, b: feature_game(split_model, params, zi, ci, 0,
                                                               baseline=b if kind == "array" else kind,
                                                               output=output), z[0], ctx0, base)
-        _FNS[cache_key] = (shape.fn, shape.bytes_per_evaluation)
-    fn, bytes_per_eval = _FNS[cache_key]
-    return fn, _batch_args(split_model, params, z, ctx, classes, base, kind=kind, output=output), bytes_per_eval
+        _FNS[cache_key] = (shape.fn, shape.bytes_per_evaluation, tuple(k for k in SHARED if k in shape.args))
+    fn, bytes_per_eval, shared_keys = _FNS[cache_key]
+    shared = {"params": params} if shared_keys else None
+    args = _batch_args(split_model, params, z, ctx, classes, base, kind=kind, output=output)
+    return fn, args, shared, bytes_per_eval
 
 
 def _input_gradients(split_model, params, z, ctx, cls, output):
@@ -123,14 +133,15 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
                              method=method, output=output, mesh=mesh)[:n]
     if key is None:
         raise FgvceError(f"method {method!r} samples coalitions and needs a PRNG key")
-    fn, args, bytes_per_eval = batch_games(split_model, params, z, ctx, classes, baseline, output)
+    fn, args, shared, bytes_per_eval = batch_games(split_model, params, z, ctx, classes, baseline, output)
     keys = image_keys(key, n)
     if method == "local":
         draws = check_local((h, w), kernel, samples, outside, paired)
         u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh, is_affine(fn))
         return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
-                                paired=paired, u=u, n_chunks=n_chunks, mesh=mesh)
+                         paired=paired, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared)
     budget = 2 * h * w * samples if budget is None else budget
     p = plan_global("permutation", h * w, budget, bytes_per_eval, n, chunk_size, mesh)
-    phi = run_global(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r)
+    phi = run_global(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r,
+                     shared=shared)
     return phi.reshape(n, h, w)

@@ -1,5 +1,6 @@
 """Feature-map games (generic and fast paths) and saliency.compute over batches of feature maps."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +200,26 @@ def test_compute_on_a_real_vit_takes_the_last_block_fast_path_and_matches_the_ge
         want = shapley.local(generic, z.shape[1:3], kernel=3, samples=4, key=jax.random.fold_in(KEY, i))
         np.testing.assert_allclose(phi[i], want, atol=1e-5)
     assert np.abs(np.asarray(phi)).max() > 1e-4
+
+
+def test_batched_games_share_the_model_parameters():
+    """A batch of N maps runs every convolution with the one set of weights (no per-image kernel copies):
+    the compiled local call holds no grouped convolution, and the parameters carry no image axis."""
+    sm, params = split(create("resnet_tiny", num_classes=5, seed=1), at="layer4.0")
+    z = jax.random.uniform(jax.random.key(2), (3, 4, 4, 128))
+    fn, args, shared, _ = saliency.batch_games(sm, params, z, {}, jnp.array([0, 1, 2]), "zero", "prob")
+    assert "params" not in args and shared["params"] is params
+    assert args["z"].shape == (3, 4, 4, 128)
+    mesh = shapley.sharding.device_mesh(None)
+
+    def hlo(args, shared):
+        return run_local.lower(fn, args, saliency.image_keys(KEY, 3), grid=(4, 4), kernel=3, draws=2,
+                               outside="absent", paired=True, u=8, n_chunks=1, mesh=mesh, shared=shared).as_text()
+
+    def groups(text):
+        return {int(g) for g in re.findall(r"feature_group_count = (\d+)", text)}
+
+    assert groups(hlo(args, shared)) == {1}
+    # the check can fail: per-image copies of the weights (the old layout) compile to grouped convolutions
+    copies = {**args, "params": jax.tree.map(lambda a: jnp.broadcast_to(a, (3, *a.shape)), params)}
+    assert max(groups(hlo(copies, None))) > 1

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import registry, sharding
-from fgvce_jax.shapley.game import as_game, check_game, is_affine
+from fgvce_jax.shapley.game import as_game, check_game, is_affine, with_shared
 
 MAX_BLOCK_EVALUATIONS = 2 ** 14  # evaluations of one game per game call (an evaluation block)
 MIN_BLOCKS = sharding.MIN_CHUNKS  # a job is cut into at least this many evaluation blocks, any device count
@@ -135,8 +135,9 @@ def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
 
 
 @functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh", "r"))
-def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None):
-    """phi (N, n) for N games ``fn(args[i], .)`` with keys (N,); args carry a leading N axis.
+def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared=None):
+    """phi (N, n) for N games ``fn(with_shared(shared, args[i]), .)`` with keys (N,); args carry a leading
+    N axis, ``shared`` (e.g. the model parameters) none.
 
     u: units per game call (a divisor of r); n_chunks: reduction blocks per device; r: units per kept
     block sum (default ``reduction_block(est, n_units, u)``). :func:`plan` gives all of them.
@@ -147,16 +148,17 @@ def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None):
         raise ValueError(f"units per game call ({u}) must divide units per block ({r})")
     n_blocks = math.ceil(n_units / r)
 
-    def body(args, keys):
-        blocks, counts = jax.vmap(lambda a, k: _device_blocks(est, fn, a, k, n_units, u, r, n_chunks, axis))(
-            args, keys)
+    def body(shared, args, keys):
+        blocks, counts = jax.vmap(lambda a, k: _device_blocks(est, fn, with_shared(shared, a), k, n_units, u, r,
+                                                              n_chunks, axis))(args, keys)
         blocks = jax.tree.map(lambda b: jax.lax.all_gather(b, axis, axis=1, tiled=True)[:, :n_blocks], blocks)
         return jax.tree.map(jax.vmap(tree_sum), blocks), jax.lax.psum(counts, axis)
 
-    total, counts = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(args, keys)
+    total, counts = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P(),
+                                  check_vma=False)(shared, args, keys)
     anchors = jnp.asarray(est.anchors())
     if len(anchors):
-        anchor_values = jax.vmap(lambda a, k: fn(a, anchors).astype(jnp.float32))(args, keys)
+        anchor_values = jax.vmap(lambda a: fn(with_shared(shared, a), anchors).astype(jnp.float32))(args)
     else:
         anchor_values = jnp.zeros((keys.shape[0], 0), jnp.float32)
     return jax.vmap(lambda t, c, av: est.finalize(t, c, n_units, av))(total, counts, anchor_values)

@@ -117,6 +117,15 @@ def read_output(logits: jax.Array, cls: jax.Array, output: str) -> jax.Array:
     return logits[:, cls]
 
 
+def with_shared(shared: dict | None, args):
+    """One game's args from the arguments shared by a batch of games (e.g. model parameters, no image axis)
+    and its own: ``{**shared, **args}``; ``args`` as is when nothing is shared.
+
+    Batched engines (``run_batch``) vmap only the per-game ``args`` and close over ``shared``, so a batch
+    of N images runs every convolution with one kernel, not N per-image copies of it."""
+    return {**shared, **args} if shared else args
+
+
 def _grid_masks(masks: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """masks bool (B, H, W) or (B, H*W) -> (B, H, W)."""
     return masks.reshape(masks.shape[0], *grid)

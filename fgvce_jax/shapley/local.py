@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
-from fgvce_jax.shapley.game import as_game, check_game, is_affine
+from fgvce_jax.shapley.game import as_game, check_game, is_affine, with_shared
 
 OUTSIDE = ("absent", "present")
 
@@ -166,8 +166,9 @@ def affine_windows(fn, grid, kernel, draws, outside, paired):
 
 @functools.partial(jax.jit, static_argnames=("fn", "grid", "kernel", "draws", "outside", "paired", "u",
                                              "n_chunks", "mesh"))
-def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh):
-    """Phi (N, H, W) for N games ``fn(args[i], .)`` (args with a leading N axis) and keys (N,).
+def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh, shared=None):
+    """Phi (N, H, W) for N games ``fn(with_shared(shared, args[i]), .)`` (args with a leading N axis,
+    ``shared`` without one, e.g. the model parameters) and keys (N,).
 
     Work units (items, or whole windows for an affine game) are split over the mesh and walked in
     chunks of u; every (window, draw) marginal is kept and averaged per window at the end.
@@ -178,18 +179,18 @@ def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chun
     units = (affine_windows if affine else generic_items)(fn, grid, kernel, draws, outside, paired)
     n_units = hw if affine else hw * draws
 
-    def body(args, keys):
+    def body(shared, args, keys):
         first = jax.lax.axis_index(axis) * n_chunks * u
 
         def chunk(c):
             idx = first + c * u + jnp.arange(u)
-            return jax.vmap(lambda a, key: units(a, key, idx))(args, keys)  # (N, u, ...)
+            return jax.vmap(lambda a, key: units(with_shared(shared, a), key, idx))(args, keys)  # (N, u, ...)
 
         out = jax.lax.map(chunk, jnp.arange(n_chunks))  # (n_chunks, N, u, ...)
         return jnp.moveaxis(out, 0, 1).reshape(keys.shape[0], n_chunks * u, -1)
 
-    marginals = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(None, axis),
-                              check_vma=False)(args, keys)
+    marginals = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P(None, axis),
+                              check_vma=False)(shared, args, keys)
     return marginals[:, :n_units].reshape(-1, hw, draws).mean(axis=-1).reshape(-1, *grid)
 
 
