@@ -1,0 +1,259 @@
+"""FG-VCE and our ``cve`` against the reference PyTorch pair search of visual-counterfactuals.
+
+The peer is the greedy search of Goyal et al. as implemented by Vandenhende et al.
+(facebookresearch/visual-counterfactuals, ``counterfactuals/explainer/counterfactuals.py``):
+every step scores each still-open (query cell, distractor cell) pair by running the
+classification head on the edited map, and applies the best one. We import their module
+from a local copy (``--reference-dir``; nothing of it is committed here) and drive
+their own step functions (``_get_feature_representations_of_all_edits``,
+``_find_single_best_edit``) with their loop, capped at ``--t-max`` edits (their
+``compute_counterfactual`` has no cap). Their ``.cuda()`` calls are made no-ops
+on a machine without CUDA.
+
+The workload, the same for all three:
+
+- one random-weight torchvision ResNet-50 (200 classes), converted to ours; its fc is
+  calibrated on the images (``end_to_end.calibrate_fc``: centred bias, logit std 2)
+  so that predictions vary, then copied back into the torch model;
+- ``--pool`` random smooth images (``end_to_end.smooth_images``) at each ``--sizes``
+  (224 px -> 7 x 7, 448 px -> 14 x 14 maps at ``layer4.0``); the feature maps come
+  from the torch encoder and are fed to both sides (our encoder agrees, printed);
+- query i is image i; its distractor is the first other image with another prediction,
+  whose prediction is the target class. Every method gets exactly that one distractor
+  (FG-VCE's references = [distractor]), lambda = 0, stop when the target is predicted.
+
+Reported per size: seconds per explanation (after a warm-up explanation; FG-VCE's
+include query and reference Phi), validity (target reached within ``--t-max``),
+mean edits, and whether our ``cve`` picks the same edits in the same order as theirs.
+
+    python benchmarks/vs_pair_search.py --reference-dir /path/to/visual-counterfactuals
+    python benchmarks/vs_pair_search.py --reference-dir DIR --sizes 224 448 --queries 3   # on a GPU
+
+Without ``--reference-dir`` it tries ``git clone`` of the public repository into a temporary
+directory and says how to point it at a local copy when that fails. Their search keeps every
+open pair's edited map in memory at once (``(HW)^2 x D x HW`` floats: 0.9 GB at 7 x 7, 61 GB at
+14 x 14); a size whose need exceeds the memory this machine has is skipped with a note.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import common
+import end_to_end
+
+REPOSITORY = "https://github.com/facebookresearch/visual-counterfactuals"
+PEER_MODULE = Path("counterfactuals") / "explainer" / "counterfactuals.py"
+CLASSES = 200
+
+
+def peer_module(reference_dir: str | None):
+    """Their ``counterfactuals.py`` as a module, from ``reference_dir`` or a fresh clone."""
+    if reference_dir is None:
+        reference_dir = Path(tempfile.mkdtemp(prefix="visual-counterfactuals-"))
+        done = subprocess.run(["git", "clone", "--depth", "1", REPOSITORY, str(reference_dir)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"could not clone {REPOSITORY} ({done.stderr.strip().splitlines()[-1:]}); "
+                             "clone it elsewhere and pass --reference-dir DIR")
+    path = Path(reference_dir) / PEER_MODULE
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: --reference-dir must be a visual-counterfactuals checkout")
+    spec = importlib.util.spec_from_file_location("vc_counterfactuals", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def models_at(size: int, pool: int, seed: int):
+    """(torch model, our split model, params, torch features (P, D, h, w), predictions (P,))."""
+    import jax.numpy as jnp
+    import torch
+    import torchvision
+
+    import converters
+    from fgvce_jax import models
+
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet50(num_classes=CLASSES).eval()
+    ours = converters.convert("resnet50", net.state_dict(), num_classes=CLASSES)
+    images = end_to_end.smooth_images(pool, size, seed) / 255.0  # (P, S, S, 3) in [0, 1]
+    x = torch.from_numpy(((images - 0.45) / 0.25).transpose(0, 3, 1, 2).astype(np.float32))
+    with torch.no_grad():
+        body = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                   net.layer4[0])
+        feats = body(x)
+        pooled = net.layer4[1:](feats).mean((2, 3)).numpy()
+    end_to_end.calibrate_fc(ours, pooled)
+    with torch.no_grad():
+        net.fc.weight.copy_(torch.from_numpy(np.asarray(ours.fc.kernel[...]).T))
+        net.fc.bias.copy_(torch.from_numpy(np.asarray(ours.fc.bias[...])))
+    split_model, params = models.split(ours, "layer4.0")
+    z_ours, _ = split_model.encode(params, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    gap = float(np.abs(np.asarray(z_ours) - feats.numpy().transpose(0, 2, 3, 1)).max())
+    head = torch.nn.Sequential(net.layer4[1:], net.avgpool, torch.nn.Flatten(1), net.fc).eval()
+    with torch.no_grad():
+        preds = head(feats).argmax(1).numpy()
+    return head, split_model, params, feats, preds, gap
+
+
+def problems(preds: np.ndarray, n_queries: int) -> list[tuple[int, int, int]]:
+    """(query, distractor, target) per query: the first other image with another prediction."""
+    out = []
+    for q in range(len(preds)):
+        others = np.flatnonzero(preds != preds[q])
+        if others.size:
+            out.append((q, int(others[0]), int(preds[others[0]])))
+        if len(out) == n_queries:
+            break
+    if len(out) < n_queries:
+        raise SystemExit("too few images with another prediction; raise --pool")
+    return out
+
+
+def their_search(vc, head, query, distractor, target: int, t_max: int):
+    """(edits [(query cell, distractor cell)], reached target) by their step functions, capped at t_max."""
+    import torch
+
+    n_feat, n_pix = query.shape[0], query.shape[1]
+    query_fl = query.reshape(n_feat, -1).t()
+    distractor_fl = distractor[None].permute(0, 2, 3, 1).reshape(-1, n_feat)
+    n = query_fl.shape[0]
+    all_edits = [(i, j) for i in range(n) for j in range(distractor_fl.shape[0])]
+    current, edits = query_fl.clone(), []
+
+    def predicted():
+        with torch.no_grad():
+            return int(head(current.t().contiguous().view(1, n_feat, n_pix, n_pix)).argmax(1))
+
+    while predicted() != target and len(edits) < t_max:
+        combos = vc._get_feature_representations_of_all_edits(current, distractor_fl, all_edits)
+        q_cell, d_cell = vc._find_single_best_edit(combos, all_edits, target, head, None, None, lambd=0.0,
+                                                   dims=(n_feat, n_pix, n), temperature=1.0)
+        edits.append((int(q_cell), int(d_cell)))
+        current[q_cell].copy_(distractor_fl[d_cell])
+        all_edits = [(i, j) for i, j in all_edits if i != q_cell and j != d_cell]
+    return edits, predicted() == target
+
+
+def our_search(split_model, params, z, preds, q, d, target, config):
+    """(edits [(query cell, reference cell)], success) of our ``explain`` with the one distractor as reference."""
+    import jax
+    import jax.numpy as jnp
+
+    from fgvce_jax.counterfactual import FeatureBatch, explain
+
+    def batch(i, label):
+        zi = jnp.asarray(z[i:i + 1])
+        return FeatureBatch(zi, {}, np.array([label]), np.array([preds[i]]), zi.mean((1, 2)))
+
+    ex = explain(split_model, params, batch(q, target), batch(d, target), config, key=jax.random.key(0))
+    w = z.shape[2]
+    k = int(ex.n_edits[0])
+    cells = [(int(r * w + c), int(rr * w + cc)) for (r, c), (rr, cc) in zip(ex.query_region[0, :k],
+                                                                            ex.ref_region[0, :k])]
+    return cells, bool(ex.success[0])
+
+
+def timed_each(run, items) -> tuple[list, list[float]]:
+    """Results and seconds of ``run(item)`` for each item, after one untimed warm-up on the first."""
+    run(items[0])
+    outs, secs = [], []
+    for item in items:
+        t0 = time.perf_counter()
+        outs.append(run(item))
+        secs.append(time.perf_counter() - t0)
+    return outs, secs
+
+
+def measure(size: int, vc, args) -> dict:
+    from fgvce_jax.counterfactual import CounterfactualConfig
+
+    head, split_model, params, feats, preds, gap = models_at(size, args.pool, args.seed)
+    n_pix, dim = feats.shape[2], feats.shape[1]
+    need = (n_pix ** 2) ** 2 * dim * n_pix ** 2 * 4
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * have:
+        return {"size": size, "skipped": f"their search needs {need / 2**30:.0f} GiB at once; "
+                                          f"this machine has {have / 2**30:.0f} GiB"}
+    z = feats.numpy().transpose(0, 2, 3, 1)
+    items = problems(preds, args.queries)
+    configs = {"fgvce": CounterfactualConfig(t_max=args.t_max, stop="target"),
+               "cve": CounterfactualConfig(method="cve", n_references=1, t_max=args.t_max, stop="target")}
+    row = {"size": size, "grid": n_pix, "queries": len(items), "encoder_max_abs_diff": gap}
+    theirs, t_theirs = timed_each(lambda it: their_search(vc, head, feats[it[0]], feats[it[1]], it[2], args.t_max),
+                                  items)
+    row["theirs"] = {"seconds_per_explanation": float(np.mean(t_theirs)),
+                     "validity": float(np.mean([ok for _, ok in theirs])),
+                     "edits": float(np.mean([len(e) for e, _ in theirs]))}
+    for name, config in configs.items():
+        out, secs = timed_each(lambda it: our_search(split_model, params, z, preds, *it, config), items)
+        row[name] = {"seconds_per_explanation": float(np.mean(secs)), "validity": float(np.mean([ok for _, ok in out])),
+                     "edits": float(np.mean([len(e) for e, _ in out]))}
+        if name == "cve":
+            row["cve"]["same_edits_as_theirs"] = all(o[0] == t[0] for o, t in zip(out, theirs))
+    row["fgvce_time_over_theirs"] = row["fgvce"]["seconds_per_explanation"] / row["theirs"]["seconds_per_explanation"]
+    row["cve_time_over_theirs"] = row["cve"]["seconds_per_explanation"] / row["theirs"]["seconds_per_explanation"]
+    return row
+
+
+def main(argv=None) -> None:
+    p = common.parser(__doc__, "vs_pair_search")
+    p.add_argument("--reference-dir", default=None, help="a local visual-counterfactuals checkout")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes (default 224; 224 448 on a GPU)")
+    p.add_argument("--queries", type=int, default=3)
+    p.add_argument("--pool", type=int, default=12, help="images drawn (queries and distractors come from them)")
+    p.add_argument("--t-max", type=int, default=10, help="most edits per explanation, every method")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.queries, args.pool, args.t_max = [64], 1, 6, 1
+    sizes = args.sizes or ([224, 448] if common.on_accelerator() else [224])
+    import torch
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self  # their module moves tensors with .cuda()
+    vc = peer_module(args.reference_dir)
+    env = common.environment()
+    print(common.describe(env), flush=True)
+    rows = []
+    for size in sizes:
+        row = measure(size, vc, args)
+        rows.append(row)
+        if "skipped" in row:
+            print(f"{size} px: skipped ({row['skipped']})", flush=True)
+            continue
+        print(f"{size} px ({row['grid']}x{row['grid']}): theirs {row['theirs']['seconds_per_explanation']:.2f} s, "
+              f"cve {row['cve']['seconds_per_explanation']:.2f} s (same edits: {row['cve']['same_edits_as_theirs']}), "
+              f"FG-VCE {row['fgvce']['seconds_per_explanation']:.2f} s per explanation; validity theirs "
+              f"{row['theirs']['validity']:.2f} cve {row['cve']['validity']:.2f} "
+              f"FG-VCE {row['fgvce']['validity']:.2f}", flush=True)
+    summary = {}
+    for row in rows:
+        if "skipped" in row:
+            summary[f"{row['size']} px"] = "skipped: " + row["skipped"]
+            continue
+        tag = f"{row['size']} px"
+        for name in ("theirs", "cve", "fgvce"):
+            r = row[name]
+            summary[f"{tag}: {name} s/explanation, validity, edits"] = (
+                f"{r['seconds_per_explanation']:.3g}, {r['validity']:.2f}, {r['edits']:.1f}")
+        summary[f"{tag}: FG-VCE time / theirs (goal <= 0.1)"] = row["fgvce_time_over_theirs"]
+        summary[f"{tag}: cve picks their edits"] = "yes" if row["cve"]["same_edits_as_theirs"] else "no"
+    notes = ["random-weight torchvision ResNet-50 at layer4.0, fc calibrated on the images; one distractor per "
+             "query for every method; lambda 0; stop at the target; times after one warm-up explanation",
+             "FG-VCE seconds include the query's and the reference's Phi (defaults: k 3, M 32)"]
+    if not common.on_accelerator():
+        notes.append("CPU run: 448 px needs the memory of their all-pairs batch; run it on a GPU")
+    doc = common.document("vs_pair_search", env, {k: v for k, v in vars(args).items() if k != "out"}, summary,
+                          rows, notes)
+    print(f"wrote {common.write_json(args.out, doc)}")
+
+
+if __name__ == "__main__":
+    main()
