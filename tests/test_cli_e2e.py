@@ -100,3 +100,7 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
     line = _error(capsys, ["explain", "--model", model, "--out", out, *EXPLAIN, "--t-max", "5"])
     assert "t_max: 4 -> 5" in line and "--overwrite" in line
     assert "no explain results" in _error(capsys, ["report", str(tmp_path)])
+    for lam in ("nan", "inf", "-inf"):
+        assert "--lam) must be a finite number" in _error(capsys, ["explain", "--model", model, "--out",
+                                                                   str(tmp_path / "x"), *EXPLAIN, f"--lam={lam}"])
+    assert not (tmp_path / "x").exists()

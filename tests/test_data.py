@@ -172,3 +172,35 @@ def test_tfds_not_prepared_says_how_to_build(tmp_path):
     assert not any(tmp_path.rglob("*.array_record*"))  # nothing was downloaded or prepared
     with pytest.raises(FgvceError, match="unknown TFDS dataset"):
         data.load("tfds:no_such_dataset_xyz", "train", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- bit depths
+
+def test_16_bit_and_float_images_are_scaled_by_their_bit_depth(tmp_path):
+    """A 16-bit PNG and a float TIFF decode to the 8-bit image they stand for, not to a saturated or
+    black one, and a folder dataset built from them reads them the same way."""
+    ramp = np.linspace(0, 1, 40 * 40).reshape(40, 40)
+    want = np.repeat(np.rint(ramp * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "test" / c).mkdir(parents=True)
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(tmp_path / "train" / "a" / "g16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "train" / "b" / "f32.tiff")
+    Image.fromarray(want).save(tmp_path / "test" / "a" / "rgb8.png")
+    Image.fromarray(want).save(tmp_path / "test" / "b" / "rgb8.png")
+    for name in ("a/g16.png", "b/f32.tiff"):
+        got = data.dataset.read_rgb(tmp_path / "train" / name)
+        assert got.dtype == np.uint8 and np.abs(got.astype(int) - want).max() <= 1, name
+    ds = data.load(f"folder:{tmp_path}", "train")
+    assert [np.abs(ds.read(i).astype(int) - want).max() <= 1 for i in range(2)] == [True, True]
+
+
+@pytest.mark.parametrize("bad, match", [(np.nan, "non-finite"), (np.inf, "non-finite"), (2.5, r"outside \[0, 1\]")])
+def test_damaged_float_pixels_are_refused_naming_the_file(tmp_path, bad, match):
+    pixels = np.full((8, 8), 0.5, np.float32)
+    pixels[3, 4] = bad
+    path = tmp_path / "damaged.tiff"
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(FgvceError, match=match) as err:
+        data.dataset.read_rgb(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from fgvce_jax.errors import FgvceError
 
@@ -62,5 +63,7 @@ class CounterfactualConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FgvceError(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
+            raise FgvceError(f"lam (--lam) must be a finite number; got {self.lam!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise FgvceError(f"chunk_size must be a positive integer or None; got {self.chunk_size!r}")

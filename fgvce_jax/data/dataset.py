@@ -115,10 +115,40 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "F": 1.0}  # PIL mode -> white
+
+
+def to_uint8(values: np.ndarray, full_scale: float, path) -> np.ndarray:
+    """uint8 (h, w) from one channel of any bit depth: ``round(255 values / full_scale)``.
+
+    Non-finite pixels (NaN, inf) and values outside [0, full_scale] are refused (FgvceError naming the file):
+    clipping them would silently turn a damaged image into a plausible one."""
+    values = np.asarray(values, np.float64)
+    if not np.isfinite(values).all():
+        raise FgvceError(f"image {path} has {int((~np.isfinite(values)).sum())} non-finite pixel(s) (NaN or inf)")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > full_scale:
+        raise FgvceError(f"image {path} has pixel values in [{low:g}, {high:g}], outside [0, {full_scale:g}] "
+                         "for its bit depth")
+    return np.rint(values * (255.0 / full_scale)).astype(np.uint8)
+
+
 def read_rgb(path: Path | str) -> np.ndarray:
-    """Decode an image file to uint8 (h, w, 3)."""
+    """Decode an image file to uint8 (h, w, 3), scaled by its bit depth.
+
+    8-bit images (L, P, RGB, RGBA, CMYK, ...) go through PIL's RGB conversion; 16-bit greyscale (``I;16``)
+    is scaled from 0..65535, 32-bit float (``F``) from 0..1, a 32-bit integer image (``I``) from 0..65535
+    when it is a PNG (PIL's mode for 16-bit PNGs) and is otherwise refused; see :func:`to_uint8`.
+    """
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        mode = img.mode
+        full = FULL_SCALE.get(mode, 65535 if (mode == "I" and img.format == "PNG") else None)
+        if full is None and mode in ("I", "I;32"):
+            raise FgvceError(f"image {path}: 32-bit integer pixels are not supported; save it as 8 or 16 bit")
+        if full is None:
+            return np.asarray(img.convert("RGB"))
+        grey = to_uint8(np.asarray(img), full, path)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def _is_readable(path: Path) -> bool:
