@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
+from scipy.ndimage import gaussian_filter
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import rise
@@ -45,12 +45,17 @@ def evidence_saliency(sign=1.0):
     return sign * sal
 
 
+def gkern(klen=11, nsig=5.0):
+    """RISE's kernel (eclique/RISE ``evaluation.py``), rebuilt independently: SciPy's gaussian_filter of a
+    centred delta, SciPy defaults (truncate 4, mode reflect)."""
+    inp = np.zeros((klen, klen))
+    inp[klen // 2, klen // 2] = 1
+    return gaussian_filter(inp, nsig)
+
+
 def torch_blur(images):
-    """Reference blur: 11x11 Gaussian (sigma 5) built here, zero padding, torch conv2d."""
-    x = np.arange(11) - 5.0
-    k1 = np.exp(-0.5 * (x / 5.0) ** 2)
-    k1 /= k1.sum()
-    k2 = torch.tensor(np.outer(k1, k1), dtype=torch.float64)[None, None].repeat(3, 1, 1, 1)
+    """Reference blur: RISE's gkern(11, 5), zero padding 5, torch conv2d per channel."""
+    k2 = torch.tensor(gkern(), dtype=torch.float64)[None, None].repeat(3, 1, 1, 1)
     t = torch.tensor(np.asarray(images), dtype=torch.float64).permute(0, 3, 1, 2)
     return F.conv2d(t, k2, padding=5, groups=3).permute(0, 2, 3, 1).numpy()
 
@@ -91,13 +96,20 @@ def test_true_evidence_beats_reversed_with_closed_form_curves():
     assert bad.deletion_auc[0] == pytest.approx(0.8, abs=1e-6)
 
 
-def test_blur_matches_torch_references():
+def test_blur_kernel_is_rises_gkern():
+    k1 = rise.rise_kernel1d()
+    np.testing.assert_allclose(np.outer(k1, k1), gkern(), rtol=1e-12, atol=1e-15)
+    assert 0.087 < k1.min() < k1.max() < 0.095 and k1.sum() == pytest.approx(1.0)
+    # a sampled Gaussian (the earlier kernel) is not it: its weights spread 0.066-0.109
+    x = np.arange(11) - 5.0
+    sampled = np.exp(-0.5 * (x / 5.0) ** 2)
+    assert np.abs(np.outer(sampled, sampled) / sampled.sum() ** 2 - gkern()).max() > 1e-3
+
+
+def test_blur_matches_rise_torch_reference():
     img = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
     out = np.asarray(rise.blur(jnp.asarray(img)))
     np.testing.assert_allclose(out, torch_blur(img), atol=1e-5)
-    # Away from the border the padding does not matter: torchvision's blur agrees there.
-    tv = TF.gaussian_blur(torch.tensor(img).permute(0, 3, 1, 2), [11, 11], [5.0, 5.0]).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(out[:, 5:11, 5:11], tv[:, 5:11, 5:11], atol=1e-5)
 
 
 def test_pixel_ranks_follow_torch_bilinear_upsampling():

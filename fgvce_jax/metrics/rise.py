@@ -8,8 +8,12 @@ k_i = floor(i * N / n) pixels:
 - deletion: those pixels of the image are set to 0 in the model's normalised
   input space (the "normalised zero image": after ``Normalize(mean, std)`` a
   0 is the dataset-mean colour);
-- insertion: start from a blurred copy of the image (Gaussian, kernel 11,
-  sigma 5, zero padding as in the RISE code) and put those pixels back.
+- insertion: start from a blurred copy of the image and put those pixels back.
+  The blur is the RISE code's (``evaluation.py``: ``gkern(11, 5)``, a conv2d
+  with zero padding 5): its 11 x 11 kernel is SciPy's ``gaussian_filter`` (sigma
+  5, truncate 4, mode ``reflect``) applied to a centred delta, so the Gaussian's
+  tails beyond the window are folded back into it (1-D weights 0.088-0.094, not
+  a sampled Gaussian's 0.066-0.109); see :func:`rise_kernel1d`.
 
 The curve is y_i = p_c(image_i), the probability of the explained class c.
 Its area is the trapezoid on x_i = i / n in [0, 1]:
@@ -68,16 +72,33 @@ def auc(curve: jax.Array) -> jax.Array:
     return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / n
 
 
-def gaussian_kernel1d(size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> jax.Array:
-    """(size,) sampled Gaussian exp(-x^2 / (2 sigma^2)) at x = -(size//2)..size//2, summing to 1."""
-    x = jnp.arange(size, dtype=jnp.float32) - (size // 2)
-    k = jnp.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+BLUR_TRUNCATE = 4.0  # SciPy's gaussian_filter default, which RISE's gkern uses
+
+
+def rise_kernel1d(size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> np.ndarray:
+    """(size,) float64: the 1-D factor of RISE's ``gkern(size, sigma)`` (its 2-D kernel is the outer product).
+
+    gkern filters a centred delta of length ``size`` with a sampled Gaussian of radius
+    R = int(truncate sigma + 0.5), weights w_t proportional to exp(-t^2 / (2 sigma^2)), t = -R..R, summing to 1,
+    in SciPy's ``reflect`` mode (x -> x mod 2 size, then mirrored: ... c b a | a b c ... | c b a ...):
+
+        k_i = sum_t w_t [reflect(i + t) = size // 2]
+
+    so every tap of the Gaussian lands inside the window and the weights sum to 1.
+    """
+    r = int(truncate * sigma + 0.5)
+    t = np.arange(-r, r + 1)
+    w = np.exp(-0.5 * (t / sigma) ** 2)
+    w /= w.sum()
+    pos = np.mod(np.arange(size)[:, None] + t[None, :], 2 * size)  # (size, 2R + 1) input read by output i
+    source = np.where(pos < size, pos, 2 * size - 1 - pos)
+    return (w[None, :] * (source == size // 2)).sum(axis=1)
 
 
 def blur(images: jax.Array, size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> jax.Array:
-    """Separable Gaussian blur of (B, S, S, C) images, per channel, zero padding ("same" size)."""
-    k = gaussian_kernel1d(size, sigma)
+    """RISE's blur of (B, S, S, C) images: separable, per channel, kernel :func:`rise_kernel1d`, zero padding
+    ("same" size)."""
+    k = jnp.asarray(rise_kernel1d(size, sigma), jnp.float32)
     c = images.shape[-1]
     dn = ("NHWC", "HWIO", "NHWC")
     kh = jnp.tile(k.reshape(size, 1, 1, 1), (1, 1, 1, c))
