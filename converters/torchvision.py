@@ -59,7 +59,11 @@ def torch_source(family: str, path: tuple) -> tuple[str, Callable[[np.ndarray], 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a ``.pth`` file (a state_dict, or a dict holding one under ``state_dict``/``model``) as numpy arrays."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise FgvceError("reading .pth weights needs torch, which the default install leaves out: "
+                         "pip install 'fgvce-jax[convert]' (or pip install -e '.[convert]' in a checkout)") from None
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -119,3 +119,24 @@ def test_vit_round_trip_keeps_image_size(tmp_path, capsys):
     assert info.image_size == 64 and info.default_split == "block11"
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(model(x), torch_logits(tm, x), atol=1e-4, rtol=0)
+
+
+WITHOUT_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):  # the default install: torch and torchvision are absent
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTorch())
+from fgvce_jax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_convert_without_torch_says_how_to_install_it(resnet18, tmp_path):
+    _, path = resnet18
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "convert", "--arch", "resnet18", "--weights",
+                           str(path), "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    lines = [ln for ln in done.stderr.splitlines() if "Warning" not in ln and ln.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "fgvce-jax[convert]" in lines[0] and not (tmp_path / "m").exists()

@@ -35,10 +35,7 @@ def _class_names(path: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import converters
-    except ImportError as e:
-        raise FgvceError(f"conversion needs torch: pip install 'fgvce-jax[convert]' ({e})") from None
+    import converters
     from fgvce_jax.models import checkpoint
 
     names = _class_names(args.class_names)  # read before the slow conversion, to fail early
