@@ -30,29 +30,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="test", help="split whose mistakes are explained (default: test)")
     parser.add_argument("--out", required=True, help="output directory (one sub-directory per method)")
     parser.add_argument("--reference-split", default="train", help="split the references come from (default: train)")
-    parser.add_argument("--at", default=None, help="split point of the model (default: the checkpoint's)")
+    parser.add_argument("--at", default=None,
+                        help="split point of the model (default: the checkpoint's): ResNet layer4.0 | layer4 | "
+                             "layer3, VGG features, ViT block0..block{L-1}")
     parser.add_argument("--method", nargs="+", default=[d.method], choices=METHODS,
-                        help=f"one or more methods (default: {d.method})")
+                        help="one or more methods")
     parser.add_argument("--queries", nargs="+", default=None, metavar="ID",
                         help="explain these image ids instead of all misclassified ones")
     parser.add_argument("--limit", type=int, default=None, help="explain at most this many queries")
     g = parser.add_argument_group("method options")
-    g.add_argument("--kernel", type=int, default=d.kernel, help=f"local Shapley window k (default {d.kernel})")
-    g.add_argument("--samples", type=int, default=d.samples, help=f"Shapley samples per window M (default {d.samples})")
-    g.add_argument("--region-size", type=int, default=d.region_size, help=f"region side r (default {d.region_size})")
-    g.add_argument("--max-regions", type=int, default=d.max_regions, help=f"regions per query K (default {d.max_regions})")
-    g.add_argument("--references", type=int, default=d.n_references, help=f"references per query N (default {d.n_references})")
-    g.add_argument("--reference-mode", default=d.reference_mode, choices=REFERENCE_MODES)
+    g.add_argument("--kernel", type=int, default=d.kernel, help="local Shapley window k")
+    g.add_argument("--samples", type=int, default=d.samples, help="Shapley samples per window M")
+    g.add_argument("--region-size", type=int, default=d.region_size, help="region side r")
+    g.add_argument("--max-regions", type=int, default=d.max_regions, help="regions per query K")
+    g.add_argument("--references", type=int, default=d.n_references, help="references per query N")
+    g.add_argument("--reference-mode", default=d.reference_mode, choices=REFERENCE_MODES,
+                   help="references per query: the nearest by pooled features, or seeded random ones")
     g.add_argument("--candidates", type=int, default=d.candidates_per_reference,
-                   help=f"candidate regions per reference (default {d.candidates_per_reference})")
-    g.add_argument("--selection", default=d.selection, choices=SELECTIONS)
-    g.add_argument("--lam", type=float, default=d.lam, help=f"lambda of --selection joint (default {d.lam})")
-    g.add_argument("--stop", default=d.stop, choices=STOPS)
-    g.add_argument("--t-max", type=int, default=d.t_max, help=f"most edits per query (default {d.t_max})")
-    g.add_argument("--seed", type=int, default=d.seed)
+                   help="candidate regions per reference")
+    g.add_argument("--selection", default=d.selection, choices=SELECTIONS,
+                   help="candidate choice: feature similarity, or joint = log p(true) + lam * similarity")
+    g.add_argument("--lam", type=float, default=d.lam, help="lambda of --selection joint")
+    g.add_argument("--stop", default=d.stop, choices=STOPS,
+                   help="stop when the true class is predicted (target) or the prediction changes (flip)")
+    g.add_argument("--t-max", type=int, default=d.t_max, help="most edits per query")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds every random choice of the run")
     r = parser.add_argument_group("run options (no effect on the results, except --shard-size)")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward batch (default 64)")
-    r.add_argument("--shard-size", type=int, default=64, help="queries per result shard (default 64)")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
+    r.add_argument("--shard-size", type=int, default=64, help="queries per result shard")
     r.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
 
 
