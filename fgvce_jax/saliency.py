@@ -27,6 +27,8 @@ from fgvce_jax.shapley.game import feature_game, is_affine, read_output
 from fgvce_jax.shapley.local import check_local
 from fgvce_jax.shapley.local import layout as local_layout
 from fgvce_jax.shapley.local import run_batch as run_local
+from fgvce_jax.shapley.local_tolerance import ToleranceResult, bucket_size, check_tolerance
+from fgvce_jax.shapley.local_tolerance import run_batch as run_tolerance
 
 METHODS = ("local", "global", "gradient", "gradcam")
 
@@ -145,3 +147,34 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
     phi = run_global(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r,
                      shared=shared)
     return phi.reshape(n, h, w)
+
+
+def compute_to_tolerance(split_model, params, z, ctx, classes, *, kernel: int = 3, tolerance: float,
+                         key: jax.Array, max_samples: int = 256, round_samples: int = 8, baseline="zero",
+                         output: str = "prob", outside: str = "absent", paired: bool = True,
+                         mesh=None) -> ToleranceResult:
+    """Local Phi (N, H, W) with each window sampled until its standard error is at most ``tolerance``
+    (``fgvce_jax.shapley.local_tolerance``), and the samples each window used (N, H, W).
+
+    Image i uses ``fold_in(key, i)``, as in :func:`compute`; images are split over the mesh (padded to it),
+    which never changes a result."""
+    z = jnp.asarray(z)
+    if z.ndim != 4 or z.shape[0] < 1:
+        raise FgvceError(f"z must be a batch of feature maps (N, H, W, D), got shape {tuple(z.shape)}")
+    n, h, w, _ = z.shape
+    classes = jnp.asarray(classes, jnp.int32).reshape(-1)
+    if classes.shape != (n,):
+        raise FgvceError(f"classes must have one entry per feature map ({n}), got {classes.shape[0]}")
+    max_draws = check_local((h, w), kernel, max_samples, outside, paired)
+    round_draws = check_local((h, w), kernel, round_samples, outside, paired)
+    check_tolerance(tolerance, round_draws, max_draws)
+    mesh = sharding.device_mesh(mesh)
+    ctx = {} if ctx is None else ctx
+    n_pad = -(-n // mesh.size) * mesh.size
+    fn, args, shared, bytes_per_eval = batch_games(split_model, params, _pad(z, n_pad), _pad(ctx, n_pad),
+                                                   _pad(classes, n_pad), baseline, output)
+    bucket = bucket_size((h, w), round_draws, paired, bytes_per_eval)
+    out = run_tolerance(fn, args, image_keys(key, n_pad), tolerance, grid=(h, w), kernel=kernel, outside=outside,
+                        paired=paired, round_draws=round_draws, max_draws=max_draws, bucket=bucket, mesh=mesh,
+                        shared=shared)
+    return ToleranceResult(out.phi[:n], out.samples[:n])
