@@ -1,5 +1,5 @@
 """Stratified SVARM (Kolpaczki, Bengs, Muschalik and Huellermeier, "Approximating the Shapley Value
-without Marginal Contributions", AAAI 2024, Algorithm 2), stratified by coalition size.
+without Marginal Contributions", AAAI 2024), stratified by coalition size.
 
 With phi_{i,l}^+ the mean of v(S + {i}) and phi_{i,l}^- the mean of v(S) over the S of size l among
 the other players,

@@ -1,5 +1,5 @@
 """SVARM: Shapley values without marginal contributions (Kolpaczki, Bengs, Muschalik and Huellermeier,
-"Approximating the Shapley Value without Marginal Contributions", AAAI 2024, Algorithm 1).
+"Approximating the Shapley Value without Marginal Contributions", AAAI 2024).
 
 The Shapley value splits into two expectations of the game itself,
 
