@@ -4,7 +4,7 @@
 ``permutation``, ``antithetic``, ``kernel``); ``local`` is the saliency
 partition estimator; ``feature_game`` builds the game of one image.
 """
-from fgvce_jax.shapley import antithetic, exact, kernel, permutation  # noqa: F401  (register the estimators)
+from fgvce_jax.shapley import antithetic, exact, kernel, permutation, stratified_svarm, svarm  # noqa: F401  (register the estimators)
 from fgvce_jax.shapley.estimate import ShapleyResult, estimate
 from fgvce_jax.shapley.game import Game, as_game, feature_game
 from fgvce_jax.shapley.local import local
