@@ -128,9 +128,11 @@ def shapiq_fn(name, game, n, budget):
 
     cls = getattr(approximator, name)
     batching = {"batch_size": budget} if "batch_size" in inspect.signature(cls.approximate).parameters else {}
+    # each approximator at its best setting: paired coalitions wherever it offers them
+    paired = {"pairing_trick": True} if "pairing_trick" in inspect.signature(cls.__init__).parameters else {}
 
     def fn(seed):
-        values = cls(n, random_state=seed).approximate(budget, game, **batching)
+        values = cls(n, random_state=seed, **paired).approximate(budget, game, **batching)
         return np.asarray([values[(i,)] for i in range(n)], np.float64)
     return fn, budget
 
@@ -148,10 +150,12 @@ def measure(fn, trials: int, reference: np.ndarray | None):
     return float(np.median(times)), (float(np.sqrt(np.mean(np.square(errors)))) if errors else None)
 
 
-SHAPIQ = ("PermutationSamplingSV", "KernelSHAP", "SVARM", "StratifiedSamplingSV", "UnbiasedKernelSHAP",
+SHAPIQ = ("PermutationSamplingSV", "KernelSHAP", "kADDSHAP", "SVARM", "StratifiedSamplingSV", "UnbiasedKernelSHAP",
           "OwenSamplingSV")
 PAIRS = {"permutation": [("captum", "ShapleyValueSampling"), ("shapiq", "PermutationSamplingSV")],
-         "kernel": [("captum", "KernelShap"), ("shapiq", "KernelSHAP")]}
+         "kernel": [("captum", "KernelShap"), ("shapiq", "KernelSHAP")],
+         "leverage": [("shapiq", "KernelSHAP")],
+         "svarm": [("shapiq", "SVARM")]}
 
 
 def run(args) -> tuple[dict, list[dict], dict]:
@@ -205,8 +209,9 @@ def run(args) -> tuple[dict, list[dict], dict]:
               f"{evals / seconds:12.0f} evals/s  error {err}", flush=True)
 
     budget = args.budget
-    for name in ("permutation", "antithetic", "kernel"):
-        add("ours", name, ours(name, game, n, budget, (h, w)))
+    for name in shapley.names():  # every registered estimator but exact enumeration
+        if name != "exact":
+            add("ours", name, ours(name, game, n, budget, (h, w)))
     if args.at == "layer4":
         add("ours", "permutation (generic head)", ours("permutation", generic, n, budget, (h, w)))
     add("ours", "local (k=3, outside absent)", ours("local", game, n, budget, (h, w)), has_error=False)
@@ -298,7 +303,8 @@ def main(argv=None) -> None:
              "Captum and shapiq evaluate the torch head (CPU torch); ours evaluate the JAX head on the JAX device",
              "speedup = peer ms / our ms for the matched algorithm (permutation sampling, KernelSHAP)",
              "shapiq approximators whose approximate() takes batch_size get batch_size=budget (as many coalitions "
-             "per game call as they allow); the others evaluate in their own batches"]
+             "per game call as they allow); the others evaluate in their own batches",
+             "shapiq approximators that offer pairing_trick run with it on (their best setting)"]
     doc = common.document("peers", env, vars(args), summary, {"game": game, "estimators": rows, "ratios": pairs},
                           notes)
     print(f"wrote {common.write_json(args.out, doc)}")
