@@ -9,15 +9,17 @@ Passes, each with its own progress bar:
    dataset order, at most ``limit``; references = the correctly classified
    images of the reference split whose class is the true class of some query
    (with ``reference_mode="nearest"``: only the union of each query's N nearest).
-3. Phi of every reference on its own class, computed once and cached in
-   ``OUT/<method>/cache-references.npz``; Phi of the queries on ŷ, per shard.
+3. Phi of every reference on its own class, one reference at a time, cached in
+   ``OUT/cache-reference-phi-<hash>.npz`` (:func:`reference_phi`): computed once
+   for all methods and runs that share the weights, split and saliency settings;
+   Phi of the queries on ŷ, per shard.
 4. The batched counterfactual search, one shard of queries at a time.
 5. Each shard written atomically (:mod:`fgvce_jax.store`); a re-run with the
    same arguments skips the shards the manifest lists.
 
 Every random choice comes from ``PRNGKey(config.seed)`` folded with the shard
-index (queries) or a fixed tag (references), so a resumed run reproduces an
-uninterrupted one exactly. The file layout is in ``docs/output_format.md``.
+index (queries) or with a fixed tag and the reference's id (:func:`reference_key`),
+so a resumed run reproduces an uninterrupted one exactly. The file layout is in ``docs/output_format.md``.
 """
 from __future__ import annotations
 
@@ -37,17 +39,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from fgvce_jax import store
+from fgvce_jax.counterfactual.explain import FeatureBatch, compute_phi, saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.sharding import device_mesh
 
 _REFERENCE_TAG, _QUERY_TAG = 0, 1
+# How a reference's key is made (reference_key); part of the reference-Phi cache key.
+REFERENCE_KEY = "fold_in(fold_in(key(seed), 0), sha256(id)[:4] little-endian & 0x7fffffff), alone in its call"
+SAVE_EVERY_S = 60.0  # the reference-Phi cache is rewritten at least this often during its pass
 
 
 # --------------------------------------------------------------------------- pass 1
-def params_fingerprint(params) -> str:
-    """First 16 hex digits of sha256 over every parameter array (in tree order): which weights ran."""
+def fingerprint(tree) -> str:
+    """First 16 hex digits of sha256 over the bytes of every array of ``tree`` (in tree order): which weights
+    ran, or which features a reference had."""
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
+    for leaf in jax.tree.leaves(tree):
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()[:16]
 
@@ -102,10 +109,9 @@ def predict_split(split_model, params, dataset, *, batch_size, mesh, cache: Path
     Reuses ``cache`` when it was written for the same ``key`` (model, dataset,
     split, preprocessing); otherwise computes and writes it atomically.
     """
-    if cache.exists() and not overwrite:
-        cached = store.load_arrays(cache)
-        if str(cached.get("key")) == key:
-            return cached
+    cached = None if overwrite else store.load_cache(cache, key)
+    if cached is not None:
+        return cached
     probs, pooled = _batched(_forward_jit, split_model, params, dataset, np.arange(len(dataset)),
                              batch_size, mesh, f"pass 1: predict {dataset.split}")
     out = {"key": np.asarray(key), "label": dataset.labels.astype(np.int64),
@@ -160,26 +166,85 @@ def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred
 # --------------------------------------------------------------------------- passes 3-4
 def _features(split_model, params, dataset, indices, labels, preds, batch_size, mesh, desc):
     """FeatureBatch for ``indices``: z, ctx from f; pooled = mean of z over H', W'."""
-    from fgvce_jax.counterfactual import FeatureBatch
-
     z, ctx = _batched(_encode_jit, split_model, params, dataset, indices, batch_size, mesh, desc)
     return FeatureBatch(z=jnp.asarray(z), ctx=jax.tree.map(jnp.asarray, ctx),
                         labels=jnp.asarray(labels), preds=jnp.asarray(preds),
                         pooled=jnp.asarray(z.mean((1, 2))))
 
 
-def compute_phi(split_model, params, batch, classes, config, *, key, mesh) -> np.ndarray | None:
-    """Phi (N, H', W') of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none)."""
-    from fgvce_jax import saliency
-    from fgvce_jax.counterfactual.baselines import SALIENCY_METHOD
+def reference_key(seed: int, image_id: str) -> jax.Array:
+    """The PRNG key of a reference's Phi: fold_in(fold_in(key(seed), 0), h) with h = the first 31 bits of
+    sha256(id). It depends on the run seed and the image only, not on the run, method or batch that asks."""
+    tag = int.from_bytes(hashlib.sha256(str(image_id).encode()).digest()[:4], "little") & 0x7FFFFFFF
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _REFERENCE_TAG), tag)
 
-    method = SALIENCY_METHOD.get(config.method)
-    if method is None:
+
+def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, weights: str, mesh):
+    """Phi (R, H', W') of each reference on its own class (None for methods without saliency), cached.
+
+    Reference r's Phi is ``saliency.compute`` on r alone with ``reference_key(seed, ids[r])``, so it is a
+    function of (weights, split point, :func:`~fgvce_jax.counterfactual.explain.saliency_settings`, seed, key
+    derivation) and of (id, features, class). The first group names the file
+    ``cache_dir/cache-reference-phi-<hash>.npz`` and is stored in it as ``key``; its rows hold id, features
+    fingerprint (:func:`fingerprint` of z and ctx), class and Phi. Matching rows are reused, the others
+    computed and the file rewritten atomically (also every ``SAVE_EVERY_S`` seconds), keeping rows of other
+    references. A damaged or foreign file is recomputed with a one-line notice.
+
+    Args:
+      refs: FeatureBatch of the R references; ids: (R,) their dataset ids (distinct).
+      weights: :func:`fingerprint` of ``params``.
+    """
+    settings = saliency_settings(config)
+    if settings is None:  # random / cve: the engine makes its own
         return None
-    return np.asarray(saliency.compute(
-        split_model, params, batch.z, batch.ctx, jnp.asarray(classes), method=method,
-        kernel=config.kernel, samples=config.samples, key=key, baseline=config.baseline,
-        output=config.output, mesh=mesh))
+    key = json.dumps({"weights": weights, "at": split_model.at, "saliency": settings, "seed": config.seed,
+                      "key": REFERENCE_KEY, "jax": jax.__version__, "backend": jax.default_backend()},
+                     sort_keys=True)
+    path = cache_dir / f"cache-reference-phi-{store.config_hash(json.loads(key))}.npz"
+    z, ctx, labels = np.asarray(refs.z), jax.tree.map(np.asarray, refs.ctx), np.asarray(refs.labels)
+    ids = [str(i) for i in ids]
+    rows = _read_reference_rows(store.load_cache(path, key), path)
+    prints = [fingerprint((z[r], jax.tree.map(lambda a: a[r], ctx))) for r in range(len(ids))]
+    todo = [r for r in range(len(ids)) if rows.get(ids[r], (None, None))[:2] != (prints[r], int(labels[r]))]
+    stale = sum(ids[r] in rows for r in todo)
+    if stale:
+        print(f"pass 3: {stale} cached reference Phi maps in {path.name} no longer match their features or class; "
+              "recomputing them", file=sys.stderr)
+    t0 = saved = time.perf_counter()
+    for r in tqdm(todo, desc=f"pass 3: {config.method} reference Phi", unit="ref", file=sys.stderr, leave=False):
+        one = FeatureBatch(z[r:r + 1], jax.tree.map(lambda a: a[r:r + 1], ctx), labels[r:r + 1],
+                           labels[r:r + 1], None)
+        phi = compute_phi(split_model, params, one, labels[r:r + 1], config, key=reference_key(config.seed, ids[r]),
+                          mesh=mesh)
+        rows[ids[r]] = (prints[r], int(labels[r]), np.asarray(phi, np.float32)[0])
+        if time.perf_counter() - saved > SAVE_EVERY_S or r == todo[-1]:
+            _write_reference_rows(path, key, rows)
+            saved = time.perf_counter()
+    print(f"pass 3: Phi of {len(ids)} references ({len(ids) - len(todo)} from {path.name}) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return np.stack([rows[i][2] for i in ids])
+
+
+def _read_reference_rows(cached: dict | None, path: Path) -> dict:
+    """{id: (fingerprint, class, Phi (H', W'))} of a loaded reference-Phi cache ({} if None or inconsistent)."""
+    if cached is None:
+        return {}
+    try:
+        ids, prints, labels, phi = (cached[k] for k in ("ids", "fingerprints", "labels", "phi"))
+        if not len(ids) == len(prints) == len(labels) == len(phi) or phi.ndim != 3:
+            raise ValueError("its arrays disagree in length")
+    except (KeyError, ValueError) as e:
+        print(f"cache {path} is damaged ({type(e).__name__}: {e}); recomputing it", file=sys.stderr)
+        return {}
+    return {str(i): (str(f), int(c), p) for i, f, c, p in zip(ids, prints, labels, phi)}
+
+
+def _write_reference_rows(path: Path, key: str, rows: dict) -> None:
+    ids = sorted(rows)
+    store.save_arrays(path, {"key": np.asarray(key), "ids": np.asarray(ids),
+                             "fingerprints": np.asarray([rows[i][0] for i in ids]),
+                             "labels": np.asarray([rows[i][1] for i in ids], np.int64),
+                             "phi": np.stack([rows[i][2] for i in ids])})
 
 
 def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, dict]:
@@ -305,12 +370,15 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     mesh = device_mesh()  # 1-D over all devices, shared with the Shapley engine
     params = jax.device_put(params, NamedSharding(mesh, P()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = {"model": str(model_dir), "weights": params_fingerprint(params), "at": at, "dataset": dataset, "split": split,
+    run = {"model": str(model_dir), "weights": fingerprint(params), "at": at, "dataset": dataset, "split": split,
            "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
            "queries": list(queries) if queries else None, "limit": limit, "shard_size": shard_size}
     # Opened before any work, so that a different config in out_dir is refused at once.
     writers = [store.ShardWriter(out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite)
                for c in configs]
+    if overwrite:
+        for p in out_dir.glob("cache-reference-phi-*.npz"):
+            p.unlink()
 
     t0 = time.perf_counter()
     preds = {}
@@ -324,7 +392,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
           f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
     return [_explain_method(split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx,
-                            config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size)
+                            config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
+                            weights=run["weights"])
             for config, writer in zip(configs, writers)]
 
 
@@ -334,7 +403,7 @@ def _stored_config(config) -> dict:
 
 
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
-                    mesh, batch_size, shard_size) -> Summary:
+                    mesh, batch_size, shard_size, weights) -> Summary:
     """Passes 2-5 for one config into ``writer.dir`` (resumes the shards already there)."""
     out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
@@ -348,8 +417,8 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
             raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
         refs = _features(split_model, params, ref_ds, r_idx, ref_ds.labels[r_idx], ref_pred["pred"][r_idx],
                          batch_size, mesh, f"pass 3: {config.method} reference features")
-        ref_phi = _reference_phi(split_model, params, refs, r_idx, config, writer.cache_path("references"),
-                                 key=jax.random.fold_in(key, _REFERENCE_TAG), mesh=mesh)
+        ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, cache_dir=out.parent,
+                                weights=weights, mesh=mesh)
         q_key = jax.random.fold_in(key, _QUERY_TAG)
         with tqdm(total=len(q_idx), initial=len(writer.done_rows()), desc=f"pass 4-5: {config.method} search", unit="query", file=sys.stderr) as bar:
             rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
@@ -380,20 +449,3 @@ def _first_rows(ex, n: int):
     """``ex`` (an Explanations dataclass) without the padding rows beyond ``n``."""
     return dataclasses.replace(ex, **{f.name: getattr(ex, f.name)[:n] for f in dataclasses.fields(ex)
                                       if isinstance(getattr(ex, f.name), np.ndarray)})
-
-
-def _reference_phi(split_model, params, refs, r_idx, config, cache: Path, *, key, mesh):
-    """Phi of every reference on its own class, once; cached next to the shards."""
-    from fgvce_jax.counterfactual.baselines import SALIENCY_METHOD
-
-    if config.method not in SALIENCY_METHOD:  # random / cve: the engine makes its own
-        return None
-    if cache.exists():
-        cached = store.load_arrays(cache)
-        if np.array_equal(cached["index"], r_idx):
-            return cached["phi"]
-    t0 = time.perf_counter()
-    phi = compute_phi(split_model, params, refs, refs.labels, config, key=key, mesh=mesh)
-    store.save_arrays(cache, {"index": r_idx, "phi": phi})
-    print(f"pass 3: Phi of {len(r_idx)} references in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return phi

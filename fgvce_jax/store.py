@@ -5,7 +5,7 @@ An explain run writes its results into one directory::
     DIR/manifest.json          config, config hash, completed shards (written last)
     DIR/shard-00000.parquet    one row per query (scalars and per-edit lists)
     DIR/shard-00000.npz        the same rows' arrays (Phi maps, probabilities)
-    DIR/cache-*.npz            intermediate results a resumed run reuses
+    DIR/cache-*.npz            intermediate results a resumed run reuses (keyed: see load_cache)
 
 Every file is written to a temporary name in the same directory, flushed,
 ``fsync``'d and then ``os.replace``'d into place, so a reader never sees half
@@ -21,7 +21,9 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -82,6 +84,25 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read an ``.npz`` written by :func:`save_arrays` into a dict (no pickles)."""
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def load_cache(path: str | os.PathLike, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays of the cache ``path`` if it was written (by :func:`save_arrays`) with ``"key" == key``.
+
+    None if it is absent; also None, after a one-line notice on stderr, if it is unreadable (truncated,
+    not an npz) or was written for another key: a cache is recomputed then, never trusted.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        arrays = load_arrays(path)
+        if str(arrays.get("key")) != key:
+            raise ValueError("written for other inputs or settings")
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        print(f"cache {path} is stale or damaged ({type(e).__name__}: {e}); recomputing it", file=sys.stderr)
+        return None
+    return arrays
 
 
 # --------------------------------------------------------------------------- config

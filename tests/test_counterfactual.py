@@ -291,17 +291,34 @@ def brute_force_cve(model, params, queries, refs, n_refs, t_max):
     return out
 
 
-def test_cve_matches_brute_force():
-    model, params, queries, refs, _, _ = random_problem(seed=3, q=3, n_refs=6, grid=3)
-    cfg = CounterfactualConfig(method="cve", n_references=2, t_max=3)
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_cve_matches_brute_force(chunk_size):
+    """cve scores only the open pairs (in chunks of 5: not a divisor of the 18 candidates) and still picks
+    the edits of the brute force, which scores every open pair of every step."""
+    model, params, queries, refs, _, _ = random_problem(seed=3, q=4, n_refs=6, grid=3)
+    cfg = CounterfactualConfig(method="cve", n_references=2, t_max=4, chunk_size=chunk_size)
     got = explain(model, params, queries, refs, cfg, key=jax.random.key(0))
     assert np.all(np.isnan(got.query_phi)) and got.region_size == 1
-    for qi, (edits, success) in enumerate(brute_force_cve(model, params, queries, refs, 2, 3)):
+    assert got.n_edits.max() > 1  # later steps, with closed pairs, are compared too
+    for qi, (edits, success) in enumerate(brute_force_cve(model, params, queries, refs, 2, 4)):
         assert got.n_edits[qi] == len(edits) and bool(got.success[qi]) == success
         for t, (qc, ref, rc, probs) in enumerate(edits):
             assert tuple(got.query_region[qi, t]) == qc
             assert got.ref_index[qi, t] == ref and tuple(got.ref_region[qi, t]) == rc
             np.testing.assert_allclose(got.probs[qi, t], probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_open_pair_scores_writes_open_pairs_only(chunk):
+    """Against the table masked at closed pairs, for none, some and all pairs open. The table is NaN at
+    closed pairs, so a closed pair that were scored would show."""
+    from fgvce_jax.counterfactual.search import open_pair_scores
+
+    rng = np.random.default_rng(chunk)
+    for open_ in (np.zeros((5, 7), bool), rng.random((5, 7)) < 0.4, np.ones((5, 7), bool)):
+        table = jnp.asarray(np.where(open_, rng.normal(size=(5, 7)), np.nan), jnp.float32)
+        got = jax.jit(open_pair_scores, static_argnums=(0, 2))(lambda k, m: table[k, m], jnp.asarray(open_), chunk)
+        np.testing.assert_array_equal(got, np.where(open_, table, -np.inf))
 
 
 def test_no_positive_phi_in_query():

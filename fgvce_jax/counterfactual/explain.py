@@ -94,13 +94,29 @@ def _take(tree, index):
     return jax.tree.map(lambda a: jnp.asarray(a)[index], tree)
 
 
-def _saliency(split_model, params, batch: FeatureBatch, classes, config, key, mesh):
+def saliency_settings(config: CounterfactualConfig) -> dict | None:
+    """The keyword settings of ``saliency.compute`` for ``config.method`` (None: the method has no saliency).
+
+    With the images, their classes, the weights and the key they decide a Phi, so they are part of the
+    reference-Phi cache key (``pipeline.reference_phi``); ``outside``, ``paired`` and ``budget`` are given
+    explicitly for that reason.
+    """
+    method = baselines.SALIENCY_METHOD.get(config.method)
+    if method is None:
+        return None
+    return dict(method=method, kernel=config.kernel, samples=config.samples, baseline=config.baseline,
+                output=config.output, outside="absent", paired=True, budget=None)
+
+
+def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh):
+    """Phi (N, H, W) of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none)."""
     from fgvce_jax import saliency  # imported late: only needed when Phi is not given
 
+    settings = saliency_settings(config)
+    if settings is None:
+        return None
     return saliency.compute(split_model, params, jnp.asarray(batch.z), _take(batch.ctx, slice(None)),
-                            jnp.asarray(classes), method=baselines.SALIENCY_METHOD[config.method],
-                            kernel=config.kernel, samples=config.samples, key=key,
-                            baseline=config.baseline, output=config.output, mesh=mesh)
+                            jnp.asarray(classes), key=key, mesh=mesh, **settings)
 
 
 def _phis(split_model, params, queries, references, config, key, query_phi, reference_phi, mesh):
@@ -116,9 +132,10 @@ def _phis(split_model, params, queries, references, config, key, query_phi, refe
         return jnp.asarray(q, jnp.float32), jnp.asarray(r, jnp.float32)
     k_query, k_ref = jax.random.split(key)
     if query_phi is None:
-        query_phi = _saliency(split_model, params, queries, queries.preds, config, k_query, mesh)
+        query_phi = compute_phi(split_model, params, queries, queries.preds, config, key=k_query, mesh=mesh)
     if reference_phi is None:
-        reference_phi = _saliency(split_model, params, references, references.labels, config, k_ref, mesh)
+        reference_phi = compute_phi(split_model, params, references, references.labels, config, key=k_ref,
+                                    mesh=mesh)
     return jnp.asarray(query_phi, jnp.float32), jnp.asarray(reference_phi, jnp.float32)
 
 

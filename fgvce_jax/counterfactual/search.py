@@ -10,12 +10,15 @@ the loop:
   highest score; the candidate maximises ``similarity`` = cos(region feature,
   candidate feature) or ``joint`` = log p_y(after swap) + lam * similarity.
 * pairs (``cve``): the (region, candidate) pair maximising the same score over
-  all unreplaced regions x unused candidates.
+  all unreplaced regions x unused candidates. Only those open pairs go through
+  the head (step t of a K x M problem costs (K - t)(M - t) calls, as in the
+  greedy search of Vandenhende et al., ECCV 2022), in fixed-size chunks over a
+  fixed-length list of the open pairs, so the loop stays compiled once.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +37,7 @@ REASONS = {SUCCESS: "success", T_MAX_REACHED: "t_max reached", NO_QUERY_REGIONS:
 class SearchOptions(NamedTuple):
     """Static options of the loop (hashable: a jit static argument).
 
-    pairs: score every (region, candidate) pair (``cve``) instead of the top region only.
+    pairs: score every open (region, candidate) pair (``cve``) instead of the top region only.
     early_stop: stop as soon as the stop rule holds; False = ``single-step``
       (replace every region, judge the final map).
     """
@@ -97,6 +100,27 @@ def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
     return unit(a) @ unit(b).T
 
 
+def open_pair_scores(score: Callable, pair_open: jax.Array, chunk: int) -> jax.Array:
+    """``score(k, m)`` for every open pair of ``pair_open`` (K, M) bool, -inf at closed pairs: (K, M) f32.
+
+    The open pairs, in ravel order, head an index list of fixed length (K M rounded up to a multiple of
+    ``chunk``); only its first ceil(n_open / chunk) chunks are scored, ``chunk`` pairs at a time (vmapped),
+    so the cost is that of the n_open open pairs plus under one chunk, with shapes that do not change.
+    """
+    flat = pair_open.ravel()
+    order = jnp.nonzero(flat, size=-(-flat.size // chunk) * chunk, fill_value=0)[0]
+    n_open = jnp.sum(flat, dtype=jnp.int32)
+
+    def one_chunk(i, scores):
+        pairs = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
+        values = jax.vmap(score)(*jnp.divmod(pairs, pair_open.shape[1]))
+        live = i * chunk + jnp.arange(chunk) < n_open
+        return scores.at[jnp.where(live, pairs, flat.size)].set(values, mode="drop")
+
+    scores = jax.lax.fori_loop(0, -(-n_open // chunk), one_chunk, jnp.full(flat.shape, -jnp.inf, jnp.float32))
+    return scores.reshape(pair_open.shape)
+
+
 def _one_image(tree):
     return jax.tree.map(lambda a: a[None], tree)
 
@@ -126,11 +150,12 @@ def _search_one(split_model, options: SearchOptions, params, bank: CandidateBank
     def select(z, region_avail, cand_avail):
         """(k, m, any_region, any_candidate) for the current state."""
         if options.pairs:
+            pair_open = region_avail[:, None] & cand_avail[None, :]
             score = options.lam * sim
             if options.selection == "joint":
-                ks, ms = jnp.divmod(jnp.arange(n_regions * n_cand), n_cand)
-                score = score + log_p_true_many(z, ks, ms).reshape(n_regions, n_cand)
-            score = jnp.where(region_avail[:, None] & cand_avail[None, :], score, -jnp.inf)
+                c = min(options.chunk_size or n_cand, n_cand)
+                score = score + open_pair_scores(lambda k, m: log_p_true(z, k, m), pair_open, c)
+            score = jnp.where(pair_open, score, -jnp.inf)
             k, m = jnp.divmod(jnp.argmax(score.ravel()), n_cand)
         else:
             k = jnp.argmax(jnp.where(region_avail, q["score"], -jnp.inf))
