@@ -398,8 +398,10 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
 
 
 def _stored_config(config) -> dict:
-    """The fields of ``config`` that decide the results (chunking never changes them)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k != "chunk_size"}
+    """The fields of ``config`` that decide the results (chunking never changes them; an unset
+    ``phi_tolerance`` is left out, so directories written before it existed still match)."""
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k != "chunk_size" and not (k == "phi_tolerance" and v is None)}
 
 
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,

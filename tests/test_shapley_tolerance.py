@@ -92,3 +92,24 @@ def test_bad_settings_are_one_line_errors(kw, match):
     args = {"kernel": 3, "tolerance": 1e-3, "key": jax.random.key(0), "max_samples": 32, "round_samples": 8, **kw}
     with pytest.raises(FgvceError, match=match):
         local_to_tolerance(additive_game(GRID), GRID, **args)
+
+
+def test_counterfactual_config_phi_tolerance_drives_the_query_phi():
+    from fgvce_jax.counterfactual import CounterfactualConfig, FeatureBatch, explain
+
+    sm, params = split(create("resnet_tiny", num_classes=5, seed=1), at="layer4.0")
+    z = jax.random.uniform(jax.random.key(4), (4, 4, 4, 128))
+    preds = np.asarray(sm.head(params, z).argmax(-1))
+    labels = (preds + 1) % 5
+    batch = FeatureBatch(z[:1], {}, labels[:1], preds[:1], z[:1].mean((1, 2)))
+    refs = FeatureBatch(z, {}, preds, preds, z.mean((1, 2)))
+    config = CounterfactualConfig(samples=64, t_max=1, phi_tolerance=1e-2)
+    key = jax.random.key(9)
+    got = explain(sm, params, batch, refs, config, key=key)
+    want = saliency.compute_to_tolerance(sm, params, z[:1], {}, preds[:1], tolerance=1e-2, max_samples=64,
+                                         round_samples=8, key=jax.random.split(key)[0])
+    np.testing.assert_allclose(np.asarray(got.query_phi), np.asarray(want.phi), atol=1e-6)
+    assert np.asarray(want.samples).min() < 64  # some windows stopped early: not the fixed-samples map
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(FgvceError, match="--phi-tolerance"):
+            CounterfactualConfig(phi_tolerance=bad)

@@ -55,6 +55,9 @@ def add_arguments(parser) -> None:
                    help="stop when the true class is predicted (target) or the prediction changes (flip)")
     g.add_argument("--t-max", type=int, default=d.t_max, help="most edits per query")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds every random choice of the run")
+    g.add_argument("--phi-tolerance", type=float, default=d.phi_tolerance,
+                   help="sample each Shapley window until its standard error is at most this, --samples at most "
+                        "(default: off, exactly --samples per window)")
     r = parser.add_argument_group("run options (no effect on the results, except --shard-size)")
     r.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     r.add_argument("--shard-size", type=int, default=64, help="queries per result shard")
@@ -69,7 +72,7 @@ def configs_from_args(args) -> list:
         kernel=args.kernel, samples=args.samples, region_size=args.region_size, max_regions=args.max_regions,
         n_references=args.references, reference_mode=args.reference_mode,
         candidates_per_reference=args.candidates, selection=args.selection, lam=args.lam, stop=args.stop,
-        t_max=args.t_max, seed=args.seed)
+        t_max=args.t_max, seed=args.seed, phi_tolerance=args.phi_tolerance)
     return [dataclasses.replace(base, method=m) for m in dict.fromkeys(args.method)]
 
 

@@ -30,6 +30,8 @@ class CounterfactualConfig:
       method: ``"fgvce"`` or one of the baselines of SPEC 5.
       baseline, output: the game's absent-feature fill and output read (SPEC 2).
       seed: seeds the random reference mode and the ``random`` baseline.
+      phi_tolerance: None, or sample each local-Shapley window until the standard error of its Phi is at
+        most this (``saliency.compute_to_tolerance``), with ``samples`` as the cap per window.
       chunk_size: head evaluations per batch when scoring candidates (None = sized from the memory budget,
         see ``explain.default_chunk_size``); never changes the result.
     """
@@ -50,6 +52,7 @@ class CounterfactualConfig:
     output: str = "prob"
     seed: int = 0
     chunk_size: int | None = None
+    phi_tolerance: float | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("method", self.method, METHODS),
@@ -65,5 +68,9 @@ class CounterfactualConfig:
                 raise FgvceError(f"{name} must be a positive integer; got {value!r}")
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
             raise FgvceError(f"lam (--lam) must be a finite number; got {self.lam!r}")
+        if self.phi_tolerance is not None and (isinstance(self.phi_tolerance, bool) or not isinstance(
+                self.phi_tolerance, (int, float)) or not 0 < self.phi_tolerance < math.inf):
+            raise FgvceError(f"phi_tolerance (--phi-tolerance) must be a positive finite number; "
+                             f"got {self.phi_tolerance!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise FgvceError(f"chunk_size must be a positive integer or None; got {self.chunk_size!r}")

@@ -104,8 +104,14 @@ def saliency_settings(config: CounterfactualConfig) -> dict | None:
     method = baselines.SALIENCY_METHOD.get(config.method)
     if method is None:
         return None
-    return dict(method=method, kernel=config.kernel, samples=config.samples, baseline=config.baseline,
-                output=config.output, outside="absent", paired=True, budget=None)
+    settings = dict(method=method, kernel=config.kernel, samples=config.samples, baseline=config.baseline,
+                    output=config.output, outside="absent", paired=True, budget=None)
+    if method == "local" and config.phi_tolerance is not None:
+        settings["tolerance"] = float(config.phi_tolerance)
+    return settings
+
+
+TOLERANCE_ROUND = 8  # samples per window and round of tolerance sampling (capped at ``samples``)
 
 
 def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh):
@@ -115,8 +121,13 @@ def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, ke
     settings = saliency_settings(config)
     if settings is None:
         return None
-    return saliency.compute(split_model, params, jnp.asarray(batch.z), _take(batch.ctx, slice(None)),
-                            jnp.asarray(classes), key=key, mesh=mesh, **settings)
+    z, ctx, classes = jnp.asarray(batch.z), _take(batch.ctx, slice(None)), jnp.asarray(classes)
+    if "tolerance" in settings:
+        return saliency.compute_to_tolerance(
+            split_model, params, z, ctx, classes, kernel=settings["kernel"], tolerance=settings["tolerance"],
+            key=key, max_samples=settings["samples"], round_samples=min(TOLERANCE_ROUND, settings["samples"]),
+            baseline=settings["baseline"], output=settings["output"], mesh=mesh).phi
+    return saliency.compute(split_model, params, z, ctx, classes, key=key, mesh=mesh, **settings)
 
 
 def _phis(split_model, params, queries, references, config, key, query_phi, reference_phi, mesh):
