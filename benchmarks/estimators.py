@@ -73,7 +73,8 @@ class NumpyGame:
     MIN_BATCH, MAX_BATCH = 64, 4096
 
     def __init__(self, game, n: int):
-        self.game, self.n, self.calls = game, n, 0
+        from fgvce_jax.shapley import as_game
+        self.game, self.n, self.calls = as_game(game), n, 0
 
     def warm(self):
         import jax.numpy as jnp
