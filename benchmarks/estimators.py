@@ -28,6 +28,7 @@ power-of-two batches compiled beforehand), so the comparison is of estimators, n
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ class NumpyGame:
         import jax.numpy as jnp
         size = self.MIN_BATCH
         while size <= self.MAX_BATCH:
-            np.asarray(_jitted(self.game, jnp.zeros((size, self.n), bool)))
+            np.asarray(_evaluator()(self.game, jnp.zeros((size, self.n), bool)))
             size *= 2
         return self
 
@@ -94,7 +95,7 @@ class NumpyGame:
             size = max(self.MIN_BATCH, 1 << (len(part) - 1).bit_length())
             padded = np.zeros((size, self.n), bool)
             padded[:len(part)] = part
-            out.append(np.asarray(_jitted(self.game, jnp.asarray(padded)), np.float64)[:len(part)])
+            out.append(np.asarray(_evaluator()(self.game, jnp.asarray(padded)), np.float64)[:len(part)])
         return np.concatenate(out)
 
 
@@ -103,10 +104,6 @@ def _evaluator():
     """jit of ``game(masks)``: compiled once per game function and shape (a Game is a pytree, fn static)."""
     import jax
     return jax.jit(lambda game, masks: game(masks))
-
-
-def _jitted(game, masks):
-    return _evaluator()(game, masks)
 
 
 # --------------------------------------------------------------------------- estimators
@@ -123,14 +120,17 @@ def ours(method: str) -> Callable:
 
 
 def shapiq_estimator(name: str, kwargs: dict) -> Callable:
-    """run(...) for a shapiq approximator of the Shapley value; evaluations are counted calls."""
+    """run(...) for a shapiq approximator of the Shapley value; evaluations are counted calls. Approximators
+    whose ``approximate`` takes ``batch_size`` get the whole budget (as few game calls as they allow)."""
     from shapiq import approximator
 
     cls = getattr(approximator, name)
+    batched = "batch_size" in inspect.signature(cls.approximate).parameters
 
     def run(game, numpy_game, n, budget, seed):
         numpy_game.calls = 0
-        values = cls(n, random_state=seed, **kwargs).approximate(budget, numpy_game)
+        batching = {"batch_size": budget} if batched else {}
+        values = cls(n, random_state=seed, **kwargs).approximate(budget, numpy_game, **batching)
         return np.array([values[(i,)] for i in range(n)], np.float64), numpy_game.calls
     return run
 
@@ -311,9 +311,10 @@ def cub_families(trials: int, budgets, reference_budget: int) -> list[Family]:
 
 
 # --------------------------------------------------------------------------- summary
-def measured(rows, library=None, budget=None) -> list[dict]:
-    return [r for r in rows if "skipped" not in r and (library is None or (r["library"] == "ours") == (
-        library == "ours")) and (budget is None or r["budget"] == budget)]
+def measured(rows, ours: bool | None = None, budget: int | None = None) -> list[dict]:
+    """The rows that ran: ours only (True), the peers only (False) or all (None); at one budget or all."""
+    return [r for r in rows if "skipped" not in r and (ours is None or (r["library"] == "ours") == ours)
+            and (budget is None or r["budget"] == budget)]
 
 
 def best(rows) -> dict | None:
@@ -325,22 +326,22 @@ def equal_mse_saving(rows) -> tuple[float, dict] | None:
     """min over budgets of (evaluations plain permutation needs for our best's MSE) / (our best's evaluations),
     and the row where it is least. Permutation's units are independent, so its MSE is c / evaluations: c is
     fitted as the mean of MSE x evaluations over its budgets (extrapolation along that exact law)."""
-    perm = [r for r in measured(rows, "ours") if r["estimator"] == "permutation"]
+    perm = [r for r in measured(rows, True) if r["estimator"] == "permutation"]
     if not perm:
         return None
     c = float(np.mean([r["mse"] * r["evaluations"] for r in perm]))
     savings = []
     for budget in sorted({r["budget"] for r in rows}):
-        b = best(measured(rows, "ours", budget))
+        b = best(measured(rows, True, budget))
         if b is not None and b["mse"] > 0:
             savings.append((c / b["mse"] / b["evaluations"], b))
     return min(savings, key=lambda s: s[0]) if savings else None
 
 
 def time_to_error(rows, target: float) -> float | None:
-    """Seconds at which an estimator's relative error reaches ``target``, interpolated log-log between its
-    budgets (rows of one estimator); None if no budget reaches it."""
-    pts = sorted((r["seconds"], r["relative_error"]) for r in rows)
+    """Seconds at which an estimator's relative error reaches ``target``: at its smallest budget that reaches
+    it, interpolated log-log from the budget before (rows of one estimator); None if no budget reaches it."""
+    pts = [(r["seconds"], r["relative_error"]) for r in sorted(rows, key=lambda r: r["budget"])]
     for i, (s, e) in enumerate(pts):
         if e <= target:
             if i == 0:
@@ -358,7 +359,7 @@ def summarize(results: list[dict]) -> dict:
         rows, name = fam["rows"], fam["name"]
         if fam["reference"]["kind"].startswith("exact"):  # real image games: our best vs shapiq's best
             for budget in fam["budgets"]:
-                mine = best(measured(rows, "ours", budget))
+                mine = best(measured(rows, True, budget))
                 peer = best([r for r in measured(rows, budget=budget) if r["library"] == "shapiq"])
                 if mine and peer:
                     both = f"(ours {mine['estimator']} {mine['relative_error']:.3g}; shapiq {peer['estimator']} " \
@@ -389,10 +390,10 @@ def summarize(results: list[dict]) -> dict:
             elif mine:
                 out[label] = f"no peer reached it (ours {mine[1][1]} {mine[0]:.3g} s)"
     big = [fam for fam in results if not fam["reference"]["kind"].startswith("exact")]
-    for est in sorted({r["estimator"] for fam in big for r in measured(fam["rows"], "ours")} - {"antithetic"}):
+    for est in sorted({r["estimator"] for fam in big for r in measured(fam["rows"], True)} - {"antithetic"}):
         ratios = []
         for fam in big:
-            rows = measured(fam["rows"], "ours")
+            rows = measured(fam["rows"], True)
             anti = {r["budget"]: r["mse"] for r in rows if r["estimator"] == "antithetic"}
             ratios += [r["mse"] / anti[r["budget"]] for r in rows if r["estimator"] == est and anti.get(r["budget"])]
         if ratios:

@@ -131,7 +131,8 @@ def test_estimator_metrics_against_hand_computed_values():
 def test_time_to_error_interpolates_log_log_and_equal_mse_saving_follows_permutation_law():
     from estimators import equal_mse_saving, time_to_error
 
-    rows = [{"seconds": 1.0, "relative_error": 0.1}, {"seconds": 100.0, "relative_error": 0.001}]
+    rows = [{"budget": 10, "seconds": 1.0, "relative_error": 0.1}, {"budget": 1000, "seconds": 100.0,
+                                                                    "relative_error": 0.001}]
     assert time_to_error(rows, 0.01) == pytest.approx(10.0)
     assert time_to_error(rows, 0.2) == 1.0 and time_to_error(rows, 1e-4) is None
     perm = [{"library": "ours", "estimator": "permutation", "budget": b, "evaluations": b, "mse": 2.0 / b}
