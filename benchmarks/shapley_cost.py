@@ -20,7 +20,6 @@ Run:  python benchmarks/shapley_cost.py            (a few minutes on a 2-core CP
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import platform
@@ -35,6 +34,7 @@ import numpy as np
 import common
 from fgvce_jax import saliency, shapley
 from fgvce_jax.models import create, split
+from fgvce_jax.shapley.benchmark_games import GapLinear
 from fgvce_jax.shapley.game import Game, LinearHead
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,20 +49,6 @@ def timed(fn, repeats: int = 3) -> float:
         jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t)
     return best
-
-
-@dataclasses.dataclass(frozen=True)
-class GapLinear:
-    """A SplitModel cut at ``layer4``: g = global average pool + fc (the contract's linear_head)."""
-
-    family = "resnet"
-    num_classes: int
-
-    def head(self, params, z, ctx=None, token_mask=None):
-        return z.mean((1, 2)) @ params["W"] + params["b"]
-
-    def linear_head(self, params):
-        return params["W"], params["b"]
 
 
 def captum_rates(torch_head, z_nchw, n_players_grid, n_samples: int, per_eval=(1, 16), repeats: int = 3) -> dict:

@@ -1,6 +1,6 @@
-"""The benchmarks of issue 6: their pure helpers, a --quick smoke run of each, and the README table.
+"""The benchmarks of issues 6 and 11: their pure helpers, a --quick smoke run of each, and the README table.
 
-The three --quick runs start together in one fixture (subprocesses, about a
+The --quick runs start together in one fixture (subprocesses, about a
 minute on 2 idle cores); the other tests are instant.
 """
 from __future__ import annotations
@@ -115,6 +115,46 @@ def test_scaling_compare_separates_bitwise_and_tolerant_equality():
     assert not check["4"]["consistent"] and check["4"]["phi_max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_estimator_metrics_against_hand_computed_values():
+    from estimators import metrics
+
+    ref = np.array([5.0, -4.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    assert metrics(ref, ref) == {"relative_error": 0.0, "mse": 0.0, "spearman": 1.0, "precision_at_5": 1.0}
+    phi = ref.copy()
+    phi[[4, 6]] = phi[[6, 4]]  # players 4 and 6 swap: player 6 leaves the top 5 of |phi|, player 4 too
+    m = metrics(phi, ref)
+    assert m["precision_at_5"] == 0.8 and m["mse"] == pytest.approx(2 * 0.9 ** 2 / 7)
+    assert m["relative_error"] == pytest.approx(np.sqrt(2) * 0.9 / np.linalg.norm(ref))
+    assert m["spearman"] == pytest.approx(1 - 6 * (2 * 2 ** 2) / (7 * 48))
+
+
+def test_time_to_error_interpolates_log_log_and_equal_mse_saving_follows_permutation_law():
+    from estimators import equal_mse_saving, time_to_error
+
+    rows = [{"budget": 10, "seconds": 1.0, "relative_error": 0.1}, {"budget": 1000, "seconds": 100.0,
+                                                                    "relative_error": 0.001}]
+    assert time_to_error(rows, 0.01) == pytest.approx(10.0)
+    assert time_to_error(rows, 0.2) == 1.0 and time_to_error(rows, 1e-4) is None
+    perm = [{"library": "ours", "estimator": "permutation", "budget": b, "evaluations": b, "mse": 2.0 / b}
+            for b in (100, 1000)]
+    better = [{"library": "ours", "estimator": "new", "budget": b, "evaluations": b, "mse": 2.0 / (k * b)}
+              for b, k in ((100, 20), (1000, 12))]
+    saving, row = equal_mse_saving(perm + better)
+    assert saving == pytest.approx(12) and row["budget"] == 1000
+
+
+def test_numpy_game_counts_and_pads_without_changing_values():
+    import jax.numpy as jnp
+
+    from estimators import NumpyGame
+
+    w = jnp.arange(1.0, 6.0)
+    game = NumpyGame(lambda m: m.astype(jnp.float32) @ w, 5)
+    masks = np.random.default_rng(0).random((5000, 5)) < 0.5
+    np.testing.assert_allclose(game(masks), masks @ np.arange(1.0, 6.0))
+    assert game(masks[0]).shape == (1,) and game.calls == 5001
+
+
 # --------------------------------------------------------------------------- make_table
 SAMPLE = {"benchmark": "peers", "date": "2026-01-01T00:00:00+00:00",
           "environment": {"backend": "gpu", "device_kind": "H100", "device_count": 2, "devices": ["cuda:0", "cuda:1"],
@@ -169,7 +209,7 @@ def test_make_table_main_writes_and_checks_a_readme(tmp_path):
 def quick_runs(tmp_path_factory):
     """Start every benchmark's --quick run at once; {name: (returncode, output, JSON path)}."""
     tmp = tmp_path_factory.mktemp("bench")
-    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": []}
+    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": [], "estimators": []}
     if HAS_PEERS:
         commands["peers"] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -226,3 +266,33 @@ def test_peers_quick_compares_every_estimator_on_one_game(quick_runs):
                                             "permutation vs shapiq PermutationSamplingSV",
                                             "kernel vs captum KernelShap", "kernel vs shapiq KernelSHAP"}
     assert quick_runs["peers"][2].with_suffix(".png").stat().st_size > 0
+
+
+def test_estimators_quick_scores_every_estimator_on_every_family(quick_runs):
+    from estimators import IMAGE_MODELS, TABLES
+
+    from fgvce_jax import shapley
+
+    doc = _document(quick_runs, "estimators")
+    fams = {f["name"]: f for f in doc["results"]["families"]}
+    want = {"unanimity_random", "unanimity_local", "tree", "cub_independent", "cub_size_dominated"}
+    assert want | (set(IMAGE_MODELS) if TABLES.is_dir() else set()) == set(fams)
+    for f in fams.values():
+        assert {r["estimator"] for r in f["rows"] if r["library"] == "ours"} == set(shapley.names())
+        for r in f["rows"]:
+            if "skipped" in r:
+                continue
+            assert r["evaluations"] > 0 and r["seconds"] > 0 and 0 <= r["precision_at_5"] <= 1
+            assert -1 <= r["spearman"] <= 1 and r["relative_error"] >= 0
+            if r["library"] == "ours":
+                assert r["evaluations"] <= r["budget"]
+        assert any(r["library"] == "ours" and r["estimator"] == "permutation" and "skipped" not in r for r in f["rows"])
+    assert 0 < fams["cub_independent"]["reference"]["relative_noise"] < 0.2
+    if "vit_9patches" in fams:  # 2^9 = 512 evaluations fit a budget of 1000: exact is exact
+        exact = [r for r in fams["vit_9patches"]["rows"] if r["estimator"] == "exact" and r["budget"] == 1000]
+        assert exact[0]["relative_error"] < 1e-5
+        if HAS_PEERS:
+            peers = {r["estimator"] for r in fams["vit_9patches"]["rows"] if "skipped" not in r and r["library"] != "ours"}
+            assert {"SVARM", "KernelSHAP (paired)", "ShapleyValueSampling", "KernelShap"} <= peers
+    assert any("fewer evaluations than permutation" in k for k in doc["summary"])
+    assert quick_runs["estimators"][2].with_suffix(".png").stat().st_size > 0
