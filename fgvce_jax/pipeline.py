@@ -364,9 +364,7 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     at = split_model.at
     ds = data.load(dataset, split, image_size=info.image_size)
     ref_ds = ds if reference_split == split else data.load(dataset, reference_split, image_size=info.image_size)
-    if list(ds.class_names) != list(info.class_names):
-        raise FgvceError(f"dataset {dataset!r} has {len(ds.class_names)} classes that do not match "
-                         f"the checkpoint's {len(info.class_names)}")
+    check_classes(ds, info)
     mesh = device_mesh()  # 1-D over all devices, shared with the Shapley engine
     params = jax.device_put(params, NamedSharding(mesh, P()))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -395,6 +393,22 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
                             config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
                             weights=run["weights"])
             for config, writer in zip(configs, writers)]
+
+
+def check_classes(ds, info) -> None:
+    """FgvceError unless the dataset's classes are the checkpoint's. A checkpoint without class names (e.g.
+    converted without ``--class-names``) is taken to be indexed like the dataset when the counts agree,
+    with a notice."""
+    if info.class_names is None:
+        if len(ds.class_names) != info.num_classes:
+            raise FgvceError(f"dataset {ds.name!r} has {len(ds.class_names)} classes but the checkpoint has "
+                             f"{info.num_classes} outputs")
+        print(f"notice: the checkpoint has no class names; output i is taken to be {ds.name}'s class i "
+              f"({ds.class_names[0]!r}, ...)", file=sys.stderr)
+        return
+    if list(ds.class_names) != list(info.class_names):
+        raise FgvceError(f"dataset {ds.name!r} has {len(ds.class_names)} classes that do not match "
+                         f"the checkpoint's {len(info.class_names)}")
 
 
 def _stored_config(config) -> dict:

@@ -13,6 +13,7 @@ from fgvce_jax import counterfactual, data, models, pipeline, store
 from fgvce_jax.counterfactual import CounterfactualConfig
 from fgvce_jax.data.dataset import Preprocessing
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.errors import FgvceError
 from fgvce_jax.models.base import Classifier
 
 C = 3
@@ -173,3 +174,19 @@ def test_given_query_ids(tmp_path, patched):
     assert ids == ["test-9", "test-3", "test-21"]
     with pytest.raises(FgvceError, match="correctly"):
         _run(tmp_path / "p", queries=["test-1"])
+
+
+def test_a_checkpoint_without_class_names_takes_the_datasets(toy, tmp_path, monkeypatch, capsys):
+    """A checkpoint converted without --class-names explains the same mistakes as one with them, with a notice;
+    one with another number of outputs is refused in one line."""
+    model, info, sets = toy
+    monkeypatch.setattr(models, "load", lambda path: (model, types.SimpleNamespace(
+        class_names=None, num_classes=C, image_size=8, default_split="z")))
+    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: sets[split])
+    (summary,) = _run(tmp_path / "a")
+    assert "no class names" in capsys.readouterr().err
+    assert summary.queries == 8
+    monkeypatch.setattr(models, "load", lambda path: (model, types.SimpleNamespace(
+        class_names=None, num_classes=C + 1, image_size=8, default_split="z")))
+    with pytest.raises(FgvceError, match=f"3 classes but the checkpoint has {C + 1} outputs"):
+        _run(tmp_path / "b")
