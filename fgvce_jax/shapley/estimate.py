@@ -136,6 +136,22 @@ def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
     return jax.lax.fori_loop(0, n_chunks, reduction, (blocks0, zeros(counts_shape)))
 
 
+def anchor_values_of(fn, args, anchors: jax.Array, rows: int) -> jax.Array:
+    """float32 (a,): the game on the anchors (a, n), in calls of at most ``rows`` masks (the request's
+    game-call size, so ``chunk_size`` bounds these calls too; no padding, so every row is a counted
+    evaluation). The masks go through an optimization barrier: XLA would otherwise fold the constant
+    masks into the game and round its rows differently from the same rows computed from drawn masks."""
+    anchors = jax.lax.optimization_barrier(anchors)
+    a, n = anchors.shape
+    rows = max(1, min(rows, a))
+    full, rest = divmod(a, rows)
+    values = [jax.lax.map(lambda m: fn(args, m).astype(jnp.float32), anchors[:full * rows].reshape(full, rows, n))
+              .reshape(-1)] if full > 1 else [fn(args, anchors[:rows]).astype(jnp.float32)]
+    if rest:
+        values.append(fn(args, anchors[full * rows:]).astype(jnp.float32))
+    return jnp.concatenate(values)
+
+
 @functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh", "r"))
 def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared=None):
     """phi (N, n) for N games ``fn(with_shared(shared, args[i]), .)`` with keys (N,); args carry a leading
@@ -160,7 +176,8 @@ def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared
                                   check_vma=False)(shared, args, keys)
     anchors = jnp.asarray(est.anchors())
     if len(anchors):
-        anchor_values = jax.vmap(lambda a, k: fn(with_shared(shared, a), anchors).astype(jnp.float32))(
+        anchor_values = jax.vmap(lambda a, k: anchor_values_of(fn, with_shared(shared, a), anchors,
+                                                               u * est.evals_per_unit()))(
             args, keys)  # keys give vmap its axis when args is empty (a plain callable)
     else:
         anchor_values = jnp.zeros((keys.shape[0], 0), jnp.float32)
