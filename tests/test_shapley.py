@@ -282,13 +282,13 @@ def _weighted_sum(args, masks):  # elementwise and a row sum, no matmul: the sam
     return jnp.tanh((masks.astype(jnp.float32) * args["w"]).sum(-1))
 
 
-def test_new_game_arguments_do_not_recompile():
-    n = 6
-    shapley.estimate(Game(_weighted_sum, {"w": jnp.ones(n)}), n, method="permutation", budget=63, key=KEY)
+@pytest.mark.parametrize("method, n, budget", [("permutation", 6, 63), ("leverage", 12, 300)])
+def test_new_game_arguments_do_not_recompile(method, n, budget):
+    shapley.estimate(Game(_weighted_sum, {"w": jnp.ones(n)}), n, method=method, budget=budget, key=KEY)
     before = run_batch._cache_size()
     for s in range(3):
         w = jax.random.normal(jax.random.key(s), (n,))
-        phi = shapley.estimate(Game(_weighted_sum, {"w": w}), n, method="permutation", budget=63, key=KEY).phi
+        phi = shapley.estimate(Game(_weighted_sum, {"w": w}), n, method=method, budget=budget, key=KEY).phi
         np.testing.assert_allclose(phi.sum(), jnp.tanh(w.sum()), atol=1e-5)  # efficiency with this w
     assert run_batch._cache_size() == before
 

@@ -2,17 +2,18 @@
 honest evaluation counts; the engine's exact fallback when 2^n <= budget.
 
 Bit-identity across 1/2/4 devices and chunk sizes, and for batches of games, is tested for ``leverage`` and
-``kernel`` by the parametrised invariance tests of tests/test_shapley.py (both are in its MC tuple).
+``kernel`` by the parametrised invariance tests of tests/test_shapley.py (both are in its MC tuple); so is
+"a second call does not recompile" (test_new_game_arguments_do_not_recompile[leverage]).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_shapley import _one_device_mesh, _weighted_sum, brute_force, mlp_game, on_one, softmax_game
+from test_shapley import _one_device_mesh, brute_force, mlp_game, on_one, softmax_game
 
 from fgvce_jax import shapley
 from fgvce_jax.shapley.estimate import estimator, plan, run_batch
-from fgvce_jax.shapley.game import Game, as_game
+from fgvce_jax.shapley.game import as_game
 from fgvce_jax.shapley.kernel import kernel_mass, size_cdf
 from fgvce_jax.shapley.leverage import Leverage, leverage_size_weights
 from fgvce_jax.shapley.sharding import device_mesh
@@ -70,17 +71,6 @@ def test_consistent_and_error_shrinks_with_budget(method):
     assert np.all(np.abs(small.mean(0) - exact) <= 4 * se + 0.02 * np.abs(exact).max()), method
     rms_small, rms_big = (np.sqrt(((x - exact) ** 2).mean()) for x in (small, big))
     assert rms_big < 0.5 * rms_small, (rms_small, rms_big)
-
-
-def test_second_call_does_not_recompile():
-    n = 12
-    shapley.estimate(Game(_weighted_sum, {"w": jnp.ones(n)}), n, method="leverage", budget=300, key=KEY)
-    before = run_batch._cache_size()
-    for s in range(2):
-        w = jax.random.normal(jax.random.key(s), (n,))
-        phi = shapley.estimate(Game(_weighted_sum, {"w": w}), n, method="leverage", budget=300, key=KEY).phi
-        np.testing.assert_allclose(phi.sum(), jnp.tanh(w.sum()), atol=1e-5)
-    assert run_batch._cache_size() == before
 
 
 def counting_game(n, seen):
