@@ -25,6 +25,8 @@ image) for :func:`fgvce_jax.saliency.compute`. For an affine game
 (:func:`fgvce_jax.shapley.game.is_affine`) and an estimator with an
 ``affine_values`` hook (permutation, antithetic) the values are built from
 prefix sums of contrib's rows instead of the generic masks-times-contrib product.
+When the budget covers all 2^n coalitions every method runs as ``exact``
+(:func:`estimator`, the one place this is decided).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley import registry, sharding
+from fgvce_jax.shapley import exact, registry, sharding
 from fgvce_jax.shapley.game import as_game, check_game, is_affine, with_shared
 
 MAX_BLOCK_EVALUATIONS = 2 ** 14  # evaluations of one game per game call (an evaluation block)
@@ -134,6 +136,22 @@ def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
     return jax.lax.fori_loop(0, n_chunks, reduction, (blocks0, zeros(counts_shape)))
 
 
+def anchor_values_of(fn, args, anchors: jax.Array, rows: int) -> jax.Array:
+    """float32 (a,): the game on the anchors (a, n), in calls of at most ``rows`` masks (the request's
+    game-call size, so ``chunk_size`` bounds these calls too; no padding, so every row is a counted
+    evaluation). The masks go through an optimization barrier: XLA would otherwise fold the constant
+    masks into the game and round its rows differently from the same rows computed from drawn masks."""
+    anchors = jax.lax.optimization_barrier(anchors)
+    a, n = anchors.shape
+    rows = max(1, min(rows, a))
+    full, rest = divmod(a, rows)
+    values = [jax.lax.map(lambda m: fn(args, m).astype(jnp.float32), anchors[:full * rows].reshape(full, rows, n))
+              .reshape(-1)] if full > 1 else [fn(args, anchors[:rows]).astype(jnp.float32)]
+    if rest:
+        values.append(fn(args, anchors[full * rows:]).astype(jnp.float32))
+    return jnp.concatenate(values)
+
+
 @functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh", "r"))
 def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared=None):
     """phi (N, n) for N games ``fn(with_shared(shared, args[i]), .)`` with keys (N,); args carry a leading
@@ -158,7 +176,9 @@ def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared
                                   check_vma=False)(shared, args, keys)
     anchors = jnp.asarray(est.anchors())
     if len(anchors):
-        anchor_values = jax.vmap(lambda a: fn(with_shared(shared, a), anchors).astype(jnp.float32))(args)
+        anchor_values = jax.vmap(lambda a, k: anchor_values_of(fn, with_shared(shared, a), anchors,
+                                                               u * est.evals_per_unit()))(
+            args, keys)  # keys give vmap its axis when args is empty (a plain callable)
     else:
         anchor_values = jnp.zeros((keys.shape[0], 0), jnp.float32)
     return jax.vmap(lambda t, c, av: est.finalize(t, c, n_units, av))(total, counts, anchor_values)
@@ -180,13 +200,24 @@ def _largest_divisor_at_most(r: int, limit: int) -> int:
     return max(d for d in range(1, min(r, max(1, limit)) + 1) if r % d == 0)
 
 
+def estimator(method: str, n_players: int, budget: int) -> registry.Estimator:
+    """The estimator that runs ``method``: ``exact`` whenever the budget covers all 2^n coalitions
+    (n <= exact.MAX_PLAYERS), whatever the method, so the result is the exact value and reports 2^n
+    evaluations; otherwise ``method``'s own."""
+    cls = registry.get(method)
+    if n_players <= exact.MAX_PLAYERS and 2 ** n_players <= budget:
+        cls = exact.Exact
+    return cls(n_players)
+
+
 def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games: int, chunk_size, mesh) -> Plan:
     """Plan a request (see :class:`Plan`).
 
-    The reduction blocks are canonical (see the module docstring). By default the game is called on
-    evaluation blocks of canonical size E as well; a ``chunk_size`` (evaluations per call) that is
-    smaller makes the calls smaller -- the largest divisor of r that fits -- so memory follows it while
-    the summation order does not move. Only a game whose rows XLA rounds differently at another batch
+    When 2^n <= budget any method runs as ``exact`` (see :func:`estimator`). The reduction blocks are
+    canonical (see the module docstring). By default the game is called on evaluation blocks of
+    canonical size E as well; a ``chunk_size`` (evaluations per call) that is smaller makes the calls
+    smaller -- the largest divisor of r that fits -- so memory follows it while the summation order
+    does not move. Only a game whose rows XLA rounds differently at another batch
     size can then change (float matmuls at very small batches do, by about 1e-7 relative).
     """
     if not isinstance(n_players, int) or n_players < 1:
@@ -194,7 +225,7 @@ def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games
     if budget is None or int(budget) < 1:
         raise FgvceError(f"budget must be a positive number of game evaluations, got {budget!r}")
     sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)  # FgvceError for a bad chunk_size
-    est = registry.get(method)(n_players)
+    est = estimator(method, n_players, int(budget))
     n_units = est.n_units(int(budget))
     e = evaluation_block(est, n_units, bytes_per_evaluation, n_games)
     r = reduction_block(est, n_units, e)

@@ -1,25 +1,46 @@
-"""KernelSHAP (Lundberg and Lee 2017) with paired sampling and exact efficiency.
+"""KernelSHAP (Lundberg and Lee 2017): paired, border-enumerated, size-stratified, efficiency exact.
 
-Coalition sizes s = 1..n-1 are drawn with probability proportional to the
-Shapley kernel summed over a size, ``(n - 1) / (s (n - s))``; the coalition is
-a uniform subset of that size, and each is paired with its complement
-(Covert and Lee 2021). Sampling by the kernel makes every row's regression
-weight 1, so phi solves
+The Shapley values solve the kernel-weighted least squares over all coalitions
+0 < |S| < n (Charnes et al. 1988; Lundberg and Lee 2017)
 
-    min_phi  sum_i (z_i . phi - (v(z_i) - v(0)))^2   s.t.   1 . phi = v(1) - v(0)
+    min_phi  sum_S w(|S|) (z_S . phi - (v(S) - v(0)))^2   s.t.   1 . phi = v(1) - v(0),
+    w(s) = (n - 1) / (C(n, s) s (n - s)),   K(s) = C(n, s) w(s) = (n - 1) / (s (n - s))
 
-in closed form from the sufficient statistics A = sum z z^T, b = sum z (v - v(0)):
+(K(s): the kernel mass of size s). The estimator keeps the sum exact where it is cheap and
+samples the rest:
 
-    phi = A^-1 (b - lam 1),   lam = (1^T A^-1 b - (v(1) - v(0))) / (1^T A^-1 1).
+- **border**: the 2n coalitions of sizes 1 and n - 1 (n singletons, n complements) are
+  anchors, evaluated once per game and weighted w(1) = 1 / n exactly (Musco and Witter 2025);
+- **sampled sizes** 2..n-2: unit i is a coalition z of size s_i and its complement
+  (paired sampling, Covert and Lee 2021), z a uniform subset of that size from unit i's key.
+  Sizes follow q(s) ∝ K(s) / k_s with integer size weights k_s (here k_s = 1: sizes
+  proportional to the kernel; :mod:`fgvce_jax.shapley.leverage` makes them nearly uniform).
+  s_i is the inverse CDF of q at the golden-ratio (Weyl) point u_i = frac(i phi + 1/2), a
+  deterministic low-discrepancy sequence in the unit index: for every size the number of
+  units of U with that size is within a few of U q(s) (no multinomial noise in the size
+  counts), and unit i still depends on (key, i) alone.
 
-A holds integer counts (int32 ``counts``, exact in any order); ``sum z v`` is a per-unit
-statistic that the engine sums in its fixed order.
+The importance weight of a sampled pair is K(s) / q(s) / 2 per row = Z k_s / 2 with
+Z = sum_{s=2}^{n-2} K(s) / k_s, so over U units the sampled rows carry c2 k_s, c2 = Z / (2 U).
+With A_b = sum_border z z^T = 2 I + (n - 2) 1 1^T, b_b = sum_border z (v - v(0)),
+A_s = sum_units k_s (z z^T + ~z ~z^T) and b_s = sum_units k_s (z (v(z) - v0) + ~z (v(~z) - v0)):
 
-A gets a ridge of 1e-6 mean(diag A) so that few samples still give a solution; the
-constraint holds exactly whatever A is.
+    A = A_b / n + c2 A_s,   b = b_b / n + c2 b_s,
+    phi = A^-1 (b - lam 1),   lam = (1^T A^-1 b - (v(1) - v(0))) / (1^T A^-1 1),
 
-v(empty) and v(full) are evaluated exactly (the two anchors); one unit is a
-pair (2 evaluations).
+the projected (efficiency-constrained) solve, so efficiency holds exactly whatever A is.
+A_s holds exact integer counts (int32 ``counts``: a float product of 0/1 rows times
+k_s < 1024 is exact below 2^24 per block); ``k_s sum z v`` is a per-unit float statistic
+that the engine sums in its fixed order. A gets a ridge of 1e-6 mean(diag A).
+
+Deviation from sampling proper: the sizes are a fixed sequence, so the size counts differ from
+U q(s) by the sequence's discrepancy (O(log U) units per size), a relative weight error that
+vanishes as 1/U; given its size, each subset is uniform, so the estimate is consistent.
+Coalitions are drawn with replacement (units are independent; see docs/shapley.md).
+
+v(empty), v(full) and the border are the 2 n + 2 anchors; one unit is a pair (2 evaluations),
+so the smallest budget is 2 n + 4. Fewer than 4 players have no sampled sizes (and 2^n <= 2 n + 4
+is exact in the engine).
 """
 from __future__ import annotations
 
@@ -31,12 +52,29 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.permutation import uniform_ranks
 from fgvce_jax.shapley.registry import Estimator, register
 
+GOLDEN = 2654435769  # round(2^32 (sqrt(5) - 1) / 2): the Weyl step frac(phi) in 32-bit fixed point
+MAX_SIZE_WEIGHT = 1023  # k_s * (2 rows * 2^13 units per block) stays below 2^24: exact float counts
 
-def size_distribution(n: int) -> np.ndarray:
-    """p (n - 1,): probability of coalition size s = 1..n-1, proportional to (n - 1) / (s (n - s))."""
-    s = np.arange(1, n)
-    p = (n - 1) / (s * (n - s))
-    return p / p.sum()
+
+def kernel_mass(n: int) -> np.ndarray:
+    """K (n + 1,) float64: K(s) = (n - 1) / (s (n - s)) for s = 1..n-1, the Shapley kernel summed
+    over the C(n, s) coalitions of size s; 0 for s = 0 and n."""
+    s = np.arange(n + 1)
+    inner = (s > 0) & (s < n)
+    return np.where(inner, (n - 1) / np.where(inner, s * (n - s), 1), 0.0)
+
+
+def size_cdf(n: int, k: np.ndarray) -> np.ndarray:
+    """cdf (n - 3,) float64 of q(s) ∝ K(s) / k_s over the sampled sizes s = 2..n-2."""
+    q = kernel_mass(n)[2:n - 1] / k[2:n - 1]
+    return np.cumsum(q) / q.sum()
+
+
+def weyl_point(index: jax.Array) -> jax.Array:
+    """u in [0, 1) float32: frac(index (sqrt(5) - 1) / 2 + 1/2) in exact 32-bit integer arithmetic
+    (the golden-ratio Kronecker sequence, the lowest-discrepancy one-dimensional rotation)."""
+    h = index.astype(jnp.uint32) * jnp.uint32(GOLDEN) + jnp.uint32(2 ** 31)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
 def constrained_wls(A: jax.Array, b: jax.Array, total: jax.Array) -> jax.Array:
@@ -52,39 +90,63 @@ def constrained_wls(A: jax.Array, b: jax.Array, total: jax.Array) -> jax.Array:
 
 @register("kernel")
 class Kernel(Estimator):
-    """One unit = a coalition and its complement (2 evaluations), plus the empty and full anchors."""
+    """One unit = a coalition of a stratified size in 2..n-2 and its complement (2 evaluations);
+    anchors: v(empty), v(full), the n singletons and the n complements of singletons."""
+
+    def size_weights(self) -> np.ndarray:
+        """k (n + 1,) int: the integer regression weight of a sampled row of size s (q(s) ∝ K(s) / k_s).
+        KernelSHAP samples sizes proportionally to the kernel: k = 1."""
+        return np.ones(self.n + 1, np.int64)
 
     def anchors(self):
-        return np.stack([np.zeros(self.n, bool), np.ones(self.n, bool)])
+        eye = np.eye(self.n, dtype=bool)
+        return np.concatenate([np.zeros((1, self.n), bool), np.ones((1, self.n), bool), eye, ~eye])
 
     def n_units(self, budget):
-        if self.n < 2:
-            raise FgvceError("kernel needs at least 2 players")
-        return super().n_units(budget)
+        if self.n < 4:
+            raise FgvceError(f"{self.name} samples coalition sizes 2..n-2 and needs at least 4 players, got "
+                             f"{self.n}; a budget of 2^{self.n} = {2 ** self.n} evaluations is exact")
+        units = super().n_units(budget)
+        if 2 * units * int(self.size_weights().max()) >= 2 ** 31:
+            raise FgvceError(f"{self.name} counts overflow int32 beyond {2 ** 30 // int(self.size_weights().max())} "
+                             f"pairs for {self.n} players, got a budget of {budget}")
+        return units
 
     def evals_per_unit(self):
         return 2
 
     def draw(self, key, index):
-        k_size, k_sub = jax.random.split(key)
-        p = jnp.asarray(size_distribution(self.n), jnp.float32)
-        s = jax.random.choice(k_size, jnp.arange(1, self.n), p=p)
-        return uniform_ranks(jax.random.uniform(k_sub, (self.n,))) < s  # z (n,): a uniform subset of size s
+        """(z (n,) bool, k_s float32): a uniform subset of size s_index and its size weight."""
+        k = self.size_weights()
+        cdf = jnp.asarray(size_cdf(self.n, k)[:-1], jnp.float32)
+        s = 2 + jnp.searchsorted(cdf, weyl_point(index), side="right")
+        z = uniform_ranks(jax.random.uniform(key, (self.n,))) < s
+        return z, jnp.asarray(k, jnp.float32)[s]
 
-    def masks(self, z):
+    def masks(self, draw):
+        z, _ = draw
         return jnp.stack([z, ~z])
 
-    def unit_stats(self, z, values):
-        return jnp.where(z, values[0], values[1])  # z v(z) + (1 - z) v(~z): one term is zero, so exact
+    def unit_stats(self, draw, values):
+        z, k = draw
+        return k * jnp.where(z, values[0], values[1])  # k (z v(z) + ~z v(~z)): one term is zero, so exact
 
-    def counts(self, z, valid):
-        """A = sum over the block's masks of z z^T, as int32 (a float product of 0/1 is exact below 2^24)."""
-        zz = jnp.concatenate([z, ~z]) & jnp.concatenate([valid, valid])[:, None]
-        zz = zz.astype(jnp.float32)
-        return {"A": jnp.matmul(zz.T, zz, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)}
+    def counts(self, draws, valid):
+        """A_s = sum over the block's pairs of k_s (z z^T + ~z ~z^T), as int32 (exact: see the module)."""
+        z, k = draws
+        rows = jnp.concatenate([z, ~z]).astype(jnp.float32)
+        weights = jnp.where(jnp.concatenate([valid, valid]), jnp.concatenate([k, k]), 0.0)
+        a = jnp.matmul((rows * weights[:, None]).T, rows, precision=jax.lax.Precision.HIGHEST)
+        return {"A": a.astype(jnp.int32)}
 
     def finalize(self, total, counts, n_units, anchor_values):
+        n = self.n
         v0, v1 = anchor_values[0], anchor_values[1]
-        A = counts["A"].astype(jnp.float32)
-        b = total - v0 * jnp.diagonal(A)  # sum_i z_i (v_i - v0); z binary so sum_i z_i = diag(A)
-        return constrained_wls(A, b, v1 - v0)
+        singles, complements = anchor_values[2:2 + n] - v0, anchor_values[2 + n:] - v0
+        k = self.size_weights()
+        c2 = float((kernel_mass(n)[2:n - 1] / k[2:n - 1]).sum() / (2 * n_units))
+        A_s = counts["A"].astype(jnp.float32)
+        b_s = total - v0 * jnp.diagonal(A_s)  # sum k z (v - v0); z binary, so sum k z = diag(A_s)
+        A_b = 2 * jnp.eye(n, dtype=jnp.float32) + (n - 2)
+        b_b = singles + complements.sum() - complements
+        return constrained_wls(A_b / n + c2 * A_s, b_b / n + c2 * b_s, v1 - v0)
