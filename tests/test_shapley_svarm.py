@@ -99,15 +99,20 @@ def test_stratified_svarm_is_exact_when_sampled_strata_are_constant(n):
 @pytest.mark.parametrize("method, game_kind", [
     ("svarm", "elementwise"), ("stratified_svarm", "elementwise"), ("stratified_svarm", "affine")])
 def test_chunk_size_and_device_count_do_not_change_results(method, game_kind):
-    """Bit-identical on 1, 2 and 4 devices and for chunk sizes default, 7 and 1 (games whose rows do not
-    depend on the batch size: elementwise, and stratified SVARM's affine path; svarm has no affine path)."""
+    """Bit-identical on 1, 2 and 4 devices and for chunk sizes default, 7 and 1 (elementwise games; svarm has
+    no affine path). The affine game's anchors are matmul rows evaluated in calls of at most chunk_size,
+    which XLA rounds differently below 64 rows: there the small chunks are checked to float rounding, as for
+    the other estimators (docs/shapley.md), and the device count alone still changes no bit."""
     n, budget = 8, 400
     game = {"elementwise": elementwise_game(n), "affine": affine_game(n)}[game_kind]
     ref = np.asarray(shapley.estimate(game, n, method=method, budget=budget, key=KEY, mesh=_mesh(1)).phi)
     for chunk, devices in [(None, 4), (7, 2), (1, 4)]:
         got = np.asarray(shapley.estimate(game, n, method=method, budget=budget, key=KEY, chunk_size=chunk,
                                           mesh=_mesh(devices)).phi)
-        np.testing.assert_array_equal(got, ref, err_msg=f"chunk_size={chunk}, {devices} devices")
+        if game_kind == "affine" and chunk is not None:
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7, err_msg=f"chunk_size={chunk}")
+        else:
+            np.testing.assert_array_equal(got, ref, err_msg=f"chunk_size={chunk}, {devices} devices")
 
 
 @pytest.mark.parametrize("method", SVARMS)
@@ -155,7 +160,7 @@ def test_new_game_arguments_do_not_recompile(method):
 def test_reported_evaluations_are_the_rows_evaluated(method):
     """A counting game sees exactly ``evaluations`` rows (16 units: whole blocks, no padding); a budget
     that is not a whole number of units is rounded down, never up."""
-    n = 6
+    n = 8  # budgets below 2^n: no exact fallback
     budget = min_budget(method, n, 16)
     spare = 1 if method == "svarm" else len(slots(n)[0]) - 1
     game, rows = counting_game(elementwise_game(n))
@@ -166,7 +171,7 @@ def test_reported_evaluations_are_the_rows_evaluated(method):
 
 @pytest.mark.parametrize("method, n, budget, match", [
     ("svarm", 5, 9, "at least 10"),  # the warm-up: 2 n
-    ("stratified_svarm", 3, 1000, "at least 4 players"),
+    ("stratified_svarm", 3, 7, "at least 4 players"),  # a budget of 2^3 = 8 would run exact
     ("stratified_svarm", 5, 13, "at least 14"),  # 2 n + 2 anchors + m = 2 per unit
 ])
 def test_bad_budgets_raise_clear_errors(method, n, budget, match):
