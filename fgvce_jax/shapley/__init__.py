@@ -1,10 +1,11 @@
 """Shapley values of games over feature maps (SPEC 2-3).
 
 ``estimate`` dispatches to the estimators registered by name (``exact``,
-``permutation``, ``antithetic``, ``kernel``); ``local`` is the saliency
+``permutation``, ``antithetic``, ``kernel``, ``permutation_cv``, ``antithetic_cv``);
+``local`` is the saliency
 partition estimator; ``feature_game`` builds the game of one image.
 """
-from fgvce_jax.shapley import antithetic, exact, kernel, permutation  # noqa: F401  (register the estimators)
+from fgvce_jax.shapley import antithetic, antithetic_cv, exact, kernel, permutation, permutation_cv  # noqa: F401
 from fgvce_jax.shapley.estimate import ShapleyResult, estimate
 from fgvce_jax.shapley.game import Game, as_game, feature_game
 from fgvce_jax.shapley.local import local
