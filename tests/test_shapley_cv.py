@@ -4,11 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_shapley import KEY, affine_game, elementwise_game, mlp_game, softmax_game
+from test_shapley_local import affine_game as local_affine_game
+from test_shapley_local import per_window_reference, sigmoid_game
 
 from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
-from fgvce_jax.shapley.game import Game, as_game
+from fgvce_jax.shapley.game import Game, as_game, is_affine
+from fgvce_jax.shapley.local import layout as local_layout
+from fgvce_jax.shapley.local import run_batch as run_local
 from fgvce_jax.shapley.permutation_cv import pooled, rank_counts
 from fgvce_jax.shapley.sharding import device_mesh
 
@@ -50,8 +54,8 @@ def test_rank_counts_and_pooling():
 
 @pytest.mark.parametrize("method", CV)
 def test_unbiased_and_efficient_on_a_nonlinear_ten_player_game(method):
-    """Mean over 64 keys within 5 standard errors of exact (U = 4 permutations: leave-one-out is exact
-    even so); every run's values sum to v(N) - v(empty)."""
+    """Mean over 64 keys within 5 standard errors of exact (with U = 4 units: leave-one-out is unbiased at
+    any U >= 2); every run's values sum to v(N) - v(empty)."""
     n, reps = 10, 64
     game = softmax_game(n, seed=3)
     exact = np.asarray(shapley.estimate(game, n, method="exact", budget=2 ** n, key=KEY).phi)
@@ -82,10 +86,9 @@ def test_bit_identical_across_devices_and_chunk_sizes(method, game_kind):
     meshes = [jax.make_mesh((d,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:d])
               for d in (1, 2, 4)]
     ref = np.asarray(shapley.estimate(game, n, method=method, budget=400, key=KEY, mesh=meshes[0]).phi)
-    for chunk in (None, 10 ** 6, 7, 1):
-        for mesh in meshes:
-            got = shapley.estimate(game, n, method=method, budget=400, key=KEY, chunk_size=chunk, mesh=mesh).phi
-            np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"chunk_size={chunk}, {mesh.size} devices")
+    for chunk, mesh in [(None, meshes[1]), (None, meshes[2]), (10 ** 6, meshes[2]), (7, meshes[1]), (1, meshes[2])]:
+        got = shapley.estimate(game, n, method=method, budget=400, key=KEY, chunk_size=chunk, mesh=mesh).phi
+        np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"chunk_size={chunk}, {mesh.size} devices")
 
 
 @pytest.mark.parametrize("method", CV)
@@ -116,3 +119,65 @@ def test_second_call_does_not_recompile():
 def test_at_least_two_units(method, budget):
     with pytest.raises(FgvceError, match="at least"):
         shapley.estimate(mlp_game(5), 5, method=method, budget=budget, key=KEY)
+
+
+# --- local: size-stratified draws (the ideal size control variate) ---------------------------------------
+
+def local_runs(game, grid, samples, paired, stratified, reps, args=()):
+    """Phi (reps, H, W) of ``local`` (3 x 3 windows, outside absent) from ``reps`` keys in one compiled call."""
+    mesh = device_mesh()
+    draws = samples // 2 if paired else samples
+    u, n_chunks = local_layout(grid, draws, paired, reps, 64, None, mesh, is_affine(game))
+    keys = jax.random.split(jax.random.key(11), reps)
+    args = jax.tree.map(lambda a: jnp.broadcast_to(a, (reps, *jnp.shape(a))), args)
+    return np.asarray(run_local(game, args, keys, grid=grid, kernel=3, draws=draws, outside="absent", paired=paired,
+                                u=u, n_chunks=n_chunks, mesh=mesh, stratified=stratified), np.float64)
+
+
+def window_size_game(grid, seed=0):
+    """sigmoid(2 (|S| - 3)) + a small additive part: within a 3 x 3 window the marginal is mostly a function
+    of |S| (a probability saturating with the number of present positions)."""
+    a = 0.02 * jax.random.normal(jax.random.key(seed), grid)
+    return lambda m: jax.nn.sigmoid(2.0 * (m.sum((1, 2)) - 3.0)) + (a * m).sum((1, 2))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_stratified_local_is_unbiased_for_each_window(paired):
+    grid, reps = (3, 4), 48
+    game = sigmoid_game(grid)
+    runs = local_runs(lambda args, m: game(m), grid, 6, paired, True, reps)  # 3 or 6 strata over 9 sizes
+    ref = per_window_reference(game, grid, 3, "absent")
+    se = runs.std(0, ddof=1) / np.sqrt(reps)
+    assert np.all(np.abs(runs.mean(0) - ref) <= 5 * se + 1e-6)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_stratified_local_has_lower_error_on_a_size_dominated_game(paired):
+    grid, reps = (4, 4), 16
+    game = window_size_game(grid)
+    ref = per_window_reference(game, grid, 3, "absent")
+    err = {s: np.sqrt(((local_runs(lambda args, m: game(m), grid, 16, paired, s, reps) - ref) ** 2).mean())
+           for s in (False, True)}
+    assert err[True] < 0.5 * err[False], err
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_stratified_local_is_bit_identical_across_chunks_and_devices(affine):
+    grid = (5, 6)
+    game = local_affine_game(grid, "prob") if affine else sigmoid_game(grid)
+    meshes = [jax.make_mesh((d,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:d])
+              for d in (1, 4)]
+    kw = dict(kernel=3, samples=6, key=KEY, stratified=True)
+    ref = shapley.local(game, grid, mesh=meshes[0], **kw)
+    for chunk, mesh in [(None, meshes[1]), (4, meshes[0]), (1, meshes[1])]:
+        np.testing.assert_array_equal(shapley.local(game, grid, chunk_size=chunk, mesh=mesh, **kw), ref)
+    assert not np.array_equal(ref, shapley.local(game, grid, mesh=meshes[0], **{**kw, "stratified": False}))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_stratified_local_affine_path_equals_generic_path(paired):
+    grid = (5, 6)
+    game = local_affine_game(grid, "prob")
+    kw = dict(kernel=3, samples=4, key=KEY, paired=paired, stratified=True)
+    np.testing.assert_allclose(shapley.local(game, grid, **kw), shapley.local(lambda m: game(m), grid, **kw),
+                               rtol=1e-5, atol=1e-6)
