@@ -86,7 +86,7 @@ def test_bit_identical_across_devices_and_chunk_sizes(method, game_kind):
     meshes = [jax.make_mesh((d,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:d])
               for d in (1, 2, 4)]
     ref = np.asarray(shapley.estimate(game, n, method=method, budget=400, key=KEY, mesh=meshes[0]).phi)
-    for chunk, mesh in [(None, meshes[1]), (None, meshes[2]), (10 ** 6, meshes[2]), (7, meshes[1]), (1, meshes[2])]:
+    for chunk, mesh in [(None, meshes[2]), (7, meshes[1]), (1, meshes[2])]:
         got = shapley.estimate(game, n, method=method, budget=400, key=KEY, chunk_size=chunk, mesh=mesh).phi
         np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"chunk_size={chunk}, {mesh.size} devices")
 
