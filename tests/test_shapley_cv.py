@@ -1,13 +1,17 @@
-"""Variance reduction at no extra evaluations: the rank control variate of permutation_cv / antithetic_cv."""
+"""Variance reduction at no extra evaluations: the rank control variate (permutation_cv, antithetic_cv) and
+local's size-stratified draws (stratified=True)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_saliency import LIN_PARAMS, Z, LinearSplit
+from test_saliency import H as SH
+from test_saliency import W as SW
 from test_shapley import KEY, affine_game, elementwise_game, mlp_game, softmax_game
 from test_shapley_local import affine_game as local_affine_game
 from test_shapley_local import per_window_reference, sigmoid_game
 
-from fgvce_jax import shapley
+from fgvce_jax import saliency, shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
 from fgvce_jax.shapley.game import Game, as_game, is_affine
@@ -181,3 +185,13 @@ def test_stratified_local_affine_path_equals_generic_path(paired):
     kw = dict(kernel=3, samples=4, key=KEY, paired=paired, stratified=True)
     np.testing.assert_allclose(shapley.local(game, grid, **kw), shapley.local(lambda m: game(m), grid, **kw),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_saliency_compute_passes_stratified_to_local():
+    classes = jnp.array([0, 3])
+    phi = saliency.compute(LinearSplit(), LIN_PARAMS, Z[:2], None, classes, kernel=3, samples=4, key=KEY,
+                           stratified=True)
+    for i in range(2):
+        game = shapley.feature_game(LinearSplit(), LIN_PARAMS, Z[i], None, classes[i])
+        want = shapley.local(game, (SH, SW), kernel=3, samples=4, key=jax.random.fold_in(KEY, i), stratified=True)
+        np.testing.assert_allclose(phi[i], want, atol=1e-6)
