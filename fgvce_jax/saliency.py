@@ -108,11 +108,12 @@ def _pad(tree, n_to: int):
 
 def compute(split_model, params, z, ctx, classes, *, method: str = "local", kernel: int = 3, samples: int = 32,
             key: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
-            paired: bool = True, budget: int | None = None, chunk_size: int | None = None, mesh=None) -> jax.Array:
+            paired: bool = True, stratified: bool = False, budget: int | None = None, chunk_size: int | None = None,
+            mesh=None) -> jax.Array:
     """Phi (N, H, W) float32 for feature maps z (N, H, W, D), contexts ctx (per-image, leading N) and classes (N,).
 
-    See the module docstring for the methods; ``kernel``, ``samples``, ``outside`` and ``paired`` are
-    ``local``'s (SPEC 3), ``budget`` is ``global``'s (default 2 H W samples evaluations per image).
+    See the module docstring for the methods; ``kernel``, ``samples``, ``outside``, ``paired`` and
+    ``stratified`` are ``local``'s (SPEC 3), ``budget`` is ``global``'s (default 2 H W samples evaluations per image).
     ``baseline`` and ``output`` define the game (SPEC 2, ``fgvce_jax.shapley.feature_game``).
     """
     if method not in METHODS:
@@ -141,7 +142,7 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
         draws = check_local((h, w), kernel, samples, outside, paired)
         u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh, is_affine(fn))
         return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
-                         paired=paired, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared)
+                         paired=paired, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared, stratified=stratified)
     budget = 2 * h * w * samples if budget is None else budget
     p = plan_global("permutation", h * w, budget, bytes_per_eval, n, chunk_size, mesh)
     phi = run_global(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r,

@@ -9,7 +9,8 @@ its size uniform in 0..|W_p|-1, then a uniform subset of that size. Positions
 outside W_p are held absent (``outside="absent"``) or present. With ``paired``
 each draw S also uses its complement in W_p minus {p} (whose size is again
 uniform), so M samples are M/2 pairs; either way a window costs 2 M
-evaluations and the map 2 HW M.
+evaluations and the map 2 HW M. With ``stratified`` the sizes of a window's
+draws are stratified (:func:`stratified_subset`), at the same cost.
 
 Work item i = (window p, draw j) with i = p * draws + j uses the key
 ``fold_in(image_key, i)``. Items are split over a 1-D device mesh and walked in
@@ -32,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
 from fgvce_jax.shapley.game import as_game, check_game, is_affine, with_shared
+from fgvce_jax.shapley.permutation import uniform_ranks
 
 OUTSIDE = ("absent", "present")
 
@@ -61,6 +63,33 @@ def shapley_subset(key: jax.Array, players: jax.Array) -> jax.Array:
     return players & (u[:-1].reshape(players.shape) < u[-1])
 
 
+def stratified_subset(key: jax.Array, players: jax.Array, stratum: tuple[jax.Array, int]) -> jax.Array:
+    """bool like ``players``: draw j of M = ``stratum`` (j, M) with its size in stratum j of the uniform size law.
+
+    |S| = floor((j + t) (n + 1) / M) for t uniform and n = |players|, then S uniform given its size (the
+    players of lowest u_q). Over j uniform this is the Shapley law of ``shapley_subset``; over the M
+    draws of a window each stratum is drawn once, so their mean is unbiased and its variance is the
+    within-strata part only -- never above iid draws', and the size-driven part of the marginal (the
+    whole of it in a game of |S| alone, e.g. a probability saturating with the number of present
+    positions) is gone. It is the ideal size control variate g(|S|) = E[Delta | |S|], at no evaluations.
+    """
+    j, strata = stratum
+    u = jax.random.uniform(key, (players.size + 1,))
+    size = jnp.floor((j + u[-1]) / strata * (players.sum() + 1))
+    rank = uniform_ranks(jnp.where(players.reshape(-1), u[:-1], 2.0)).reshape(players.shape)
+    return players & (rank < size)
+
+
+def draw_subset(key: jax.Array, players: jax.Array, stratum) -> jax.Array:
+    """``shapley_subset`` (stratum None) or ``stratified_subset`` (stratum = (draw j, draws M))."""
+    return shapley_subset(key, players) if stratum is None else stratified_subset(key, players, stratum)
+
+
+def draw_stratum(idx: jax.Array, draws: int, stratified: bool):
+    """The stratum (j, M) of item idx = p * draws + j, or None when not ``stratified``."""
+    return (idx % draws, draws) if stratified else None
+
+
 def window_frame(p: jax.Array, grid: tuple[int, int], kernel: int):
     """(rows (k,), cols (k,), players bool (k, k)): the k x k window around flat position p in its own
     coordinates -- grid rows/cols of its cells (possibly off the grid) and its players (on the grid, not p)."""
@@ -77,7 +106,7 @@ def in_window_coordinates(grid: tuple[int, int], kernel: int) -> bool:
     return kernel * kernel < grid[0] * grid[1]
 
 
-def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int) -> jax.Array:
+def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int, stratum=None) -> jax.Array:
     """bool (H, W): a Shapley-weighted subset S of W_p minus {p}, drawn in the k x k window's own coordinates.
 
     Sampling among the k^2 window cells (not the H W grid) keeps the draw small; the subset is then
@@ -86,18 +115,19 @@ def window_subset(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: i
     """
     h, w = grid
     rows, cols, players = window_frame(p, grid, kernel)
-    s_local = shapley_subset(key, players).astype(jnp.float32)
+    s_local = draw_subset(key, players, stratum).astype(jnp.float32)
     to_rows = (rows[:, None] == jnp.arange(h)[None, :]).astype(jnp.float32)  # (k, H) one-hot placement
     to_cols = (cols[:, None] == jnp.arange(w)[None, :]).astype(jnp.float32)  # (k, W)
     return (to_rows.T @ s_local @ to_cols) > 0.5
 
 
 def item_masks(key: jax.Array, p: jax.Array, grid: tuple[int, int], kernel: int, outside: str,
-               paired: bool) -> jax.Array:
+               paired: bool, stratum=None) -> jax.Array:
     """bool (E, H, W) for one draw at window p: [S, S + p] (+ [S', S' + p] when paired), E = 2 or 4."""
     win, players = window_players(grid, kernel, p)
     here = win & ~players
-    s = window_subset(key, p, grid, kernel) if in_window_coordinates(grid, kernel) else shapley_subset(key, players)
+    s = (window_subset(key, p, grid, kernel, stratum) if in_window_coordinates(grid, kernel)
+         else draw_subset(key, players, stratum))
     draws = [s, players & ~s] if paired else [s]
     rest = ~win if outside == "present" else jnp.zeros(grid, bool)
     return jnp.stack([m for d in draws for m in (d | rest, d | rest | here)])
@@ -108,21 +138,21 @@ def marginal(values: jax.Array) -> jax.Array:
     return (values[1::2] - values[0::2]).mean()
 
 
-def generic_items(fn, grid, kernel, draws, outside, paired):
+def generic_items(fn, grid, kernel, draws, outside, paired, stratified=False):
     """unit = one (window, draw) item: ``run(args, key, idx (u,)) -> marginals (u,)``, the game on full masks."""
     hw = grid[0] * grid[1]
     e = 4 if paired else 2
 
     def run(args, key, idx):
         p = jnp.minimum(idx // draws, hw - 1)  # padding items reuse the last window; dropped by the caller
-        masks = jax.vmap(lambda i, q: item_masks(jax.random.fold_in(key, i), q, grid, kernel, outside,
-                                                 paired))(idx, p)
+        masks = jax.vmap(lambda i, q: item_masks(jax.random.fold_in(key, i), q, grid, kernel, outside, paired,
+                                                 draw_stratum(i, draws, stratified)))(idx, p)
         values = fn(args, masks.reshape(idx.shape[0] * e, *grid)).reshape(-1, e).astype(jnp.float32)
         return jax.vmap(marginal)(values)
     return run
 
 
-def affine_windows(fn, grid, kernel, draws, outside, paired):
+def affine_windows(fn, grid, kernel, draws, outside, paired, stratified=False):
     """unit = one window with all its draws, for an affine game (``game.is_affine``):
     ``run(args, key, idx (u,)) -> marginals (u, draws)``.
 
@@ -147,7 +177,8 @@ def affine_windows(fn, grid, kernel, draws, outside, paired):
         else:
             cells = contrib
             players = window_players(grid, kernel, p)[1]
-        subsets = jax.vmap(lambda i: shapley_subset(jax.random.fold_in(key, i), players))(
+        subsets = jax.vmap(lambda i: draw_subset(jax.random.fold_in(key, i), players,
+                                                 draw_stratum(i, draws, stratified)))(
             p * draws + jnp.arange(draws)).reshape(draws, -1).astype(jnp.float32)
         total = (cells * players.reshape(-1, 1)).sum(0)  # T (C,); a masked sum (a batched matvec is slow on CPU)
         offset = args["offset"]
@@ -165,8 +196,9 @@ def affine_windows(fn, grid, kernel, draws, outside, paired):
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "grid", "kernel", "draws", "outside", "paired", "u",
-                                             "n_chunks", "mesh"))
-def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh, shared=None):
+                                             "n_chunks", "mesh", "stratified"))
+def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh, shared=None,
+              stratified=False):
     """Phi (N, H, W) for N games ``fn(with_shared(shared, args[i]), .)`` (args with a leading N axis,
     ``shared`` without one, e.g. the model parameters) and keys (N,).
 
@@ -176,7 +208,7 @@ def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chun
     axis = mesh.axis_names[0]
     hw = grid[0] * grid[1]
     affine = is_affine(fn)
-    units = (affine_windows if affine else generic_items)(fn, grid, kernel, draws, outside, paired)
+    units = (affine_windows if affine else generic_items)(fn, grid, kernel, draws, outside, paired, stratified)
     n_units = hw if affine else hw * draws
 
     def body(shared, args, keys):
@@ -230,7 +262,7 @@ def layout(grid, draws, paired, n_games, bytes_per_evaluation, chunk_size, mesh,
 
 
 def local(game, grid: tuple[int, int], *, kernel: int, samples: int, key: jax.Array, outside: str = "absent",
-          paired: bool = True, chunk_size: int | None = None, mesh=None) -> jax.Array:
+          paired: bool = True, stratified: bool = False, chunk_size: int | None = None, mesh=None) -> jax.Array:
     """The saliency-partition estimate Phi (H, W) of a game ``bool[B, H, W] -> float[B]``.
 
     Args:
@@ -241,6 +273,8 @@ def local(game, grid: tuple[int, int], *, kernel: int, samples: int, key: jax.Ar
       key: a PRNG key.
       outside: positions outside the window are ``absent`` or ``present``.
       paired: pair each draw with its complement inside the window.
+      stratified: draw j of a window's M draws (pairs) takes its size from stratum j of the size law
+        (``stratified_subset``): unbiased, never more variance, the size-driven part removed.
       chunk_size: evaluations per chunk on one device (default: from the memory budget).
       mesh: a 1-D device mesh (default: all devices).
     """
@@ -253,4 +287,4 @@ def local(game, grid: tuple[int, int], *, kernel: int, samples: int, key: jax.Ar
     args = jax.tree.map(lambda a: jnp.asarray(a)[None], game.args)
     keys = key[None]
     return run_batch(game.fn, args, keys, grid=grid, kernel=kernel, draws=draws, outside=outside, paired=paired,
-                     u=u, n_chunks=n_chunks, mesh=mesh)[0]
+                     u=u, n_chunks=n_chunks, mesh=mesh, stratified=stratified)[0]
