@@ -71,11 +71,11 @@ def _axis_level(convs, n_in: int, affected: list) -> tuple[int, np.ndarray, np.n
         n_c = (size - 1) // s + 1
         starts, exact = [], []
         for lo, hi in out_affected:
-            start = min(max(max(rf[lo][0], 0) // s * s, 0), n_in - size)
+            start = min(max(rf[lo][0], 0) // s * s, n_in - size)
+            first = start // s
             ok = [max(rf[j][0], 0) >= start and min(rf[j][1], n_in - 1) <= start + size - 1
-                  for j in range(start // s, start // s + n_c)]
-            if not all(ok[j - start // s] if start // s <= j < start // s + n_c else False
-                       for j in range(lo, hi + 1)):
+                  for j in range(first, first + n_c)]  # the output reads inside the crop or the map's padding
+            if not all(first <= j < first + n_c and ok[j - first] for j in range(lo, hi + 1)):
                 break
             starts.append(start)
             exact.append(ok)
