@@ -32,13 +32,26 @@ def _downsample(cin: int, cout: int, stride: int, rngs: nnx.Rngs) -> nnx.List | 
     return nnx.List([conv(cin, cout, 1, stride, rngs=rngs), batch_norm(cout, rngs=rngs)])
 
 
-def _shortcut(block, x: jax.Array) -> jax.Array:
-    if block.downsample is None:
-        return x
-    return block.downsample[1](block.downsample[0](x))
+class _Block(nnx.Module):
+    """A residual block split at its first spatial mixing: ``block(x) = body(prefix(x), shortcut(x))``.
+
+    ``prefix`` and ``shortcut`` are point-wise (1x1 convs, BatchNorm, ReLU; the shortcut strided), so
+    they commute with a position mask: ``prefix(where(m, Z, B)) = where(m, prefix(Z), prefix(B))`` and
+    ``shortcut(where(m, Z, B)) = where(m[::s, ::s], shortcut(Z), shortcut(B))``. ``convs`` lists the
+    body's spatial convs as (radius, stride), in order, for receptive-field arithmetic.
+    """
+
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        """(N,H,W,cin) -> (N,H/s,W/s,cout): the identity or the strided 1x1 conv + BN projection."""
+        if self.downsample is None:
+            return x
+        return self.downsample[1](self.downsample[0](x))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.body(self.prefix(x), self.shortcut(x))
 
 
-class BasicBlock(nnx.Module):
+class BasicBlock(_Block):
     """Two 3x3 convs with a residual: (N,H,W,cin) -> (N,H/s,W/s,planes)."""
 
     expansion = 1
@@ -49,14 +62,18 @@ class BasicBlock(nnx.Module):
         self.conv2 = conv(planes, planes, 3, rngs=rngs)
         self.bn2 = batch_norm(planes, rngs=rngs)
         self.downsample = _downsample(cin, planes, stride, rngs)
+        self.convs = ((1, stride), (1, 1))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return nnx.relu(y + _shortcut(self, x))
+    def prefix(self, x: jax.Array) -> jax.Array:
+        """The identity: the first layer is already a 3x3 conv."""
+        return x
+
+    def body(self, y: jax.Array, skip: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(y)))
+        return nnx.relu(self.bn2(self.conv2(y)) + skip)
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(_Block):
     """1x1 -> 3x3 (stride here, v1.5) -> 1x1 x4 with a residual: (N,H,W,cin) -> (N,H/s,W/s,4*planes)."""
 
     expansion = 4
@@ -69,12 +86,15 @@ class Bottleneck(nnx.Module):
         self.conv3 = conv(planes, planes * 4, 1, rngs=rngs)
         self.bn3 = batch_norm(planes * 4, rngs=rngs)
         self.downsample = _downsample(cin, planes * 4, stride, rngs)
+        self.convs = ((1, stride),)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
+    def prefix(self, x: jax.Array) -> jax.Array:
+        """The point-wise 1x1 conv, BN and ReLU: (N,H,W,cin) -> (N,H,W,planes)."""
+        return nnx.relu(self.bn1(self.conv1(x)))
+
+    def body(self, y: jax.Array, skip: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return nnx.relu(y + _shortcut(self, x))
+        return nnx.relu(self.bn3(self.conv3(y)) + skip)
 
 
 class ResNet(Classifier):
@@ -139,6 +159,12 @@ class ResNet(Classifier):
         for b in self._blocks()[k:]:
             z = b(z)
         return self.fc(global_avg_pool(z))
+
+    def conv_head(self, at: str | None = None):
+        """(blocks, fc) with ``head(z) == fc(mean_hw(blocks(z)))`` when the head at ``at`` has residual
+        blocks (``layer4.0``, ``layer3``); None at ``layer4`` (GAP + fc only)."""
+        blocks = self._blocks()[self._split_index(self.resolve_split(at)):]
+        return (blocks, self.fc) if blocks else None
 
     def linear_head(self, at: str | None = None):
         """At split ``layer4``: (W (D,C), b (C,)) with ``head(z) == mean_hw(z) @ W + b``; else None."""

@@ -52,6 +52,12 @@ class SplitModel:
         """(W (D,C), b (C,)) with ``head(z) == mean_hw(z) @ W + b`` when g is GAP + linear, else None."""
         return self.module(params).linear_head(at=self.at)
 
+    def conv_head(self, params):
+        """(blocks, fc) with ``head(z) == fc(mean_hw(blocks(z)))`` for a residual head (``ResNet.conv_head``);
+        None for any other model or split. Each block has ``prefix``, ``shortcut``, ``body`` and ``convs``."""
+        make = getattr(self.module(params), "conv_head", None)
+        return None if make is None else make(at=self.at)
+
     def last_block_cache(self, params, z: jax.Array, ctx: dict):
         """ViT split at its last block: per-image attention scores and values (``ViT.last_block_cache``);
         None for any other model or split (no last-block fast path there)."""

@@ -11,6 +11,11 @@ with B the baseline (``zero``, a per-channel mean, a given map) or, for ViT,
 ``attention`` masking of absent tokens. Two structural fast paths are chosen
 automatically and give the generic path's numbers:
 
+- a residual convolutional head (``split_model.conv_head(params)`` is not None, ResNet ``layer4.0`` and
+  ``layer3``): :class:`ConvHead` mixes the first block's point-wise prefix of Z and B instead of Z and B,
+  and for local windows with ``outside="absent"`` evaluates the blocks on the window's receptive field
+  only (``fgvce_jax.shapley.crop``).
+
 - g = GAP + linear (``split_model.linear_head(params)`` is not None): the
   logits are affine in m, ``l(m) = b + W^T mean_p B_p + sum_p m_p W^T (Z_p - B_p) / HW``,
   so the per-position contributions (HW, C) are computed once and a coalition
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley import crop
 
 OUTPUTS = ("prob", "logit", "log_prob")
 BASELINES = ("zero", "mean", "attention")
@@ -183,6 +189,42 @@ def is_affine(fn) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvHead:
+    """v(m) = out_c(fc(mean_hw(blocks(where(m, Z, B))))) for a residual head, with the first block's
+    point-wise prefix and shortcut mixed from per-image maps (``crop.head_args``: ``fz, fb, sz, sb,
+    levels``, plus ``params`` and ``cls``).
+
+    A *croppable* game function (see :func:`is_croppable`): ``cropped(args, masks, centres, kernel)``
+    gives the same values for masks that are False outside the k x k window around each flat position
+    ``centres`` (B,), evaluating the blocks on that window's receptive field only. ``convs`` is each
+    block's spatial convs as (radius, stride).
+    """
+
+    split_model: Any
+    output: str
+    convs: tuple
+
+    def _readout(self, args, fc, pooled: jax.Array) -> jax.Array:
+        return read_output(fc(pooled), args["cls"], self.output)
+
+    def __call__(self, args, masks):
+        blocks, fc = self.split_model.conv_head(args["params"])
+        m = _grid_masks(masks, args["fz"].shape[:2])
+        return self._readout(args, fc, crop.full_pooled(blocks, args, m))
+
+    def cropped(self, args, masks, centres, kernel: int):
+        """float[B]: the game on masks bool[B, H, W] (or [B, H*W]) each inside its window (B,) of size k."""
+        blocks, fc = self.split_model.conv_head(args["params"])
+        m = _grid_masks(masks, args["fz"].shape[:2])
+        return self._readout(args, fc, crop.cropped_pooled(blocks, args, m, centres, kernel, self.convs))
+
+
+def is_croppable(fn) -> bool:
+    """Whether a game function offers ``fn.cropped(args, masks, centres, kernel)`` (:class:`ConvHead`)."""
+    return isinstance(fn, ConvHead)
+
+
+@dataclasses.dataclass(frozen=True)
 class LastBlockAttention:
     """v(m) = out_c(last_block_logits(cache, token_mask = m)) for a ViT split at its last block."""
 
@@ -261,5 +303,11 @@ def feature_game(split_model, params, z: jax.Array, ctx: dict | None, cls, *, ba
         offset = b + base.mean(axis=(0, 1)) @ W
         return Game(LinearHead(output), {"contrib": contrib, "offset": offset, "cls": cls},
                     4 * (h * w + 2 * W.shape[-1]))
+    conv = getattr(split_model, "conv_head", None) if fast else None
+    head = conv(params) if conv is not None else None
+    if head is not None and not ctx:
+        blocks = head[0]
+        args = {"params": params, "cls": cls, **crop.head_args(blocks, z, base)}
+        return Game(ConvHead(split_model, output, tuple(b.convs for b in blocks)), args, generic_bytes)
     return Game(GenericHead(split_model, output, False),
                 {"params": params, "z": z, "ctx": ctx, "cls": cls, "base": base}, generic_bytes)

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
-from fgvce_jax.shapley.game import as_game, check_game, is_affine, with_shared
+from fgvce_jax.shapley.game import as_game, check_game, is_affine, is_croppable, with_shared
 from fgvce_jax.shapley.permutation import uniform_ranks
 
 OUTSIDE = ("absent", "present")
@@ -139,15 +139,19 @@ def marginal(values: jax.Array) -> jax.Array:
 
 
 def generic_items(fn, grid, kernel, draws, outside, paired, stratified=False):
-    """unit = one (window, draw) item: ``run(args, key, idx (u,)) -> marginals (u,)``, the game on full masks."""
+    """unit = one (window, draw) item: ``run(args, key, idx (u,)) -> marginals (u,)``, the game on full masks
+    (on the windows' receptive fields for a croppable game, ``game.is_croppable``, with ``outside="absent"``)."""
     hw = grid[0] * grid[1]
     e = 4 if paired else 2
+    crop = is_croppable(fn) and outside == "absent"
 
     def run(args, key, idx):
         p = jnp.minimum(idx // draws, hw - 1)  # padding items reuse the last window; dropped by the caller
         masks = jax.vmap(lambda i, q: item_masks(jax.random.fold_in(key, i), q, grid, kernel, outside, paired,
                                                  draw_stratum(i, draws, stratified)))(idx, p)
-        values = fn(args, masks.reshape(idx.shape[0] * e, *grid)).reshape(-1, e).astype(jnp.float32)
+        masks = masks.reshape(idx.shape[0] * e, *grid)
+        values = fn.cropped(args, masks, jnp.repeat(p, e), kernel) if crop else fn(args, masks)
+        values = values.reshape(-1, e).astype(jnp.float32)
         return jax.vmap(marginal)(values)
     return run
 
