@@ -121,6 +121,14 @@ def write_json(path: str | os.PathLike, document: dict[str, Any]) -> Path:
     return path
 
 
+def write_json_and_plot(out: str | os.PathLike, document: dict[str, Any], draw: Callable[[Path], None]) -> None:
+    """Write ``document`` to ``out`` (atomically) and ``draw(png)`` beside it (``out`` with ``.png``), saying where."""
+    print(f"wrote {write_json(out, document)}")
+    png = Path(out).with_suffix(".png")
+    draw(png)
+    print(f"wrote {png}")
+
+
 def document(name: str, env: dict[str, Any], settings: dict[str, Any], summary: dict[str, Any],
              results: Any, notes: list[str]) -> dict[str, Any]:
     """The JSON document every benchmark writes (see the module docstring)."""

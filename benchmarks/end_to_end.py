@@ -365,10 +365,7 @@ def main(argv=None) -> None:
         notes.append("CPU run: the CUB-sized workload is cut down (few images, layer4 head); "
                      "run on a GPU for the full one (see benchmarks/README.md)")
     doc = common.document("end_to_end", env, {**vars(args), "quick": args.quick}, summarise(results), results, notes)
-    print(f"wrote {common.write_json(args.out, doc)}")
-    png = Path(args.out).with_suffix(".png")
-    plot(results, png)
-    print(f"wrote {png}")
+    common.write_json_and_plot(args.out, doc, lambda png: plot(results, png))
 
 
 if __name__ == "__main__":

@@ -481,10 +481,7 @@ def main(argv=None) -> None:
               f"x fewer evaluations: permutation's MSE is c / evaluations (independent units); c is fitted over its "
               f"budgets; time to {TARGET_ERROR:.0%}: log-log interpolation between budgets"]
     doc = common.document("estimators", env, vars(args), summary, {"families": results}, notes)
-    print(f"wrote {common.write_json(args.out, doc)}")
-    png = Path(args.out).with_suffix(".png")
-    plot(results, png)
-    print(f"wrote {png}")
+    common.write_json_and_plot(args.out, doc, lambda png: plot(results, png))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -307,10 +306,7 @@ def main(argv=None) -> None:
              "shapiq approximators that offer pairing_trick run with it on (their best setting)"]
     doc = common.document("peers", env, vars(args), summary, {"game": game, "estimators": rows, "ratios": pairs},
                           notes)
-    print(f"wrote {common.write_json(args.out, doc)}")
-    png = Path(args.out).with_suffix(".png")
-    plot(rows, game, png)
-    print(f"wrote {png}")
+    common.write_json_and_plot(args.out, doc, lambda png: plot(rows, game, png))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,21 @@ def _pad(tree, n_to: int):
     return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n_to - a.shape[0], axis=0)]), tree)
 
 
+def _checked_batch(split_model, z, classes) -> tuple[jax.Array, jax.Array]:
+    """(z (N, H, W, D), classes int32 (N,)); FgvceError for a wrong shape or a class outside the model's."""
+    z = jnp.asarray(z)
+    if z.ndim != 4 or z.shape[0] < 1:
+        raise FgvceError(f"z must be a batch of feature maps (N, H, W, D), got shape {tuple(z.shape)}")
+    n = z.shape[0]
+    classes = jnp.asarray(classes, jnp.int32).reshape(-1)
+    if classes.shape != (n,):
+        raise FgvceError(f"classes must have one entry per feature map ({n}), got {classes.shape[0]}")
+    num_classes = getattr(split_model, "num_classes", None)
+    if num_classes is not None and not bool(((classes >= 0) & (classes < num_classes)).all()):
+        raise FgvceError(f"classes must lie in 0..{num_classes - 1}")
+    return z, classes
+
+
 def compute(split_model, params, z, ctx, classes, *, method: str = "local", kernel: int = 3, samples: int = 32,
             key: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
             paired: bool = True, stratified: bool = False, budget: int | None = None, chunk_size: int | None = None,
@@ -118,16 +133,8 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
     """
     if method not in METHODS:
         raise FgvceError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
-    z = jnp.asarray(z)
-    if z.ndim != 4 or z.shape[0] < 1:
-        raise FgvceError(f"z must be a batch of feature maps (N, H, W, D), got shape {tuple(z.shape)}")
+    z, classes = _checked_batch(split_model, z, classes)
     n, h, w, _ = z.shape
-    classes = jnp.asarray(classes, jnp.int32).reshape(-1)
-    if classes.shape != (n,):
-        raise FgvceError(f"classes must have one entry per feature map ({n}), got {classes.shape[0]}")
-    num_classes = getattr(split_model, "num_classes", None)
-    if num_classes is not None and not bool(((classes >= 0) & (classes < num_classes)).all()):
-        raise FgvceError(f"classes must lie in 0..{num_classes - 1}")
     ctx = {} if ctx is None else ctx
     mesh = sharding.device_mesh(mesh)
     if method in ("gradient", "gradcam"):
@@ -159,13 +166,8 @@ def compute_to_tolerance(split_model, params, z, ctx, classes, *, kernel: int = 
 
     Image i uses ``fold_in(key, i)``, as in :func:`compute`; images are split over the mesh (padded to it),
     which never changes a result."""
-    z = jnp.asarray(z)
-    if z.ndim != 4 or z.shape[0] < 1:
-        raise FgvceError(f"z must be a batch of feature maps (N, H, W, D), got shape {tuple(z.shape)}")
+    z, classes = _checked_batch(split_model, z, classes)
     n, h, w, _ = z.shape
-    classes = jnp.asarray(classes, jnp.int32).reshape(-1)
-    if classes.shape != (n,):
-        raise FgvceError(f"classes must have one entry per feature map ({n}), got {classes.shape[0]}")
     max_draws = check_local((h, w), kernel, max_samples, outside, paired)
     round_draws = check_local((h, w), kernel, round_samples, outside, paired)
     check_tolerance(tolerance, round_draws, max_draws)
