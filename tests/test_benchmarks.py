@@ -264,7 +264,8 @@ def test_peers_quick_compares_every_estimator_on_one_game(quick_runs):
         assert r["ms"] > 0 and r["evaluations"] > 0 and 0 <= r["relative_error"] < 1, key
     assert set(doc["results"]["ratios"]) == {"permutation vs captum ShapleyValueSampling",
                                             "permutation vs shapiq PermutationSamplingSV",
-                                            "kernel vs captum KernelShap", "kernel vs shapiq KernelSHAP"}
+                                            "kernel vs captum KernelShap", "kernel vs shapiq KernelSHAP",
+                                            "leverage vs shapiq KernelSHAP"}
     assert quick_runs["peers"][2].with_suffix(".png").stat().st_size > 0
 
 
