@@ -370,7 +370,10 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {"model": str(model_dir), "weights": fingerprint(params), "at": at, "dataset": dataset, "split": split,
            "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
-           "queries": list(queries) if queries else None, "limit": limit, "shard_size": shard_size}
+           "queries": list(queries) if queries else None, "limit": limit, "shard_size": shard_size,
+           # reference Phi keys come from (seed, reference id) since this version; a directory written with the
+           # earlier per-run keys is refused as a different config instead of mixing two kinds of shards
+           "reference_phi_keys": "seed+id"}
     # Opened before any work, so that a different config in out_dir is refused at once.
     writers = [store.ShardWriter(out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite)
                for c in configs]
