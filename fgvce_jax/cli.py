@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import os
 import sys
 
 from fgvce_jax.errors import FgvceError
@@ -61,10 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except FgvceError as e:
         print(f"fgvce {args.command}: error: {e}", file=sys.stderr)
+        if _distributed():  # leave now: waiting at jax.distributed's shutdown barrier would hang this process
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print(f"fgvce {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
+
+
+def _distributed() -> bool:
+    """Whether this process is one of a ``jax.distributed`` run (the others stop when its heartbeat does)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import pyarrow as pa
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fgvce_jax import store
+from fgvce_jax import multihost, store
 from fgvce_jax.counterfactual.explain import FeatureBatch, compute_phi, saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.sharding import device_mesh
@@ -80,26 +80,43 @@ def _encode(split_model, params, images):
 _encode_jit = jax.jit(_encode, static_argnums=0)
 
 
-def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc):
+def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, *, across_processes=False):
     """Apply ``fn(split_model, params, images)`` over ``dataset.images(indices)`` in sharded batches.
 
     The batch is rounded up to a multiple of the device count; the last batch is
-    padded and the padding dropped. Returns the outputs' pytree, concatenated (numpy).
+    padded and the padding dropped. With ``across_processes`` (every process calls it with the same
+    arguments) batch j is computed by process j % P and the outputs gathered, so every process returns
+    what one process would. Returns the outputs' pytree, concatenated (numpy).
     """
     n_dev = mesh.devices.size
     batch = -(-batch_size // n_dev) * n_dev
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    starts = np.arange(0, len(indices), batch)
+    if not len(starts):
+        raise FgvceError(f"{desc}: nothing to run over")
+    owner = multihost.owners(len(starts)) if across_processes else np.full(len(starts), multihost.index())
+    mine = starts[owner == multihost.index()]
     outs = []
-    with tqdm(total=len(indices), desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
-        for start in range(0, len(indices), batch):
+    with tqdm(total=sum(len(indices[i:i + batch]) for i in mine), desc=desc, unit="img", file=sys.stderr,
+              leave=False, disable=multihost.index() > 0) as bar:
+        for start in mine:
             idx = indices[start:start + batch]
             x = jax.device_put(_pad_to(dataset.images(idx), batch), sharding)
             out = fn(split_model, params, x)
             outs.append(jax.tree.map(lambda a: np.asarray(a)[:len(idx)], out))
             bar.update(len(idx))
-    if not outs:
-        raise FgvceError(f"{desc}: nothing to run over")
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    if not outs:  # another process has every batch: only the shapes are needed here
+        one = dataset.images(indices[:1])
+        shapes = jax.eval_shape(lambda p, x: fn(split_model, p, x), params,
+                                jax.ShapeDtypeStruct((batch, *one.shape[1:]), one.dtype))
+        outs = [jax.tree.map(lambda a: np.zeros((0, *a.shape[1:]), a.dtype), shapes)]
+    local = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    if not across_processes:
+        return local
+    leaves, tree = jax.tree.flatten(local)
+    rows = np.repeat(owner, batch)[:len(indices)]
+    full = multihost.gather_rows({f"{i:03d}": a for i, a in enumerate(leaves)}, rows)
+    return jax.tree.unflatten(tree, [full[f"{i:03d}"] for i in range(len(leaves))])
 
 
 def predict_split(split_model, params, dataset, *, batch_size, mesh, cache: Path, key: str,
@@ -107,17 +124,19 @@ def predict_split(split_model, params, dataset, *, batch_size, mesh, cache: Path
     """Pass 1 for one split: ``{"label", "pred", "probs" (N,C), "pooled" (N,D)}``.
 
     Reuses ``cache`` when it was written for the same ``key`` (model, dataset,
-    split, preprocessing); otherwise computes and writes it atomically.
+    split, preprocessing); otherwise computes and writes it atomically. Under several processes the
+    batches are shared out (:mod:`fgvce_jax.multihost`) and process 0 writes the cache.
     """
     cached = None if overwrite else store.load_cache(cache, key)
-    if cached is not None:
+    if multihost.all_true(cached is not None):
         return cached
     probs, pooled = _batched(_forward_jit, split_model, params, dataset, np.arange(len(dataset)),
-                             batch_size, mesh, f"pass 1: predict {dataset.split}")
+                             batch_size, mesh, f"pass 1: predict {dataset.split}", across_processes=True)
     out = {"key": np.asarray(key), "label": dataset.labels.astype(np.int64),
            "pred": probs.argmax(-1).astype(np.int64), "probs": probs.astype(np.float32),
            "pooled": pooled.astype(np.float32)}
-    store.save_arrays(cache, out)
+    if multihost.index() == 0:
+        store.save_arrays(cache, out)
     return out
 
 
@@ -179,7 +198,8 @@ def reference_key(seed: int, image_id: str) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _REFERENCE_TAG), tag)
 
 
-def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, weights: str, mesh):
+def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, weights: str, mesh,
+                  query_maps: int = 0):
     """Phi (R, H', W') of each reference on its own class (None for methods without saliency), cached.
 
     Reference r's Phi is ``saliency.compute`` on r alone with ``reference_key(seed, ids[r])``, so it is a
@@ -190,9 +210,15 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
     computed and the file rewritten atomically (also every ``SAVE_EVERY_S`` seconds), keeping rows of other
     references. A damaged or foreign file is recomputed with a one-line notice.
 
+    Under several processes the references to compute go round-robin; each process saves its rows to
+    ``<cache>.process-<p>.npz`` as it goes, and the rows are gathered; process 0 folds every such file
+    into the cache and removes them (a killed run's files are read back the next time).
+
     Args:
       refs: FeatureBatch of the R references; ids: (R,) their dataset ids (distinct).
       weights: :func:`fingerprint` of ``params``.
+      query_maps: the query Phi maps this process computes after this pass (only for the ETA line, printed
+        once two reference maps have been timed).
     """
     settings = saliency_settings(config)
     if settings is None:  # random / cve: the engine makes its own
@@ -203,26 +229,56 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
     path = cache_dir / f"cache-reference-phi-{store.config_hash(json.loads(key))}.npz"
     z, ctx, labels = np.asarray(refs.z), jax.tree.map(np.asarray, refs.ctx), np.asarray(refs.labels)
     ids = [str(i) for i in ids]
-    rows = _read_reference_rows(store.load_cache(path, key), path)
+    parts = sorted(cache_dir.glob(f"{path.stem}.process-*.npz"))
+    rows = {}
+    for p in [path, *parts]:
+        rows.update(_read_reference_rows(store.load_cache(p, key), p))
+    multihost.barrier(f"read {path.name}")  # every process has read the files before any is rewritten
     prints = [fingerprint((z[r], jax.tree.map(lambda a: a[r], ctx))) for r in range(len(ids))]
     todo = [r for r in range(len(ids)) if rows.get(ids[r], (None, None))[:2] != (prints[r], int(labels[r]))]
     stale = sum(ids[r] in rows for r in todo)
-    if stale:
+    if stale and multihost.index() == 0:
         print(f"pass 3: {stale} cached reference Phi maps in {path.name} no longer match their features or class; "
               "recomputing them", file=sys.stderr)
+    several = multihost.count() > 1
+    own = cache_dir / f"{path.stem}.process-{multihost.index()}.npz" if several else path
+    mine, computed = multihost.mine(todo), {}
+    if multihost.index() == 0:
+        print(f"plan: pass 3: {len(todo)} reference Phi maps to compute ({len(ids) - len(todo)} of {len(ids)} in "
+              f"{path.name})" + (f", {len(mine)} of them here" if several else ""), file=sys.stderr)
     t0 = saved = time.perf_counter()
-    for r in tqdm(todo, desc=f"pass 3: {config.method} reference Phi", unit="ref", file=sys.stderr, leave=False):
+    for j, r in enumerate(tqdm(mine, desc=f"pass 3: {config.method} reference Phi", unit="ref", file=sys.stderr,
+                               leave=False, disable=multihost.index() > 0)):
         one = FeatureBatch(z[r:r + 1], jax.tree.map(lambda a: a[r:r + 1], ctx), labels[r:r + 1],
                            labels[r:r + 1], None)
+        t_map = time.perf_counter()
         phi = compute_phi(split_model, params, one, labels[r:r + 1], config, key=reference_key(config.seed, ids[r]),
                           mesh=mesh)
-        rows[ids[r]] = (prints[r], int(labels[r]), np.asarray(phi, np.float32)[0])
-        if time.perf_counter() - saved > SAVE_EVERY_S or r == todo[-1]:
-            _write_reference_rows(path, key, rows)
+        computed[ids[r]] = rows[ids[r]] = (prints[r], int(labels[r]), np.asarray(phi, np.float32)[0])
+        if j == 1 and multihost.index() == 0:  # the first map includes compilation
+            per = time.perf_counter() - t_map
+            left = len(mine) - 2 + query_maps
+            print(f"ETA: {per:.2f} s per Phi map after compilation; about {_minutes(per * left)} for the "
+                  f"{len(mine) - 2} reference and {query_maps} query maps left here", file=sys.stderr)
+        if time.perf_counter() - saved > SAVE_EVERY_S or r == mine[-1]:
+            _write_reference_rows(own, key, computed if several else rows)
             saved = time.perf_counter()
-    print(f"pass 3: Phi of {len(ids)} references ({len(ids) - len(todo)} from {path.name}) in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if several:
+        phi = multihost.gather_rows({"phi": np.stack([computed[ids[r]][2] for r in mine]) if mine else None},
+                                    multihost.owners(len(todo)), {"phi": (z.shape[1:3], np.float32)})["phi"]
+        rows.update({ids[r]: (prints[r], int(labels[r]), phi[j]) for j, r in enumerate(todo)})
+    if multihost.index() == 0 and (parts or (several and todo)):  # fold the process files into the cache
+        _write_reference_rows(path, key, rows)
+        for p in cache_dir.glob(f"{path.stem}.process-*.npz"):
+            p.unlink()
+    if multihost.index() == 0:
+        print(f"pass 3: Phi of {len(ids)} references ({len(ids) - len(todo)} from {path.name}) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return np.stack([rows[i][2] for i in ids])
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _read_reference_rows(cached: dict | None, path: Path) -> dict:
@@ -374,12 +430,17 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
            # reference Phi keys come from (seed, reference id) since this version; a directory written with the
            # earlier per-run keys is refused as a different config instead of mixing two kinds of shards
            "reference_phi_keys": "seed+id"}
-    # Opened before any work, so that a different config in out_dir is refused at once.
-    writers = [store.ShardWriter(out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite)
-               for c in configs]
-    if overwrite:
-        for p in out_dir.glob("cache-reference-phi-*.npz"):
-            p.unlink()
+    # Opened before any work, so that a different config in out_dir is refused at once; by process 0 first.
+    writers = []
+    for turn in (0, 1):
+        if (multihost.index() > 0) == turn:
+            writers = [store.ShardWriter(out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite,
+                                         process=multihost.index(), processes=multihost.count())
+                       for c in configs]
+            if overwrite and turn == 0:
+                for p in out_dir.glob("cache-reference-phi-*.npz"):
+                    p.unlink()
+        multihost.barrier(f"open {out_dir} {turn}")
 
     t0 = time.perf_counter()
     preds = {}
@@ -389,8 +450,9 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
                                  cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)
     q_idx = select_queries(ds, preds[split]["pred"], queries, limit)
-    print(f"pass 1: {split} accuracy {np.mean(preds[split]['pred'] == ds.labels):.3f} on {len(ds)} images, "
-          f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    if multihost.index() == 0:
+        print(f"pass 1: {split} accuracy {np.mean(preds[split]['pred'] == ds.labels):.3f} on {len(ds)} images, "
+              f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
     return [_explain_method(split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx,
                             config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
@@ -423,10 +485,16 @@ def _stored_config(config) -> dict:
 
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
                     mesh, batch_size, shard_size, weights) -> Summary:
-    """Passes 2-5 for one config into ``writer.dir`` (resumes the shards already there)."""
+    """Passes 2-5 for one config into ``writer.dir`` (resumes the shards already there). Under several
+    processes each takes every P-th shard still to do; process 0 merges the manifests and writes the summary."""
     out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
     todo = [s for s in range(n_shards) if s not in writer.done]
+    mine = multihost.mine(todo)
+    my_rows = sum(len(q_idx[s * shard_size:(s + 1) * shard_size]) for s in mine)  # queries this process explains
+    if writer.done and multihost.index() == 0:
+        print(f"pass 4-5: {config.method}: {n_shards - len(todo)} of {n_shards} shards were done already",
+              file=sys.stderr)
     key = jax.random.PRNGKey(config.seed)
     t0, computed = time.perf_counter(), 0
     if todo:
@@ -436,12 +504,21 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
             raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
         refs = _features(split_model, params, ref_ds, r_idx, ref_ds.labels[r_idx], ref_pred["pred"][r_idx],
                          batch_size, mesh, f"pass 3: {config.method} reference features")
+        if multihost.index() == 0:
+            print(f"plan: {config.method}: {len(q_idx)} queries in {n_shards} shards of {shard_size} "
+                  f"({n_shards - len(todo)} done), {len(r_idx)} references, Phi windows {config.kernel}x"
+                  f"{config.kernel} on a {refs.z.shape[1]}x{refs.z.shape[2]} map, {config.samples} samples, "
+                  f"at most {config.t_max} edits", file=sys.stderr)
         ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, cache_dir=out.parent,
-                                weights=weights, mesh=mesh)
+                                weights=weights, mesh=mesh,
+                                query_maps=my_rows)
         q_key = jax.random.fold_in(key, _QUERY_TAG)
-        with tqdm(total=len(q_idx), initial=len(writer.done_rows()), desc=f"pass 4-5: {config.method} search", unit="query", file=sys.stderr) as bar:
+        several = multihost.count() > 1  # then the bar counts process 0's shards only
+        with tqdm(total=my_rows if several else len(q_idx), initial=0 if several else len(writer.done_rows()), unit="query", file=sys.stderr,
+                  desc=f"pass 4-5: {config.method} search" + (" (process 0's shards)" if several else ""),
+                  disable=multihost.index() > 0) as bar:
             rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
-            for s in todo:
+            for s in mine:
                 idx = q_idx[s * shard_size:(s + 1) * shard_size]
                 padded = _pad_to(idx, rows)
                 batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
@@ -455,12 +532,18 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                 writer.write_shard(s, s * shard_size, s * shard_size + len(idx), table, arrays)
                 computed += len(idx)
                 bar.update(len(idx))
+    multihost.barrier(f"shards of {out}")
+    writer.merge()
+    computed = multihost.total(computed)
+    multihost.barrier(f"merged {out}")
     summary = summarise(out, config.method, time.perf_counter() - t0, computed)
     if not computed and (out / "summary.json").exists():  # all shards were there: keep the timing that made them
         previous = json.loads((out / "summary.json").read_text())
         summary = dataclasses.replace(summary, seconds_per_query=previous["seconds_per_query"])
-    store.atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
-    print(summary.line(), file=sys.stderr)
+    if multihost.index() == 0:
+        store.atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
+        print(summary.line(), file=sys.stderr)
+    multihost.barrier(f"summary of {out}")
     return summary
 
 

@@ -9,9 +9,11 @@ An explain run writes its results into one directory::
 
 Every file is written to a temporary name in the same directory, flushed,
 ``fsync``'d and then ``os.replace``'d into place, so a reader never sees half
-a file. A shard counts as done only once ``manifest.json`` lists it; files not
-listed there (left by a run that was killed between the rename and the
-manifest update) are ignored and overwritten by the next run. The exact file
+a file. A shard counts as done only once ``manifest.json`` lists it (or, in a
+run of several processes, the ``manifest.process-<p>.json`` of the process that
+wrote it: see :class:`ShardWriter`); files not listed (left by a run that was
+killed between the rename and the manifest update) are ignored and overwritten
+by the next run. The exact file
 layout is documented in ``docs/output_format.md``.
 """
 from __future__ import annotations
@@ -143,15 +145,27 @@ class ShardWriter:
     A shard is identified by its index and covers the half-open row range
     ``[start, stop)`` of the caller's query list. ``done`` tells which shards a
     previous run completed; the caller skips them.
+
+    Several processes (``processes`` > 1) share one directory: process 0 opens it first (checks the
+    config, clears, removes strays) and the others after it. Each process records the shards it writes
+    in its own ``manifest.process-<p>.json``; :meth:`merge` (process 0, once all are done) folds them into
+    ``manifest.json``. A run killed in some process leaves its process manifest, and the next opening by
+    process 0 merges it, so its shards are not computed again.
     """
 
-    def __init__(self, directory: str | os.PathLike, config: Mapping, *, overwrite: bool = False):
+    def __init__(self, directory: str | os.PathLike, config: Mapping, *, overwrite: bool = False,
+                 process: int = 0, processes: int = 1):
+        self.process, self.processes = int(process), int(processes)
+        self._written: set[int] = set()  # shards this process wrote in this run (several processes only)
         self.dir = Path(directory).absolute()
         if self.dir.exists() and not self.dir.is_dir():
             raise FgvceError(f"{self.dir} exists and is not a directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
+        if self.process > 0:  # process 0 has opened (and created) it already
+            self._join()
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.dir / MANIFEST
         self.shards: dict[int, dict] = {}
         if manifest_path.exists():
@@ -171,8 +185,40 @@ class ShardWriter:
                 self.shards = {int(s["index"]): s for s in old["shards"]}
         elif overwrite:
             self._clear()
+        self._fold_process_manifests()
         self._remove_strays()
-        if not manifest_path.exists():
+        self._write_manifest()
+
+    def _join(self) -> None:
+        """Open as process > 0: the manifest process 0 wrote must be there and hold our config."""
+        try:
+            old = json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise FgvceError(f"process {self.process}: {self.dir / MANIFEST} is unreadable ({e}); process 0 "
+                             "must open the directory first, on a file system all processes share") from None
+        if old.get("config_hash") != self.hash:
+            raise FgvceError(f"process {self.process}: {self.dir} holds another config than this process's; "
+                             "every process must be given the same arguments")
+        self.shards = {int(s["index"]): s for s in old["shards"]}
+
+    def _process_manifest(self, process: int) -> Path:
+        return self.dir / f"manifest.process-{process}.json"
+
+    def _fold_process_manifests(self) -> None:
+        """Add the shards of every ``manifest.process-*.json`` of our config to ours and remove those files
+        (one of another config, left before an --overwrite, is only removed)."""
+        for p in sorted(self.dir.glob("manifest.process-*.json")):
+            try:
+                part = json.loads(p.read_text())
+                if part["config_hash"] == self.hash:
+                    self.shards.update({int(s["index"]): s for s in part["shards"]})
+            except (ValueError, KeyError, TypeError):
+                print(f"{p} is damaged; its shards will be computed again", file=sys.stderr)
+
+    def merge(self) -> None:
+        """Process 0, after every process has finished: fold all process manifests into ``manifest.json``."""
+        if self.process == 0 and self.processes > 1:
+            self._fold_process_manifests()
             self._write_manifest()
 
     # -- state ------------------------------------------------------------------------
@@ -208,21 +254,31 @@ class ShardWriter:
         atomic_write(self.dir / f"{name}.parquet", lambda f: pq.write_table(table, f))
         save_arrays(self.dir / f"{name}.npz", arrays)
         self.shards[index] = {"index": index, "start": int(start), "stop": int(stop), "name": name}
-        self._write_manifest()
+        if self.processes > 1:
+            self._written.add(index)
+            self._write_manifest(self._process_manifest(self.process), self._written)
+        else:
+            self._write_manifest()
 
-    def _write_manifest(self) -> None:
-        atomic_write_json(self.dir / MANIFEST, {
+    def _write_manifest(self, path: Path | None = None, indices=None) -> None:
+        """Write ``manifest.json`` (all our shards), or ``path`` with the shards ``indices``; process 0 then
+        removes the process manifests it has folded in."""
+        indices = sorted(self.shards if indices is None else indices)
+        atomic_write_json(path or self.dir / MANIFEST, {
             "format": FORMAT_VERSION,
             "config": self.config,
             "config_hash": self.hash,
-            "shards": [self.shards[i] for i in sorted(self.shards)],
+            "shards": [self.shards[i] for i in indices],
         })
+        if path is None:
+            for p in self.dir.glob("manifest.process-*.json"):
+                p.unlink()
 
     def _clear(self) -> None:
         """Remove the manifest first (so no shard stays visible), then our files."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / MANIFEST)
-        for pattern in ("shard-*.parquet", "shard-*.npz", "cache-*.npz"):
+        for pattern in ("shard-*.parquet", "shard-*.npz", "cache-*.npz", "manifest.process-*.json"):
             for p in self.dir.glob(pattern):
                 p.unlink()
         self.shards = {}

@@ -1,8 +1,12 @@
 """End to end through the `fgvce` command on digits with a small budget:
-train -> explain -> report, a killed explain that resumes identically, and CLI errors."""
+train -> explain -> report, a killed explain that resumes identically, CLI errors, and the same run split
+over two jax.distributed processes (whole and killed in one process)."""
+import contextlib
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,3 +109,62 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
         assert "--lam) must be a finite number" in _error(capsys, ["explain", "--model", model, "--out",
                                                                    str(tmp_path / "x"), *EXPLAIN, f"--lam={lam}"])
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- several processes
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(model, out, n=2):
+    """``n`` explain processes of one jax.distributed run on localhost (gloo), 2 fake CPU devices each."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    dist = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(n)]
+    return [subprocess.Popen(_explain_cmd(model, out) + dist + ["--process-id", str(i)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def _finish(procs):
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return [o[1] for o in outs]
+
+
+def _run_files(d):
+    """Every result and cache file of an explain directory (not the timing in summary.json)."""
+    return {**{p.name: p.read_bytes() for p in sorted(d.glob("*.npz"))}, **_files(d / "fgvce")}
+
+
+def test_two_processes_write_what_one_process_writes(run_dir, tmp_path):
+    """A 2-process jax.distributed run (2 devices each) leaves byte-identical shards, manifest, predictions
+    and reference-Phi cache to the one-process run on 4 devices, and no process manifest."""
+    out = tmp_path / "two"
+    _finish(_start_processes(run_dir / "model", out))
+    assert _run_files(out) == _run_files(run_dir / "explanations")
+    assert not list((out / "fgvce").glob("manifest.process-*"))
+    assert json.loads((out / "fgvce" / "summary.json").read_text())["queries"] == 5
+
+
+def test_a_process_killed_in_a_two_process_run_resumes(run_dir, tmp_path):
+    out = tmp_path / "killed2"
+    procs = _start_processes(run_dir / "model", out)
+    own = out / "fgvce" / "manifest.process-1.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and procs[1].poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(own.read_text())["shards"]:
+                break
+        time.sleep(0.02)
+    assert procs[1].poll() is None, "process 1 finished before it could be killed"
+    for p in procs[::-1]:  # process 1 first; process 0 would wait for it at the end
+        p.kill()
+        p.communicate()
+    written = {s["index"] for f in (out / "fgvce").glob("manifest.process-*.json")
+               for s in json.loads(f.read_text())["shards"]}
+    assert written and len(written) < 5
+    err = _finish(_start_processes(run_dir / "model", out))[0]
+    assert f"{len(written)} of 5 shards were done already" in err
+    assert _run_files(out) == _run_files(run_dir / "explanations")

@@ -61,6 +61,47 @@ def test_reopen_same_config_resumes(tmp_path):
     np.testing.assert_array_equal(w.done_rows(), [0, 1, 2, 3, 8, 9, 10, 11])
 
 
+def _process_writers(d, config=CONFIG, n=2):
+    """Writers of n processes sharing ``d``, opened as the pipeline opens them: process 0 first."""
+    first = store.ShardWriter(d, config, process=0, processes=n)
+    return [first] + [store.ShardWriter(d, config, process=p, processes=n) for p in range(1, n)]
+
+
+def test_processes_record_their_own_shards_and_process_0_merges(tmp_path):
+    d = tmp_path / "two"
+    w0, w1 = _process_writers(d)
+    for w, i in ((w1, 1), (w0, 0), (w1, 3), (w0, 2)):
+        w.write_shard(i, 4 * i, 4 * i + 4, *_shard(i))
+    assert [s["index"] for s in json.loads((d / "manifest.process-1.json").read_text())["shards"]] == [1, 3]
+    assert store.read_manifest(d)["shards"] == []  # nothing is visible before the merge
+    w1.merge()  # only process 0 merges
+    assert store.read_manifest(d)["shards"] == []
+    w0.merge()
+    assert not list(d.glob("manifest.process-*"))
+    _write_all(tmp_path / "one", shards=(0, 1, 2, 3))
+    assert _files(d) == _files(tmp_path / "one")  # the same bytes as one process writing all four
+
+
+def test_shards_of_a_killed_process_are_kept_by_the_next_run(tmp_path):
+    w0, w1 = _process_writers(tmp_path)
+    w1.write_shard(1, 4, 8, *_shard(1))
+    (tmp_path / ".shard-00003.parquet.x.tmp").write_bytes(b"half")  # process 1 killed while writing shard 3
+    (tmp_path / "shard-00003.parquet").write_bytes(b"whole, but never recorded")
+    again = store.ShardWriter(tmp_path, CONFIG)  # resumed by one process (or process 0 of several)
+    assert again.done == {1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-00001.npz",
+                                                          "shard-00001.parquet"]
+    assert [s["index"] for s in store.read_manifest(tmp_path)["shards"]] == [1]
+
+
+def test_a_process_with_other_arguments_is_refused(tmp_path):
+    store.ShardWriter(tmp_path, CONFIG, process=0, processes=2)
+    with pytest.raises(FgvceError, match="every process must be given the same arguments"):
+        store.ShardWriter(tmp_path, {**CONFIG, "t_max": 4}, process=1, processes=2)
+    with pytest.raises(FgvceError, match="process 0 must open the directory first"):
+        store.ShardWriter(tmp_path / "elsewhere", CONFIG, process=1, processes=2)
+
+
 def test_different_config_refused_naming_keys(tmp_path):
     _write_all(tmp_path)
     before = _files(tmp_path)

@@ -62,6 +62,16 @@ def add_arguments(parser) -> None:
     r.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     r.add_argument("--shard-size", type=int, default=64, help="queries per result shard")
     r.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
+    m = parser.add_argument_group(
+        "several processes (jax.distributed; no effect on the results)",
+        "Start one process per host (or per accelerator group) with the same arguments and --out on a file "
+        "system they all share; each computes its share of the batches, references and shards.")
+    m.add_argument("--distributed", action="store_true",
+                   help="join a jax.distributed run whose processes JAX detects (TPU pod slice, SLURM, Open MPI)")
+    m.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0, for a run started by hand (needs the next two)")
+    m.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    m.add_argument("--process-id", type=int, default=None, help="this process's rank, 0 .. --num-processes - 1")
 
 
 def configs_from_args(args) -> list:
@@ -77,11 +87,15 @@ def configs_from_args(args) -> list:
 
 
 def run(args) -> int:
+    from fgvce_jax import multihost
     from fgvce_jax.pipeline import explain_split
 
+    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
     explain_split(args.model, args.dataset, args.split, args.out, configs_from_args(args),
                               reference_split=args.reference_split, queries=args.queries, limit=args.limit,
                               at=args.at, batch_size=args.batch_size, shard_size=args.shard_size,
                               overwrite=args.overwrite)
-    print(f"results in {args.out} (read them with `fgvce report {args.out}`)")
+    if multihost.index() == 0:
+        print(f"results in {args.out} (read them with `fgvce report {args.out}`)")
     return 0

@@ -17,6 +17,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -110,7 +111,9 @@ def load(path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
     info = read_info(path)
     abstract = nnx.eval_shape(lambda: models.create(info.arch, info.num_classes, image_size=info.image_size))
     graphdef, state = nnx.split(abstract)
-    target = nnx.to_pure_dict(state)
+    # Restored onto this process's first device, also under jax.distributed (each process reads the weights).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(state))
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / STATE_DIR, target)

@@ -17,9 +17,13 @@ CPU_MEMORY_BUDGET = 256 * 2**20  # bytes of live evaluation data per chunk on a 
 
 
 def device_mesh(mesh: Mesh | None = None) -> Mesh:
-    """``mesh`` if given (it must be 1-D), else a 1-D mesh over all devices with axis "d"."""
+    """``mesh`` if given (it must be 1-D), else a 1-D mesh over this process's devices with axis "d".
+
+    Under ``jax.distributed`` each process computes on its own devices; :mod:`fgvce_jax.multihost` splits
+    the work between processes."""
     if mesh is None:
-        return jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+        return jax.make_mesh((jax.local_device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.local_devices())
     if len(mesh.axis_names) != 1:
         raise FgvceError(f"the Shapley engine needs a 1-D device mesh, got axes {mesh.axis_names}")
     return mesh
@@ -27,7 +31,7 @@ def device_mesh(mesh: Mesh | None = None) -> Mesh:
 
 def memory_budget() -> int:
     """Bytes of evaluation data one chunk may hold: 1/8 of an accelerator's memory, or 256 MiB on CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     return int(limit) // 8 if limit else CPU_MEMORY_BUDGET
 
