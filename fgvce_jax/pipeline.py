@@ -258,8 +258,8 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
         if j == 1 and multihost.index() == 0:  # the first map includes compilation
             per = time.perf_counter() - t_map
             left = len(mine) - 2 + query_maps
-            print(f"ETA: {per:.2f} s per Phi map after compilation; about {_minutes(per * left)} for the "
-                  f"{len(mine) - 2} reference and {query_maps} query maps left here", file=sys.stderr)
+            tqdm.write(f"ETA: {per:.2f} s per Phi map after compilation; about {_minutes(per * left)} for the "
+                       f"{len(mine) - 2} reference and {query_maps} query maps left here", file=sys.stderr)
         if time.perf_counter() - saved > SAVE_EVERY_S or r == mine[-1]:
             _write_reference_rows(own, key, computed if several else rows)
             saved = time.perf_counter()

@@ -142,7 +142,10 @@ def test_two_processes_write_what_one_process_writes(run_dir, tmp_path):
     """A 2-process jax.distributed run (2 devices each) leaves byte-identical shards, manifest, predictions
     and reference-Phi cache to the one-process run on 4 devices, and no process manifest."""
     out = tmp_path / "two"
-    _finish(_start_processes(run_dir / "model", out))
+    err = _finish(_start_processes(run_dir / "model", out))
+    plan = err[0].index("plan: fgvce: 5 queries in 5 shards of 1 (0 done)")
+    assert plan < err[0].index("plan: pass 3:") < err[0].index("pass 3: Phi of")  # the plan comes first
+    assert "plan:" not in err[1]  # process 0 speaks for the run
     assert _run_files(out) == _run_files(run_dir / "explanations")
     assert not list((out / "fgvce").glob("manifest.process-*"))
     assert json.loads((out / "fgvce" / "summary.json").read_text())["queries"] == 5
