@@ -20,6 +20,12 @@ same command measures real scaling (the flag only affects the CPU platform).
     python benchmarks/scaling.py                                  # a few minutes on 2 CPU cores
     python benchmarks/scaling.py --arch resnet50 --image-size 448 --images 64 --samples 32   # on accelerators
     python benchmarks/scaling.py --quick --out /tmp/scaling.json
+
+Processes: ``fgvce explain`` on the digits model (``end_to_end.digits_model``) as one process with 2
+devices and as two ``jax.distributed`` processes (gloo on localhost) with 1 device each, timed wall to
+wall (process start, compilation and writing included). The output directories must be byte-identical
+(shards, manifest, caches); the efficiency is (t_1 / t_2) / 2. On one 2-core CPU the two processes share
+the cores, so it shows the overhead of splitting, not a speed-up.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +132,48 @@ def compare(outputs: dict[int, dict[str, np.ndarray]], probs_atol: float) -> dic
     return check
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every result and cache file of an explain directory, except the timing in summary.json."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "summary.json"}
+
+
+def process_scaling(cache: Path, quick: bool) -> dict:
+    """One explain process (2 devices) against two jax.distributed processes (1 device each)."""
+    from end_to_end import digits_model
+
+    model = digits_model(cache, 0 if quick else 3)
+    explain = [sys.executable, "-m", "fgvce_jax.cli", "explain", "--model", str(model), "--dataset", "digits",
+               "--limit", "4" if quick else "16", "--samples", "4" if quick else "8", "--references", "3",
+               "--t-max", "4", "--shard-size", "2", "--at", "layer4.0"]
+    runs = {}
+    for n in (1, 2):
+        out = cache / f"processes-{n}"
+        dist = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(n)] if n > 1 else []
+        env = with_device_count(dict(os.environ), 2 // n)
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(explain + ["--out", str(out), "--overwrite"] + dist
+                                  + (["--process-id", str(i)] if n > 1 else []), env=env, text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(n)]
+        errors = [p.communicate()[1] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"explain with {n} process(es) failed:\n{errors[0][-3000:]}")
+        runs[n] = {"seconds": time.perf_counter() - t0, "files": output_files(out)}
+        print(f"  {n} process(es): {runs[n]['seconds']:.1f} s", flush=True)
+    speedup = runs[1]["seconds"] / runs[2]["seconds"]
+    return {"seconds_1_process_2_devices": runs[1]["seconds"], "seconds_2_processes_1_device": runs[2]["seconds"],
+            "speedup": speedup, "efficiency": speedup / 2, "files": len(runs[1]["files"]),
+            "byte_identical": runs[1]["files"] == runs[2]["files"]}
+
+
 def main(argv=None) -> None:
     p = common.parser(__doc__, "scaling")
     p.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4])
@@ -137,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=4, help="local Shapley samples per window (M)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls after the warm-up call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-processes", action="store_true", help="skip the one- against two-process explain run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
@@ -166,6 +216,7 @@ def main(argv=None) -> None:
             print(f"  {k} device(s): saliency {r['saliency']['images_per_s']:.2f} img/s "
                   f"({r['saliency']['evaluations_per_s']:.0f} evals/s), search {r['search']['queries_per_s']:.2f} "
                   f"queries/s", flush=True)
+        processes = None if args.no_processes else process_scaling(Path(tmp), args.quick)
     check = compare(outputs, PROBS_ATOL)
     base = runs[0]
     for r in runs:
@@ -185,6 +236,9 @@ def main(argv=None) -> None:
     summary["Phi bit-identical across device counts"] = phi_identical
     summary[f"search identical across device counts (probs within {PROBS_ATOL:g})"] = consistent
     summary["search probs max abs diff across device counts"] = probs_diff
+    if processes:
+        summary["explain: 1 -> 2 processes efficiency"] = round(processes["efficiency"], 3)
+        summary["explain: 2 processes byte-identical to 1"] = processes["byte_identical"]
     notes = [f"workload: {args.arch} (random weights, fc calibrated) at {args.at}, {args.images} images, local Shapley "
              f"k={args.kernel}, M={args.samples}; search: t_max 4, 2 references per query",
              "times are medians after a warm-up call (compilation excluded)"]
@@ -193,10 +247,12 @@ def main(argv=None) -> None:
                      f"{env['cpu_count']} cores, so these numbers show sharding overhead, not a speed-up; "
                      "run on a multi-GPU/TPU host for real scaling")
     doc = common.document("scaling", {**env, "worker_xla_flags": child_env["XLA_FLAGS"]}, vars(args), summary,
-                          {"runs": runs, "check": check}, notes)
+                          {"runs": runs, "check": check, "processes": processes}, notes)
     print(f"wrote {common.write_json(args.out, doc)}")
     if not (phi_identical and consistent):
         raise SystemExit("outputs differ across device counts (see the JSON)")
+    if processes and not processes["byte_identical"]:
+        raise SystemExit("explain outputs differ between one and two processes (see the JSON)")
 
 
 if __name__ == "__main__":

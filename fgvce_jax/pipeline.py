@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from fgvce_jax import multihost, store
+from fgvce_jax import multihost, progress, store
 from fgvce_jax.counterfactual.explain import FeatureBatch, compute_phi, saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.sharding import device_mesh
@@ -80,13 +79,15 @@ def _encode(split_model, params, images):
 _encode_jit = jax.jit(_encode, static_argnums=0)
 
 
-def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, *, across_processes=False):
+def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, *, across_processes=False,
+             show=True):
     """Apply ``fn(split_model, params, images)`` over ``dataset.images(indices)`` in sharded batches.
 
     The batch is rounded up to a multiple of the device count; the last batch is
     padded and the padding dropped. With ``across_processes`` (every process calls it with the same
     arguments) batch j is computed by process j % P and the outputs gathered, so every process returns
-    what one process would. Returns the outputs' pytree, concatenated (numpy).
+    what one process would. ``show=False`` hides the progress bar (inside another pass's bar). Returns the
+    outputs' pytree, concatenated (numpy).
     """
     n_dev = mesh.devices.size
     batch = -(-batch_size // n_dev) * n_dev
@@ -97,8 +98,8 @@ def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, 
     owner = multihost.owners(len(starts)) if across_processes else np.full(len(starts), multihost.index())
     mine = starts[owner == multihost.index()]
     outs = []
-    with tqdm(total=sum(len(indices[i:i + batch]) for i in mine), desc=desc, unit="img", file=sys.stderr,
-              leave=False, disable=multihost.index() > 0) as bar:
+    with progress.bar(total=sum(len(indices[i:i + batch]) for i in mine), desc=desc, unit="img", leave=False,
+                      disable=multihost.index() > 0 or not show) as bar:
         for start in mine:
             idx = indices[start:start + batch]
             x = jax.device_put(_pad_to(dataset.images(idx), batch), sharding)
@@ -183,9 +184,9 @@ def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred
 
 
 # --------------------------------------------------------------------------- passes 3-4
-def _features(split_model, params, dataset, indices, labels, preds, batch_size, mesh, desc):
-    """FeatureBatch for ``indices``: z, ctx from f; pooled = mean of z over H', W'."""
-    z, ctx = _batched(_encode_jit, split_model, params, dataset, indices, batch_size, mesh, desc)
+def _features(split_model, params, dataset, indices, labels, preds, batch_size, mesh, desc, show=True):
+    """FeatureBatch for ``indices``: z, ctx from f; pooled = mean of z over H', W' (``show``: its bar)."""
+    z, ctx = _batched(_encode_jit, split_model, params, dataset, indices, batch_size, mesh, desc, show=show)
     return FeatureBatch(z=jnp.asarray(z), ctx=jax.tree.map(jnp.asarray, ctx),
                         labels=jnp.asarray(labels), preds=jnp.asarray(preds),
                         pooled=jnp.asarray(z.mean((1, 2))))
@@ -247,8 +248,8 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
         print(f"plan: pass 3: {len(todo)} reference Phi maps to compute ({len(ids) - len(todo)} of {len(ids)} in "
               f"{path.name})" + (f", {len(mine)} of them here" if several else ""), file=sys.stderr)
     t0 = saved = time.perf_counter()
-    for j, r in enumerate(tqdm(mine, desc=f"pass 3: {config.method} reference Phi", unit="ref", file=sys.stderr,
-                               leave=False, disable=multihost.index() > 0)):
+    for j, r in enumerate(progress.bar(mine, desc=f"pass 3: {config.method} reference Phi", unit="ref", leave=False,
+                                       disable=multihost.index() > 0)):
         one = FeatureBatch(z[r:r + 1], jax.tree.map(lambda a: a[r:r + 1], ctx), labels[r:r + 1],
                            labels[r:r + 1], None)
         t_map = time.perf_counter()
@@ -258,8 +259,8 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
         if j == 1 and multihost.index() == 0:  # the first map includes compilation
             per = time.perf_counter() - t_map
             left = len(mine) - 2 + query_maps
-            tqdm.write(f"ETA: {per:.2f} s per Phi map after compilation; about {_minutes(per * left)} for the "
-                       f"{len(mine) - 2} reference and {query_maps} query maps left here", file=sys.stderr)
+            progress.write(f"ETA: {per:.2f} s per Phi map after compilation; about {_minutes(per * left)} for the "
+                           f"{len(mine) - 2} reference and {query_maps} query maps left here")
         if time.perf_counter() - saved > SAVE_EVERY_S or r == mine[-1]:
             _write_reference_rows(own, key, computed if several else rows)
             saved = time.perf_counter()
@@ -478,9 +479,11 @@ def check_classes(ds, info) -> None:
 
 def _stored_config(config) -> dict:
     """The fields of ``config`` that decide the results (chunking never changes them; an unset
-    ``phi_tolerance`` is left out, so directories written before it existed still match)."""
+    ``phi_tolerance`` and a float32 ``head_dtype`` are left out, so directories written before they existed
+    still match)."""
     return {k: v for k, v in dataclasses.asdict(config).items()
-            if k != "chunk_size" and not (k == "phi_tolerance" and v is None)}
+            if k != "chunk_size" and not (k == "phi_tolerance" and v is None)
+            and not (k == "head_dtype" and v == "float32")}
 
 
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
@@ -514,15 +517,16 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                                 query_maps=my_rows)
         q_key = jax.random.fold_in(key, _QUERY_TAG)
         several = multihost.count() > 1  # then the bar counts process 0's shards only
-        with tqdm(total=my_rows if several else len(q_idx), initial=0 if several else len(writer.done_rows()), unit="query", file=sys.stderr,
-                  desc=f"pass 4-5: {config.method} search" + (" (process 0's shards)" if several else ""),
-                  disable=multihost.index() > 0) as bar:
+        with progress.bar(total=my_rows if several else len(q_idx), initial=0 if several else len(writer.done_rows()),
+                          unit="query", desc=f"pass 4-5: {config.method} search" + (" (process 0's shards)" if several
+                                                                                     else ""),
+                          disable=multihost.index() > 0) as bar:
             rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
             for s in mine:
                 idx = q_idx[s * shard_size:(s + 1) * shard_size]
                 padded = _pad_to(idx, rows)
                 batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
-                                  batch_size, mesh, "query features")
+                                  batch_size, mesh, "query features", show=False)
                 k_phi, k_search = jax.random.split(jax.random.fold_in(q_key, s))
                 q_phi = compute_phi(split_model, params, batch, pred["pred"][padded], config, key=k_phi, mesh=mesh)
                 ex = explain(split_model, params, batch, refs, config, key=k_search,

@@ -10,6 +10,10 @@ Methods:
 Image i uses the key ``fold_in(key, i)``, so ``compute(...)[i]`` equals the single-image estimator on image
 i's game with that key. Shapley work is split over the devices of a 1-D mesh and chunked by a memory budget;
 neither changes the result.
+
+``dtype="bfloat16"`` evaluates the head in bfloat16 (weights, feature maps and baseline rounded to it; the
+output read and every Shapley sum stay float32), for the bf16 units of GPUs and TPUs. Its effect on Phi and
+on the explanations is measured in ``benchmarks/bf16_head.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from fgvce_jax.counterfactual.config import HEAD_DTYPES
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley import sharding
 from fgvce_jax.shapley.estimate import plan as plan_global
@@ -31,6 +36,17 @@ from fgvce_jax.shapley.local_tolerance import ToleranceResult, bucket_size, chec
 from fgvce_jax.shapley.local_tolerance import run_batch as run_tolerance
 
 METHODS = ("local", "global", "gradient", "gradcam")
+
+
+def in_dtype(params, z, ctx, baseline, dtype: str):
+    """(params, z, ctx, baseline) with every floating array cast to ``dtype`` (the head then runs in it)."""
+    if dtype not in HEAD_DTYPES:
+        raise FgvceError(f"head dtype must be one of {', '.join(HEAD_DTYPES)}; got {dtype!r}")
+    if dtype == "float32":
+        return params, z, ctx, baseline
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a  # noqa: E731
+    return (jax.tree.map(cast, params), cast(z), jax.tree.map(cast, ctx),
+            baseline if isinstance(baseline, str) else cast(jnp.asarray(baseline)))
 
 
 def image_keys(key: jax.Array, n: int) -> jax.Array:
@@ -124,23 +140,25 @@ def _checked_batch(split_model, z, classes) -> tuple[jax.Array, jax.Array]:
 def compute(split_model, params, z, ctx, classes, *, method: str = "local", kernel: int = 3, samples: int = 32,
             key: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
             paired: bool = True, stratified: bool = False, budget: int | None = None, chunk_size: int | None = None,
-            mesh=None) -> jax.Array:
+            dtype: str = "float32", mesh=None) -> jax.Array:
     """Phi (N, H, W) float32 for feature maps z (N, H, W, D), contexts ctx (per-image, leading N) and classes (N,).
 
     See the module docstring for the methods; ``kernel``, ``samples``, ``outside``, ``paired`` and
     ``stratified`` are ``local``'s (SPEC 3), ``budget`` is ``global``'s (default 2 H W samples evaluations per image).
-    ``baseline`` and ``output`` define the game (SPEC 2, ``fgvce_jax.shapley.feature_game``).
+    ``baseline`` and ``output`` define the game (SPEC 2, ``fgvce_jax.shapley.feature_game``); ``dtype`` is the
+    head's (module docstring).
     """
     if method not in METHODS:
         raise FgvceError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
     z, classes = _checked_batch(split_model, z, classes)
+    params, z, ctx, baseline = in_dtype(params, z, ctx, baseline, dtype)
     n, h, w, _ = z.shape
     ctx = {} if ctx is None else ctx
     mesh = sharding.device_mesh(mesh)
     if method in ("gradient", "gradcam"):
         n_pad = -(-n // mesh.size) * mesh.size
         return gradient_maps(split_model, params, _pad(z, n_pad), _pad(ctx, n_pad), _pad(classes, n_pad),
-                             method=method, output=output, mesh=mesh)[:n]
+                             method=method, output=output, mesh=mesh)[:n].astype(jnp.float32)
     if key is None:
         raise FgvceError(f"method {method!r} samples coalitions and needs a PRNG key")
     fn, args, shared, bytes_per_eval = batch_games(split_model, params, z, ctx, classes, baseline, output)
@@ -160,13 +178,14 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
 def compute_to_tolerance(split_model, params, z, ctx, classes, *, kernel: int = 3, tolerance: float,
                          key: jax.Array, max_samples: int = 256, round_samples: int = 8, baseline="zero",
                          output: str = "prob", outside: str = "absent", paired: bool = True,
-                         mesh=None) -> ToleranceResult:
+                         dtype: str = "float32", mesh=None) -> ToleranceResult:
     """Local Phi (N, H, W) with each window sampled until its standard error is at most ``tolerance``
     (``fgvce_jax.shapley.local_tolerance``), and the samples each window used (N, H, W).
 
     Image i uses ``fold_in(key, i)``, as in :func:`compute`; images are split over the mesh (padded to it),
-    which never changes a result."""
+    which never changes a result. ``dtype`` is the head's (module docstring)."""
     z, classes = _checked_batch(split_model, z, classes)
+    params, z, ctx, baseline = in_dtype(params, z, ctx, baseline, dtype)
     n, h, w, _ = z.shape
     max_draws = check_local((h, w), kernel, max_samples, outside, paired)
     round_draws = check_local((h, w), kernel, round_samples, outside, paired)

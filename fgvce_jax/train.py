@@ -34,10 +34,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from fgvce_jax import data as data_lib
-from fgvce_jax import models
+from fgvce_jax import models, progress
 from fgvce_jax.models import checkpoint
 from fgvce_jax.errors import FgvceError
 
@@ -137,7 +136,7 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int) -> nnx.M
         raise FgvceError(f"--init {config.init} is a {info.arch} checkpoint, but --arch is {config.arch}")
     fresh = transfer_weights(source, model)
     if fresh:
-        tqdm.write(f"--init: re-initialised {', '.join(fresh)} ({info.num_classes} -> {num_classes} classes)")
+        progress.write(f"--init: re-initialised {', '.join(fresh)} ({info.num_classes} -> {num_classes} classes)")
     return model
 
 
@@ -243,7 +242,7 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
         _restore(optimizer, restored.state["optimizer"])
         step, history = int(latest), list(restored.meta["history"])
         losses, accs = list(restored.meta["epoch_losses"]), list(restored.meta["epoch_accuracies"])
-        tqdm.write(f"resuming from step {step}/{total_steps} in {out / STATE_DIR}")
+        progress.write(f"resuming from step {step}/{total_steps} in {out / STATE_DIR}")
 
     def save(at: int) -> None:
         manager.save(at, args=ocp.args.Composite(
@@ -257,8 +256,8 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
         for epoch in range(step // steps_per_epoch, config.epochs):
             batches = epoch_batches(n, batch_size, config.seed, epoch)
             model.train()
-            bar = tqdm(range(step - epoch * steps_per_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-                       leave=False, unit="step")
+            bar = progress.bar(range(step - epoch * steps_per_epoch, steps_per_epoch),
+                               desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, unit="step")
             for b in bar:
                 loss, acc = train_step(model, optimizer, jnp.asarray(train_images(batches[b])),
                                        jnp.asarray(train_set.labels[batches[b]]))
@@ -273,7 +272,7 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
             test_acc = float(np.mean(predict(model, test_images, len(test_set), batch_size) == test_set.labels))
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
                             "train_accuracy": float(np.mean(accs)), "test_accuracy": test_acc})
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}  "
+            progress.write(f"epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}  "
                        f"train acc {history[-1]['train_accuracy']:.3f}  test acc {test_acc:.3f}")
             losses, accs = [], []
             save(step)

@@ -209,7 +209,8 @@ def test_make_table_main_writes_and_checks_a_readme(tmp_path):
 def quick_runs(tmp_path_factory):
     """Start every benchmark's --quick run at once; {name: (returncode, output, JSON path)}."""
     tmp = tmp_path_factory.mktemp("bench")
-    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": [], "estimators": []}
+    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": [], "estimators": [], "opaque_game": [],
+                "bf16_head": []}
     if HAS_PEERS:
         commands["peers"] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -242,6 +243,25 @@ def test_end_to_end_quick_writes_per_pass_times(quick_runs):
     assert quick_runs["end_to_end"][2].with_suffix(".png").stat().st_size > 0
 
 
+def test_opaque_game_quick_times_every_estimator_against_its_own_masks(quick_runs):
+    doc = _document(quick_runs, "opaque_game")
+    assert set(doc["results"]) == {"permutation", "antithetic", "kernel", "leverage", "stratified_svarm"}
+    for r in doc["results"].values():
+        assert r["engine_s"] > 0 and r["bare_best_s"] == min(r["bare_s_by_chunk"].values())
+        assert r["engine_over_bare"] == pytest.approx(r["engine_s"] / r["bare_best_s"])
+        assert str(r["evaluations"]) in r["bare_s_by_chunk"]  # one chunk is the whole request
+
+
+def test_bf16_head_quick_compares_both_dtypes_on_the_same_queries(quick_runs):
+    doc = _document(quick_runs, "bf16_head")
+    s = doc["summary"]["digits_layer4.0"]
+    assert s["queries"] == 3 and 0 <= s["same_explanations"] <= 1
+    for part in ("reference_phi_error", "query_phi_error"):
+        e = s[part]
+        assert e["maps"] >= 1 and 0 <= e["median"] <= e["p90"] <= e["max"] < 0.5  # bf16 rounding, not garbage
+    assert s["query_phi_error"]["maps"] == 3 and s["seconds_float32"] > 0 and s["seconds_bfloat16"] > 0
+
+
 def test_scaling_quick_records_identical_results(quick_runs):
     doc = _document(quick_runs, "scaling")
     runs = doc["results"]["runs"]
@@ -250,6 +270,10 @@ def test_scaling_quick_records_identical_results(quick_runs):
     check = doc["results"]["check"]["2"]
     assert check["identical"]["phi"] and check["consistent"]
     assert doc["summary"]["Phi bit-identical across device counts"] is True
+    processes = doc["results"]["processes"]  # one explain process against two jax.distributed ones
+    assert processes["byte_identical"] is True and processes["files"] >= 5
+    assert processes["efficiency"] == pytest.approx(processes["seconds_1_process_2_devices"]
+                                                    / processes["seconds_2_processes_1_device"] / 2)
 
 
 @pytest.mark.skipif(not HAS_PEERS, reason="peers.py needs the bench extra: pip install -e '.[bench]'")

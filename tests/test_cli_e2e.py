@@ -146,6 +146,7 @@ def test_two_processes_write_what_one_process_writes(run_dir, tmp_path):
     plan = err[0].index("plan: fgvce: 5 queries in 5 shards of 1 (0 done)")
     assert plan < err[0].index("plan: pass 3:") < err[0].index("pass 3: Phi of")  # the plan comes first
     assert "plan:" not in err[1]  # process 0 speaks for the run
+    assert "\r" not in err[0] and "\x1b" not in err[0]  # stderr is a pipe: plain lines, no redraws
     assert _run_files(out) == _run_files(run_dir / "explanations")
     assert not list((out / "fgvce").glob("manifest.process-*"))
     assert json.loads((out / "fgvce" / "summary.json").read_text())["queries"] == 5

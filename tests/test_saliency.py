@@ -223,3 +223,28 @@ def test_batched_games_share_the_model_parameters():
     # the check can fail: per-image copies of the weights (the old layout) compile to grouped convolutions
     copies = {**args, "params": jax.tree.map(lambda a: jnp.broadcast_to(a, (3, *a.shape)), params)}
     assert max(groups(hlo(copies, None))) > 1
+
+
+def test_bf16_head_runs_the_convolutions_in_bf16_and_stays_close_to_float32():
+    """dtype="bfloat16": the deep head's convolutions take bf16 operands (the check fails for float32),
+    Phi comes back float32 and within bf16 rounding of the float32 Phi, but not bit-equal to it."""
+    sm, params = split(create("resnet_tiny", num_classes=5, seed=1), at="layer4.0")
+    z = jax.nn.relu(jax.random.normal(jax.random.key(3), (2, 4, 4, 128)))
+    classes = jnp.array([0, 3])
+
+    def conv_types(dtype):
+        p, zz, ctx, base = saliency.in_dtype(params, z, {}, "zero", dtype)
+        fn, args, shared, _ = saliency.batch_games(sm, p, zz, ctx, classes, base, "prob")
+        text = run_local.lower(fn, args, saliency.image_keys(KEY, 2), grid=(4, 4), kernel=3, draws=2,
+                               outside="absent", paired=True, u=8, n_chunks=1,
+                               mesh=shapley.sharding.device_mesh(None), shared=shared).as_text()
+        return set(re.findall(r"stablehlo.convolution.*-> tensor<[^>]*x(\w+)>", text))
+
+    assert conv_types("float32") == {"f32"} and conv_types("bfloat16") == {"bf16"}
+    full = saliency.compute(sm, params, z, {}, classes, kernel=3, samples=8, key=KEY)
+    half = saliency.compute(sm, params, z, {}, classes, kernel=3, samples=8, key=KEY, dtype="bfloat16")
+    assert half.dtype == jnp.float32
+    err = float(jnp.linalg.norm(half - full) / jnp.linalg.norm(full))
+    assert 0 < err < 0.05, err
+    with pytest.raises(FgvceError, match="head dtype must be one of float32, bfloat16"):
+        saliency.compute(sm, params, z, {}, classes, key=KEY, dtype="float16")

@@ -111,7 +111,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, digits
     assert not (tmp_path / "b" / "info.json").exists()  # no final model from an interrupted run
     capsys.readouterr()
     resumed, _, hist_b = train(cfg, tmp_path / "b", train_set=train_set, test_set=test_set)
-    assert "resuming from step 4/6" in capsys.readouterr().out
+    assert "resuming from step 4/6" in capsys.readouterr().err
     for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     assert hist_a == hist_b

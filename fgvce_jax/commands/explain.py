@@ -22,7 +22,7 @@ def _config_defaults():
 
 def add_arguments(parser) -> None:
     """Options of ``fgvce explain``; method options default to ``CounterfactualConfig``'s."""
-    from fgvce_jax.counterfactual.config import METHODS, REFERENCE_MODES, SELECTIONS, STOPS
+    from fgvce_jax.counterfactual.config import HEAD_DTYPES, METHODS, REFERENCE_MODES, SELECTIONS, STOPS
 
     d = _config_defaults()
     parser.add_argument("--model", required=True, help="checkpoint directory (from `fgvce train` or `fgvce convert`)")
@@ -58,6 +58,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--phi-tolerance", type=float, default=d.phi_tolerance,
                    help="sample each Shapley window until its standard error is at most this, --samples at most "
                         "(default: off, exactly --samples per window)")
+    g.add_argument("--head-dtype", default=d.head_dtype, choices=HEAD_DTYPES,
+                   help="dtype of the head's evaluations for Phi: bfloat16 for GPU/TPU bf16 units "
+                        "(its effect on Phi and edits: benchmarks/results/bf16_head.json)")
     r = parser.add_argument_group("run options (no effect on the results, except --shard-size)")
     r.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     r.add_argument("--shard-size", type=int, default=64, help="queries per result shard")
@@ -82,7 +85,8 @@ def configs_from_args(args) -> list:
         kernel=args.kernel, samples=args.samples, region_size=args.region_size, max_regions=args.max_regions,
         n_references=args.references, reference_mode=args.reference_mode,
         candidates_per_reference=args.candidates, selection=args.selection, lam=args.lam, stop=args.stop,
-        t_max=args.t_max, seed=args.seed, phi_tolerance=args.phi_tolerance)
+        t_max=args.t_max, seed=args.seed, phi_tolerance=args.phi_tolerance,
+        head_dtype=args.head_dtype)
     return [dataclasses.replace(base, method=m) for m in dict.fromkeys(args.method)]
 
 

@@ -10,6 +10,7 @@ METHODS = ("fgvce", "cve", "global", "gradient", "single-step", "random")
 SELECTIONS = ("similarity", "joint")
 STOPS = ("target", "flip")
 REFERENCE_MODES = ("nearest", "random")
+HEAD_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class CounterfactualConfig:
       seed: seeds the random reference mode and the ``random`` baseline.
       phi_tolerance: None, or sample each local-Shapley window until the standard error of its Phi is at
         most this (``saliency.compute_to_tolerance``), with ``samples`` as the cap per window.
+      head_dtype: ``"float32"``, or ``"bfloat16"`` to evaluate the head in bfloat16 for Phi (the saliency
+        games' head evaluations; the search's stay float32). For GPUs and TPUs; see ``saliency``.
       chunk_size: head evaluations per batch when scoring candidates (None = sized from the memory budget,
         see ``explain.default_chunk_size``); never changes the result.
     """
@@ -53,12 +56,14 @@ class CounterfactualConfig:
     seed: int = 0
     chunk_size: int | None = None
     phi_tolerance: float | None = None
+    head_dtype: str = "float32"
 
     def __post_init__(self):
         for name, value, allowed in (("method", self.method, METHODS),
                                      ("selection", self.selection, SELECTIONS),
                                      ("stop", self.stop, STOPS),
-                                     ("reference_mode", self.reference_mode, REFERENCE_MODES)):
+                                     ("reference_mode", self.reference_mode, REFERENCE_MODES),
+                                     ("head_dtype", self.head_dtype, HEAD_DTYPES)):
             if value not in allowed:
                 raise FgvceError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("kernel", "samples", "region_size", "max_regions", "n_references",

@@ -108,6 +108,8 @@ def saliency_settings(config: CounterfactualConfig) -> dict | None:
                     output=config.output, outside="absent", paired=True, budget=None)
     if method == "local" and config.phi_tolerance is not None:
         settings["tolerance"] = float(config.phi_tolerance)
+    if config.head_dtype != "float32":  # left out otherwise, so that float32 caches keep their keys
+        settings["dtype"] = config.head_dtype
     return settings
 
 
@@ -126,7 +128,8 @@ def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, ke
         return saliency.compute_to_tolerance(
             split_model, params, z, ctx, classes, kernel=settings["kernel"], tolerance=settings["tolerance"],
             key=key, max_samples=settings["samples"], round_samples=min(TOLERANCE_ROUND, settings["samples"]),
-            baseline=settings["baseline"], output=settings["output"], mesh=mesh).phi
+            baseline=settings["baseline"], output=settings["output"], dtype=settings.get("dtype", "float32"),
+            mesh=mesh).phi
     return saliency.compute(split_model, params, z, ctx, classes, key=key, mesh=mesh, **settings)
 
 
@@ -162,16 +165,20 @@ def _with_placeholder(references: FeatureBatch, queries: FeatureBatch) -> Featur
 HEAD_ACTIVATION_FACTOR = 8  # live activations of one head call, in feature maps (deep heads keep several)
 
 
-def default_chunk_size(map_shape: tuple[int, int, int], n_queries: int, mesh) -> int:
+def default_chunk_size(map_shape: tuple[int, int, int], n_queries: int) -> int:
     """Head calls scored at once per query when the config gives no ``chunk_size``.
 
-    The candidates of all queries on a device are scored together, so the memory budget of
+    The candidates of a group of queries searched together (``min(SEARCH_GROUP, Q)``, see
+    ``search._search_sharded``) are scored together, so the memory budget of
     :func:`fgvce_jax.shapley.sharding.memory_budget` is split over them:
-    budget / (queries per device * 4 bytes * H * W * D * HEAD_ACTIVATION_FACTOR). Results do not depend on it.
+    budget / (group * 4 bytes * H * W * D * HEAD_ACTIVATION_FACTOR). It does not depend on the device
+    count, so neither do the results.
     """
+    from fgvce_jax.counterfactual.search import SEARCH_GROUP
+
     per_call = 4 * int(np.prod(map_shape)) * HEAD_ACTIVATION_FACTOR
-    per_device = -(-max(1, n_queries) // sharding.device_mesh(mesh).size)
-    return max(1, sharding.memory_budget() // (per_call * per_device))
+    group = min(SEARCH_GROUP, max(1, n_queries))
+    return max(1, sharding.memory_budget() // (per_call * group))
 
 
 def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch,
@@ -208,7 +215,7 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
         mode=config.reference_mode, key=jax.random.key(config.seed))
     options = baselines.search_options(config)
     if options.chunk_size is None:
-        options = options._replace(chunk_size=default_chunk_size(np.shape(queries.z)[1:], n_q, mesh))
+        options = options._replace(chunk_size=default_chunk_size(np.shape(queries.z)[1:], n_q))
 
     if config.method == "cve":
         q_phi = jnp.full((n_q,) + grid, jnp.nan, jnp.float32)

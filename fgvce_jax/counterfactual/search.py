@@ -216,10 +216,18 @@ def _search_one(split_model, options: SearchOptions, params, bank: CandidateBank
                         s["similarity"], s["probs"], probs_before, s["edit_mask"])
 
 
-@functools.partial(jax.jit, static_argnames=("split_model", "options", "mesh"))
-def _search_sharded(split_model, options, mesh, params, bank, per_query):
+SEARCH_GROUP = 8  # queries searched together (vmapped) on a device
+
+
+@functools.partial(jax.jit, static_argnames=("split_model", "options", "mesh", "group"))
+def _search_sharded(split_model, options, mesh, group, params, bank, per_query):
+    """Each device walks its queries in groups of ``group``, one vmapped search per group: the head then
+    always sees batches of the same shape, whatever the device count, so the results are bit-identical
+    on 1 or D devices (XLA may round a row differently in a batch of another size)."""
     def local(params, bank, queries):
-        return jax.vmap(lambda q: _search_one(split_model, options, params, bank, q))(queries)
+        groups = jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), queries)
+        out = jax.lax.map(jax.vmap(lambda q: _search_one(split_model, options, params, bank, q)), groups)
+        return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
 
     axis = mesh.axis_names[0]
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=P(axis),
@@ -238,12 +246,14 @@ def run_search(split_model, params, bank: CandidateBank, per_query: dict, option
         center (Q, K, 2), score (Q, K), valid (Q, K), cells (Q, K, H, W) (query regions),
         cand_index (Q, M) bank rows, cand_valid (Q, M), has_refs (Q,) bool.
       options: :class:`SearchOptions`.
-      mesh: 1-D mesh (None = all devices). Q is padded to a multiple of its size
-        with copies of query 0; the padding is dropped from the result.
+      mesh: 1-D mesh (None = all devices). Q is padded to a multiple of its size times the group
+        (``min(SEARCH_GROUP, Q)`` queries, see ``_search_sharded``) with copies of query 0; the padding
+        is dropped from the result.
     """
     mesh = sharding.device_mesh(mesh)
     n_queries = per_query["z"].shape[0]
-    pad = -n_queries % mesh.size
+    group = min(SEARCH_GROUP, n_queries)
+    pad = -n_queries % (mesh.size * group)
     padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), per_query)
-    out = _search_sharded(split_model, options, mesh, params, bank, padded)
+    out = _search_sharded(split_model, options, mesh, group, params, bank, padded)
     return SearchResult(*(np.asarray(a)[:n_queries] for a in out))

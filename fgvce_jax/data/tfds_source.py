@@ -9,8 +9,8 @@ error that says how to build it.
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from fgvce_jax import progress
 from fgvce_jax.data.dataset import Dataset, Preprocessing
 from fgvce_jax.errors import FgvceError
 
@@ -39,8 +39,8 @@ def load(name: str, split: str, *, image_size: int | None = None, data_dir: str 
     features = source.dataset_info.features
     if "image" not in features or "label" not in features or not hasattr(features["label"], "names"):
         raise FgvceError(f"TFDS dataset {name!r} has no `image` and `label` (ClassLabel) features")
-    labels = np.array([int(source[i]["label"]) for i in tqdm(range(len(source)), desc=f"{name}/{split}: labels",
-                                                            leave=False, disable=len(source) < 1000)],
+    labels = np.array([int(source[i]["label"]) for i in progress.bar(range(len(source)), desc=f"{name}/{split}: labels",
+                                                                    leave=False, disable=len(source) < 1000)],
                       dtype=np.int64)
     splits = tuple(source.dataset_info.splits) or (split,)
 

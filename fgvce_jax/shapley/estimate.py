@@ -152,6 +152,18 @@ def anchor_values_of(fn, args, anchors: jax.Array, rows: int) -> jax.Array:
     return jnp.concatenate(values)
 
 
+def over_games(f, *xs):
+    """``jax.vmap(f)(*xs)`` over the games' leading axis, except that a single game is called directly.
+
+    Under vmap XLA keeps a game's ops from fusing with their reductions (a masked map times features,
+    then pooled, becomes a materialised (B, n, D) product): one opaque game in the engine ran 3-10x
+    slower than the same game bare (``benchmarks/opaque_game.py``). For several games the batched
+    layout is what lets a model's layers see one batch."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], f(*jax.tree.map(lambda a: a[0], xs)))
+    return jax.vmap(f)(*xs)
+
+
 @functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh", "r"))
 def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared=None):
     """phi (N, n) for N games ``fn(with_shared(shared, args[i]), .)`` with keys (N,); args carry a leading
@@ -167,8 +179,8 @@ def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared
     n_blocks = math.ceil(n_units / r)
 
     def body(shared, args, keys):
-        blocks, counts = jax.vmap(lambda a, k: _device_blocks(est, fn, with_shared(shared, a), k, n_units, u, r,
-                                                              n_chunks, axis))(args, keys)
+        blocks, counts = over_games(lambda a, k: _device_blocks(est, fn, with_shared(shared, a), k, n_units, u, r,
+                                                                n_chunks, axis), args, keys)
         blocks = jax.tree.map(lambda b: jax.lax.all_gather(b, axis, axis=1, tiled=True)[:, :n_blocks], blocks)
         return jax.tree.map(jax.vmap(tree_sum), blocks), jax.lax.psum(counts, axis)
 
@@ -176,9 +188,9 @@ def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared
                                   check_vma=False)(shared, args, keys)
     anchors = jnp.asarray(est.anchors())
     if len(anchors):
-        anchor_values = jax.vmap(lambda a, k: anchor_values_of(fn, with_shared(shared, a), anchors,
-                                                               u * est.evals_per_unit()))(
-            args, keys)  # keys give vmap its axis when args is empty (a plain callable)
+        anchor_values = over_games(lambda a, k: anchor_values_of(fn, with_shared(shared, a), anchors,
+                                                                 u * est.evals_per_unit()),
+                                   args, keys)  # keys give the games' axis when args is empty (a plain callable)
     else:
         anchor_values = jnp.zeros((keys.shape[0], 0), jnp.float32)
     return jax.vmap(lambda t, c, av: est.finalize(t, c, n_units, av))(total, counts, anchor_values)

@@ -114,7 +114,9 @@ def _check_game(game: Game, mask_shape: tuple[int, ...]) -> None:
 
 
 def read_output(logits: jax.Array, cls: jax.Array, output: str) -> jax.Array:
-    """out_c: (B, C) logits -> (B,) softmax probability, logit or log-probability of class ``cls``."""
+    """out_c: (B, C) logits -> (B,) float32 softmax probability, logit or log-probability of class ``cls``
+    (read in float32 whatever the head's dtype)."""
+    logits = logits.astype(jnp.float32)
     if output == "prob":  # 1 / sum_j exp(l_j - l_c): no max pass, one division; the clip keeps exp (and grads) finite
         gap = jnp.minimum(logits - jnp.take(logits, cls, axis=-1)[:, None], 80.0)
         return 1.0 / jnp.exp(gap).sum(axis=-1)
@@ -299,8 +301,8 @@ def feature_game(split_model, params, z: jax.Array, ctx: dict | None, cls, *, ba
     linear = split_model.linear_head(params) if fast else None
     if linear is not None:
         W, b = linear
-        contrib = ((z - base) @ W).reshape(h * w, -1) / (h * w)
-        offset = b + base.mean(axis=(0, 1)) @ W
+        contrib = ((z - base) @ W).reshape(h * w, -1).astype(jnp.float32) / (h * w)  # the sums stay float32
+        offset = (b + base.mean(axis=(0, 1)) @ W).astype(jnp.float32)
         return Game(LinearHead(output), {"contrib": contrib, "offset": offset, "cls": cls},
                     4 * (h * w + 2 * W.shape[-1]))
     conv = getattr(split_model, "conv_head", None) if fast else None
