@@ -77,11 +77,13 @@ def counterfactual_image(query_image: np.ndarray, reference_images: dict, row: d
 def _outline(ax, box, grid, size, colour, label):
     """Draw cell box ``(r0, c0, r1, c1)`` of an (H, W) grid over a ``size``-pixel image."""
     from matplotlib.patches import Rectangle
+    from matplotlib.patheffects import withStroke
 
     ey, ex = cell_edges(grid[0], size[0]), cell_edges(grid[1], size[1])
     r0, c0, r1, c1 = box
     ax.add_patch(Rectangle((ex[c0] - 0.5, ey[r0] - 0.5), ex[c1 + 1] - ex[c0], ey[r1 + 1] - ey[r0],
-                           fill=False, edgecolor=colour, linewidth=2))
+                           fill=False, edgecolor=colour, linewidth=2,
+                           path_effects=[withStroke(linewidth=4, foreground="white")]))  # visible on any image
     ax.text(ex[c0] + 1, ey[r0] + 1, label, color="white", fontsize=9, va="top",
             bbox={"facecolor": colour, "pad": 1, "linewidth": 0})
 

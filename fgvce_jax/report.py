@@ -36,7 +36,7 @@ _INTRO = (
     "<p>For each image the model misclassified (the <em>query</em>), a method replaces regions of the query's "
     "feature map, one per edit, with the matching regions of correctly classified <em>reference</em> images, "
     "until the search's stop rule holds (config <code>stop</code>: the model predicts the true class, or no "
-    "longer the predicted one) or it gives up. Per query: the query image; its Shapley saliency Phi for the "
+    "longer the predicted one) or it gives up. Per query: the query image; its saliency map Phi for the "
     "predicted class (red: evidence for it, blue: against, white: none; the colour bar gives the values); the "
     "counterfactual, i.e. the query with each replaced region's reference pixels pasted in, outlined and numbered "
     "in edit order (the edits act on features, the pasted pixels show where they came from); and per edit the "
@@ -104,11 +104,14 @@ def _anchor(method: str, i: int) -> str:
     return f"{method}-q{i}"
 
 
+def _state(row: dict) -> str:
+    return "fixed" if row["success"] else "notfixed"
+
+
 def _verdict(row: dict) -> str:
     n, m = row["n_edits"], f"margin {margin(row):+.3f}"
-    if row["success"]:
-        return f"<span class='fixed'>fixed after {n} edit(s), {m}</span>"
-    return f"<span class='notfixed'>not fixed ({html.escape(row['reason'])}, {n} edit(s)), {m}</span>"
+    text = f"fixed after {n} edit(s)" if row["success"] else f"not fixed ({html.escape(row['reason'])}, {n} edit(s))"
+    return f"<span class='{_state(row)}'>{text}, {m}</span>"
 
 
 def _edits_table(row: dict) -> str:
@@ -130,8 +133,8 @@ def _query_section(method: str, i: int, row: dict, src: str) -> str:
     qid = html.escape(row["query_id"])
     return (f"<section class='q' id='{_anchor(method, i)}' data-fixed='{'yes' if row['success'] else 'no'}'>"
             f"<h3>{qid}: {html.escape(row['true_name'])} predicted as {html.escape(row['pred_name'])} — "
-            f"{_verdict(row)}</h3><img src='{src}' alt='query {qid}: image, Phi, counterfactual'>"
-            f"{_edits_table(row)}</section>")
+            f"{_verdict(row)} <a href='#{method}-index'>(index)</a></h3>"
+            f"<img src='{src}' alt='query {qid}: image, Phi, counterfactual'>{_edits_table(row)}</section>")
 
 
 def _index(method: str, rows: list[dict], drawn: int) -> str:
@@ -142,15 +145,17 @@ def _index(method: str, rows: list[dict], drawn: int) -> str:
     items = []
     for (true, pred), members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0])):
         fixed = sum(rows[i]["success"] for i in members)
-        links = " ".join(f"<a href='#{_anchor(method, i)}' class='{'fixed' if rows[i]['success'] else 'notfixed'}'>"
+        links = " ".join(f"<a href='#{_anchor(method, i)}' class='{_state(rows[i])}'>"
                          f"{html.escape(rows[i]['query_id'])}</a>" for i in members if i < drawn)
         undrawn = sum(i >= drawn for i in members)
         items.append(f"<li class='group' data-true='{html.escape(true)}' data-pred='{html.escape(pred)}' "
                      f"data-count='{len(members)}' data-fixed='{fixed}'><b>{html.escape(true)} → "
                      f"{html.escape(pred)}</b>: {queries_text(len(members))}, "
                      f"{fixed} fixed — {links}" + (f" (+{undrawn} not drawn)" if undrawn else "") + "</li>")
-    return (f"<div class='index'><h3>Queries by confusion (true → predicted)</h3><ul>{''.join(items)}</ul></div>"
-            if items else "<p>No queries.</p>")
+    if not items:
+        return "<p>No queries.</p>"
+    return (f"<div class='index' id='{method}-index'><h3>Queries by confusion (true → predicted)</h3>"
+            f"<ul>{''.join(items)}</ul></div>")
 
 
 def _filter(method: str, body: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 from fgvce_jax import completeness, figures, pipeline, report
 from fgvce_jax.cli import main
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.metrics import edited_cells
 
 from fake_explanations import write_run
 
@@ -27,20 +28,30 @@ def _dataset(split, n, seed):
                                  raw_image=lambda i: images[i])
 
 
+def _written(query_region, ref_region, n_edits, region_size):
+    """(Q, T, G, G) bool: the query cells each edit wrote (its pairs inside the grid on both sides)."""
+    qc, _, valid = edited_cells(query_region, ref_region, n_edits, region_size, (G, G))
+    mask = np.zeros((Q, T, G, G), bool)
+    q, t, k = np.nonzero(valid)
+    mask[q, t, qc[q, t, k, 0], qc[q, t, k, 1]] = True
+    return mask
+
+
 def _explanations(seed=1):
     rng = np.random.default_rng(seed)
     n_edits = np.array([2, 3, 0], np.int32)
     used = np.arange(T)[None] < n_edits[:, None]
     region = np.where(used[..., None], rng.integers(0, G, (Q, T, 2)), -1).astype(np.int32)
     probs = rng.dirichlet(np.ones(C), (Q, T)).astype(np.float32)
+    ref_region = np.where(used[..., None], rng.integers(0, G, (Q, T, 2)), -1).astype(np.int32)
     return types.SimpleNamespace(
         success=np.array([True, False, False]), n_edits=n_edits, reason=np.array([0, 1, 3]),
         true=np.array([1, 2, 0]), pred=np.array([3, 0, 1]), query_region=region,
         ref_index=np.where(used, rng.integers(0, 2, (Q, T)), -1).astype(np.int32),
-        ref_region=np.where(used[..., None], rng.integers(0, G, (Q, T, 2)), -1).astype(np.int32),
+        ref_region=ref_region,
         similarity=np.where(used, rng.random((Q, T)), np.nan).astype(np.float32),
         probs=np.where(used[..., None], probs, np.nan), probs_before=rng.dirichlet(np.ones(C), Q).astype(np.float32),
-        edit_mask=np.zeros((Q, T, G, G), bool), query_phi=rng.normal(size=(Q, G, G)).astype(np.float32),
+        edit_mask=_written(region, ref_region, n_edits, 3), query_phi=rng.normal(size=(Q, G, G)).astype(np.float32),
         region_size=3, method="fgvce")
 
 
@@ -100,6 +111,11 @@ def test_counterfactual_image_pastes_reference_cells_in_edit_order():
                   ref_region=np.array([[2, 2]]))
     out = figures.counterfactual_image(query, {4: ref_a}, corner, (4, 4))
     assert out.any(-1).sum() == 25 and (out[:5, :5] == 7).all()
+    # with the run's edit_mask only the cells the edit wrote are pasted
+    written = np.zeros((1, 4, 4), bool)
+    written[0, 1, 1] = True
+    out = figures.counterfactual_image(query, {4: ref_a}, dict(corner, edit_mask=written), (4, 4))
+    assert out.any(-1).sum() == 9 and (out[2:5, 2:5] == 7).all()
 
 
 def test_phi_norm_is_centred_at_zero():
@@ -122,6 +138,7 @@ def _stored(tmp_path, config=None, shards=((0, 2), (2, 3)), **kwargs):
     (((0, 2),), {"summary": False}, {"queries": ["a", "b", "c", "d"], "limit": 3}, "partial: 2 of 3 queries"),
     (((0, 1), (2, 3)), {"queries": 3}, {}, "partial: 2 of 3 queries"),  # a gap (summary of an older run)
     (((0, 2),), {"queries": 3}, {}, "partial: 2 of 3 queries"),
+    ((), {"summary": False}, {}, "partial: 0 queries, run not finished"),  # killed before its first shard
 ])
 def test_completeness_from_shards_summary_and_config(tmp_path, shards, kwargs, config, line):
     c = completeness.completeness(_stored(tmp_path, config, shards, **kwargs))
@@ -187,6 +204,7 @@ def _write_methods(root, partial_random=True):
         ex = _explanations(seed)
         if method == "cve":
             ex.query_phi, ex.region_size = np.full_like(ex.query_phi, np.nan), 1
+            ex.edit_mask = _written(ex.query_region, ex.ref_region, ex.n_edits, 1)
         table, arrays = pipeline.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
         partial = partial_random and method == "random"
         write_run(root / method, {**config, "method": method, "region_size": ex.region_size}, table, arrays,
@@ -268,7 +286,11 @@ def test_cli_warns_about_a_partial_run(tmp_path, monkeypatch, capsys):
     from fgvce_jax import data
 
     _, qds, rds = _write_methods(tmp_path / "out")
+    write_run(tmp_path / "out" / "global", {"method": "global"}, None, {}, [], summary=False)  # no shard yet
     monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
-    assert main(["report", str(tmp_path / "out"), "--max-queries", "0"]) == 0
+    assert main(["report", str(tmp_path / "out"), "--max-queries", "1"]) == 0
     err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "random" in err and "partial: 2 queries" in err
+    assert err.count("warning:") == 2 and "random" in err and "partial: 2 queries" in err
+    assert "global" in err and "partial: 0 queries" in err
+    page = _Page((tmp_path / "out" / "report.html").read_text())
+    assert page.sections == ["fgvce", "cve", "global", "random"] and len(page.srcs) == 3
