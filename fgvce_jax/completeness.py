@@ -64,13 +64,20 @@ def _intended(config: Mapping, summary: dict | None) -> int | None:
     return len(ids) if limit is None else min(len(ids), int(limit))
 
 
+def read_summary(run_dir) -> dict | None:
+    """The ``summary.json`` of a run directory; None when absent or unreadable (the run did not finish)."""
+    try:
+        return json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def completeness(run_dir) -> Completeness:
     """The completeness of one run directory (see the module docstring)."""
     run_dir = Path(run_dir)
     manifest = store.read_manifest(run_dir)
     shards = manifest["shards"]
-    summary_path = run_dir / SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    summary = read_summary(run_dir)
     n = _intended(manifest.get("config", {}), summary)
     end = _contiguous_end(shards)
     partial = (summary is None or end is None or (n is not None and end != n)

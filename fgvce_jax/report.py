@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fgvce_jax import store
-from fgvce_jax.completeness import Completeness, queries_text, warn_partial
+from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
 from fgvce_jax.evaluate import COLUMNS, _ordered, find_runs, progress
 from fgvce_jax.figures import query_figure
 
@@ -170,7 +170,8 @@ def _method_section(method: str, config: dict, state: Completeness, rows: list[d
     config_rows = [{"setting": k, "value": v} for k, v in sorted(config.items())]
     more = len(rows) - len(queries)
     return (f"<section id='m-{method}'><h2>{html.escape(method)}</h2>"
-            + (_warning(html.escape(state.line())) if state.partial else "")
+            + (_warning(f"this run did not finish ({html.escape(state.line())}); what follows covers "
+                        "only the queries written so far.") if state.partial else "")
             + f"<details><summary>config</summary>{_table(config_rows)}</details>"
             + _index(method, rows, len(queries))
             + _filter(method, "".join(queries) + (f"<p>{more} more queries not drawn.</p>" if more else ""))
@@ -251,7 +252,7 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
             cfg = store.read_manifest(d)["config"]
             table, arrays = store.read_results(d)
             rows = table.to_pylist()
-            timing = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+            timing = read_summary(d) or {}
             ex = types.SimpleNamespace(**arrays, region_size=rows[0]["region_size"]) if rows else None
             summary_rows.append({"method": method, "queries": len(rows), "run": states[method].line(),
                                  **(metrics.summary(ex) if ex is not None else {}),

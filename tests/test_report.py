@@ -145,8 +145,11 @@ def test_completeness_from_shards_summary_and_config(tmp_path, shards, kwargs, c
     assert c.line() == line and c.partial == line.startswith("partial")
 
 
-def test_process_manifests_left_by_a_killed_run_make_it_partial(tmp_path, capsys):
+def test_process_manifests_or_a_damaged_summary_make_a_run_partial(tmp_path, capsys):
     run = _stored(tmp_path)
+    (run / "summary.json").write_text("{")
+    assert completeness.completeness(run).line() == "partial: 3 queries, run not finished"
+    run = _stored(tmp_path / "b")
     (run / "manifest.process-1.json").write_text((run / "manifest.json").read_text())
     assert completeness.completeness(run).line() == "partial: 3 queries, run not finished"
     completeness.warn_partial({"fgvce": run}, "the report")
