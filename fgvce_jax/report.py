@@ -26,7 +26,7 @@ import numpy as np
 
 from fgvce_jax import store
 from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
-from fgvce_jax.evaluate import COLUMNS, _ordered, find_runs, progress
+from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered, find_runs, progress
 from fgvce_jax.figures import query_figure
 
 _WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
@@ -255,7 +255,7 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
             timing = read_summary(d) or {}
             ex = types.SimpleNamespace(**arrays, region_size=rows[0]["region_size"]) if rows else None
             summary_rows.append({"method": method, "queries": len(rows), "run": states[method].line(),
-                                 **(metrics.summary(ex) if ex is not None else {}),
+                                 **(metrics.summary(ex) if ex is not None else dict.fromkeys(CF_COLUMNS)),
                                  "seconds_per_query": timing.get("seconds_per_query")})
             drawn = _draw(method, rows[:max_queries], arrays, datasets(cfg), tmp, files.name) if (
                 max_queries and rows) else []

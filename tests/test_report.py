@@ -295,5 +295,7 @@ def test_cli_warns_about_a_partial_run(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("warning:") == 2 and "random" in err and "partial: 2 queries" in err
     assert "global" in err and "partial: 0 queries" in err
-    page = _Page((tmp_path / "out" / "report.html").read_text())
+    text = (tmp_path / "out" / "report.html").read_text()
+    page = _Page(text)
     assert page.sections == ["fgvce", "cve", "global", "random"] and len(page.srcs) == 3
+    assert "<td>global</td><td>0</td><td>partial: 0 queries, run not finished</td><td>–</td>" in text
