@@ -18,13 +18,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fgvce_jax import store
+from fgvce_jax.completeness import warn_partial
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import counterfactual as cf_metrics
 from fgvce_jax.metrics import parts as part_metrics
@@ -201,6 +204,11 @@ def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
     return e, config
 
 
+def progress(items, desc: str, unit: str):
+    """``items`` with a progress bar on stderr that disappears when done."""
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+
 RUN_KEYS = ("model", "at", "dataset", "split", "reference_split", "image_size")
 
 
@@ -270,7 +278,7 @@ def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps
     out = {}
     for method, (index, phi, classes) in jobs.items():
         dele, ins = [], []
-        for s in range(0, len(index), batch_size):
+        for s in progress(range(0, len(index), batch_size), f"evaluate: {method} deletion/insertion", "batch"):
             n = min(batch_size, len(index) - s)
             # the last batch is padded to a full one (no recompilation) and the padding dropped
             rows = np.minimum(np.arange(s, s + batch_size), len(index) - 1)
@@ -304,7 +312,8 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
       (rows, written files).
     """
     runs = find_runs(directory)
-    loaded = {m: load_run(d) for m, d in runs.items()}
+    warn_partial(runs, "the evaluation")
+    loaded = {m: load_run(d) for m, d in progress(runs.items(), "evaluate: reading results", "method")}
     explanations = {m: e for m, (e, _) in loaded.items()}
     run = _shared_run({m: c for m, (_, c) in loaded.items()})
     curves, part_masks = None, None
@@ -343,8 +352,9 @@ def _parts_for_runs(ds, ref_ds, explanations_by_method) -> dict | None:
     annotations = {}
     for method, e in explanations_by_method.items():
         used = np.unique(e.ref_index[e.ref_index >= 0])
-        annotations[method] = ([ds.parts(int(i)) for i in e.query_index], used,
-                               [ref_ds.parts(int(i)) for i in used])
+        images = [(ds, i) for i in e.query_index] + [(ref_ds, i) for i in used]
+        found = [d.parts(int(i)) for d, i in progress(images, f"evaluate: {method} part annotations", "image")]
+        annotations[method] = (found[:len(e.query_index)], used, found[len(e.query_index):])
     named = [a for q, _, r in annotations.values() for a in (*q, *r) if a is not None]
     if not named:
         return None

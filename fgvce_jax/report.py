@@ -1,116 +1,73 @@
-"""A self-contained HTML report of an explain directory (one PNG per query next to it).
+"""A self-contained HTML report of an explain directory (one PNG per query next to it; no scripts, no CDN).
 
-For every query (up to ``max_queries`` per method) one figure shows:
+The page, top to bottom:
 
-- the query image with its Phi heatmap (on the predicted class ŷ) upsampled
-  over it, and each replaced region outlined and numbered in edit order;
-- each reference image the edits drew on, with its source regions outlined
-  under the same numbers;
-- the probability trajectory p_y and p_ŷ from before the first edit to after
-  the last one.
-
-Above them, a table per method: queries, validity, mean edits (regions and
-cells, :mod:`fgvce_jax.metrics`), time per explanation, and the run's config.
+- a warning for every method whose run did not finish (:mod:`fgvce_jax.completeness`);
+- what the figures show, and what a fixed / not fixed query does and does not tell;
+- a summary table per method and, when ``fgvce evaluate`` was run, its metric table, every column
+  named in words with the direction that is better;
+- one section per method, in :data:`fgvce_jax.evaluate.METHOD_ORDER`: its config, an index of its
+  queries grouped by confusion (true -> predicted) with counts, a fixed / not fixed filter
+  (CSS ``:target``), and per query (anchor ``<method>-q<row>``) the figure of
+  :func:`fgvce_jax.figures.query_figure` and a table of its edits (similarity, p(true), p(pred)).
 """
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import tempfile
 import types
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from fgvce_jax import store
+from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
+from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered, find_runs, progress
+from fgvce_jax.figures import query_figure
 
-_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
-
-
-def region_boxes(query_region, ref_region, n_edits: int, region_size: int, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cell boxes of each edit: (T', 4) ``(row0, col0, row1, col1)`` inclusive, for the query and
-    the reference side, and (T',) bool (the edit kept at least one cell inside the grid).
-
-    Uses the cell pairing of :func:`fgvce_jax.metrics.edited_cells` (cells outside the map dropped).
-    """
-    from fgvce_jax.metrics import edited_cells
-
-    qc, rc, valid = edited_cells(np.asarray(query_region)[None], np.asarray(ref_region)[None],
-                                 np.asarray([n_edits]), region_size, tuple(grid))
-    qc, rc, valid = qc[0, :n_edits], rc[0, :n_edits], valid[0, :n_edits]
-
-    def box(cells, ok):
-        if not ok.any():
-            return np.zeros(4, int)
-        c = cells[ok]
-        return np.concatenate([c.min(0), c.max(0)])
-
-    return (np.array([box(qc[t], valid[t]) for t in range(n_edits)], int).reshape(-1, 4),
-            np.array([box(rc[t], valid[t]) for t in range(n_edits)], int).reshape(-1, 4),
-            valid.any(-1))
-
-
-def _outline(ax, box, grid, size, colour, label):
-    """Draw cell box ``(r0, c0, r1, c1)`` of an (H, W) grid over a ``size``-pixel image."""
-    from matplotlib.patches import Rectangle
-
-    sy, sx = size[0] / grid[0], size[1] / grid[1]
-    r0, c0, r1, c1 = box
-    ax.add_patch(Rectangle((c0 * sx - 0.5, r0 * sy - 0.5), (c1 - c0 + 1) * sx, (r1 - r0 + 1) * sy,
-                           fill=False, edgecolor=colour, linewidth=2))
-    ax.text(c0 * sx + 1, r0 * sy + 1, label, color="white", fontsize=8, va="top",
-            bbox={"facecolor": colour, "pad": 1, "linewidth": 0})
+_WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
+_LABELS = {"method": "method", "queries": "queries explained", "run": "run",
+           "seconds_per_query": "seconds per explanation (lower is better)"}
+_INTRO = (
+    "<p>For each image the model misclassified (the <em>query</em>), a method replaces regions of the query's "
+    "feature map, one per edit, with the matching regions of correctly classified <em>reference</em> images, "
+    "until the search's stop rule holds (config <code>stop</code>: the model predicts the true class, or no "
+    "longer the predicted one) or it gives up. Per query: the query image; its saliency map Phi for the "
+    "predicted class (red: evidence for it, blue: against, white: none; the colour bar gives the values); the "
+    "counterfactual, i.e. the query with each replaced region's reference pixels pasted in, outlined and numbered "
+    "in edit order (the edits act on features, the pasted pixels show where they came from); and per edit the "
+    "similarity of the two regions and p(true), p(pred) after it. The margin is p(true) &minus; p(pred) after the "
+    "last edit.</p><p><b>Fixed</b> means the stop rule held: the replaced regions are a change that suffices to "
+    "flip this model's decision, evidence of what it relied on, not proof of the cause. <b>Not fixed</b> means "
+    "the search found no such change within its budget; its edits show what was tried and explain nothing.</p>")
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em;line-height:1.4}"
+    "table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}"
+    ".q{margin:1.5em 0;padding-top:.5em;border-top:1px solid #ddd}"
+    ".warn{background:#fff3cd;border:1px solid #e0a800;padding:.5em 1em;margin:1em 0}"
+    ".fixed{color:#1a7f37}.notfixed{color:#b42318}.index li{margin:.2em 0}"
+    ".only-fixed:target .q[data-fixed=no],.only-notfixed:target .q[data-fixed=yes]{display:none}")
 
 
-def query_figure(path: Path, query_image, phi, edits: dict, reference_images: dict, class_names, region_size: int):
-    """Write the PNG of one query (see the module docstring).
+# --------------------------------------------------------------------------- numbers and tables
+def margin(row: dict) -> float:
+    """p(true) - p(pred) after the last edit of a result row (before any edit when it made none)."""
+    if row["n_edits"]:
+        return float(row["edit_p_true"][-1] - row["edit_p_pred"][-1])
+    return float(row["p_true_before"] - row["p_pred_before"])
 
-    Args:
-      query_image: uint8 (S, S, 3); phi: (H, W) Phi on ŷ.
-      edits: one row of the results table (``true``, ``pred``, ``n_edits``, ``edit_*`` lists,
-        ``p_true_before``, ``p_pred_before``, ``success``, ``query_id``) plus ``query_region``,
-        ``ref_region`` (T, 2) arrays.
-      reference_images: reference index -> uint8 (S, S, 3).
-    """
-    from matplotlib.figure import Figure
 
-    n = int(edits["n_edits"])
-    grid = phi.shape
-    q_boxes, r_boxes, ok = region_boxes(edits["query_region"], edits["ref_region"], n, region_size, grid)
-    refs = list(dict.fromkeys(edits["edit_ref_index"]))
-    fig = Figure(figsize=(2.6 * (2 + max(len(refs), 1)), 2.9), layout="constrained")
-    axes = fig.subplots(1, 2 + max(len(refs), 1), squeeze=False)[0]
-    size = query_image.shape[:2]
-    ax = axes[0]
-    ax.imshow(query_image)
-    ax.imshow(phi, cmap="jet", alpha=0.4, extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5),
-              interpolation="bilinear")
-    for t in range(n):
-        if ok[t]:
-            _outline(ax, q_boxes[t], grid, size, _COLOURS[t % len(_COLOURS)], str(t + 1))
-    ax.set_title(f"query {edits['query_id']}\ntrue {class_names[edits['true']]}, pred {class_names[edits['pred']]}",
-                 fontsize=8)
-    for j, r in enumerate(refs):
-        ax = axes[1 + j]
-        ax.imshow(reference_images[r])
-        for t in range(n):
-            if ok[t] and edits["edit_ref_index"][t] == r:
-                _outline(ax, r_boxes[t], grid, reference_images[r].shape[:2], _COLOURS[t % len(_COLOURS)], str(t + 1))
-        ax.set_title(f"reference {edits['edit_ref_id'][edits['edit_ref_index'].index(r)]}", fontsize=8)
-    if not refs:
-        axes[1].text(0.5, 0.5, "no edit", ha="center", va="center")
-    for a in axes[:-1]:
-        a.set_xticks([]), a.set_yticks([])
-    ax = axes[-1]
-    steps = np.arange(n + 1)
-    ax.plot(steps, [edits["p_true_before"], *edits["edit_p_true"]], "o-", color="#3cb44b",
-            label=f"p(true={class_names[edits['true']]})")
-    ax.plot(steps, [edits["p_pred_before"], *edits["edit_p_pred"]], "s--", color="#e6194b",
-            label=f"p(pred={class_names[edits['pred']]})")
-    ax.set_ylim(-0.02, 1.02), ax.set_xticks(steps), ax.set_xlabel("edits"), ax.legend(fontsize=7)
-    ax.set_title("success" if edits["success"] else "no counterfactual", fontsize=8)
-    fig.savefig(path, dpi=80)
+def label(key: str) -> str:
+    """A metric key in words with the better direction: ``validity`` -> ``Validity (higher is better)``."""
+    if key in _LABELS:
+        return _LABELS[key]
+    text = COLUMNS.get(key, key)
+    return " ".join(_WORDS.get(w, w) for w in text.split(" "))
 
 
 def _fmt(x) -> str:
@@ -118,26 +75,152 @@ def _fmt(x) -> str:
         f"{x:.3f}" if isinstance(x, float) else html.escape(str(x)))
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], head=lambda k: html.escape(k)) -> str:
+    """An HTML table of dict rows (columns: every key, in first-seen order; header cells ``head(key)``)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    heads = "".join(f"<th>{head(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table><tr>{heads}</tr>{body}</table>"
+
+
+def _metric_table(rows: list[dict]) -> str:
+    return _table(rows, lambda k: html.escape(label(k)))
 
 
 def _evaluation(directory: Path) -> str:
     """The metrics table of ``fgvce evaluate`` (``DIR/evaluation/metrics.json``), if it was run."""
-    import json
-
     path = directory / "evaluation" / "metrics.json"
     if not path.exists():
         return "<p>Run <code>fgvce evaluate DIR</code> for the full metrics table (deletion/insertion, parts).</p>"
-    return f"<h2>Metrics (fgvce evaluate)</h2>{_table(json.loads(path.read_text()))}"
+    return f"<h2>Metrics (fgvce evaluate)</h2>{_metric_table(json.loads(path.read_text()))}"
 
 
-_CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "img{max-width:100%;border:1px solid #eee}.q{margin:1.5em 0}")
+def _warning(text: str) -> str:
+    return f"<div class='warn'><b>Warning:</b> {text}</div>"
+
+
+# --------------------------------------------------------------------------- one method
+def _anchor(method: str, i: int) -> str:
+    return f"{method}-q{i}"
+
+
+def _state(row: dict) -> str:
+    return "fixed" if row["success"] else "notfixed"
+
+
+def _verdict(row: dict) -> str:
+    n, m = row["n_edits"], f"margin {margin(row):+.3f}"
+    text = f"fixed after {n} edit(s)" if row["success"] else f"not fixed ({html.escape(row['reason'])}, {n} edit(s))"
+    return f"<span class='{_state(row)}'>{text}, {m}</span>"
+
+
+def _edits_table(row: dict) -> str:
+    """One line per edit (reference, cells, similarity, p(true) and p(pred) after it), after the unedited query."""
+    p_true, p_pred = f"p(true = {row['true_name']})", f"p(pred = {row['pred_name']})"
+    rows = [{"edit": "none (the query)", "reference": None, "query cell (row, col)": None,
+             "reference cell (row, col)": None, "similarity (cosine)": None,
+             p_true: row["p_true_before"], p_pred: row["p_pred_before"]}]
+    for t in range(row["n_edits"]):
+        rows.append({"edit": t + 1, "reference": row["edit_ref_id"][t],
+                     "query cell (row, col)": f"({row['edit_query_row'][t]}, {row['edit_query_col'][t]})",
+                     "reference cell (row, col)": f"({row['edit_ref_row'][t]}, {row['edit_ref_col'][t]})",
+                     "similarity (cosine)": row["edit_similarity"][t],
+                     p_true: row["edit_p_true"][t], p_pred: row["edit_p_pred"][t]})
+    return _table(rows)
+
+
+def _query_section(method: str, i: int, row: dict, src: str) -> str:
+    qid = html.escape(row["query_id"])
+    return (f"<section class='q' id='{_anchor(method, i)}' data-fixed='{'yes' if row['success'] else 'no'}'>"
+            f"<h3>{qid}: {html.escape(row['true_name'])} predicted as {html.escape(row['pred_name'])} — "
+            f"{_verdict(row)} <a href='#{method}-index'>(index)</a></h3>"
+            f"<img src='{src}' alt='query {qid}: image, Phi, counterfactual'>{_edits_table(row)}</section>")
+
+
+def _index(method: str, rows: list[dict], drawn: int) -> str:
+    """Queries grouped by (true, predicted) class, largest group first; links to the drawn ones."""
+    groups = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[(r["true_name"], r["pred_name"])].append(i)
+    items = []
+    for (true, pred), members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0])):
+        fixed = sum(rows[i]["success"] for i in members)
+        links = " ".join(f"<a href='#{_anchor(method, i)}' class='{_state(rows[i])}'>"
+                         f"{html.escape(rows[i]['query_id'])}</a>" for i in members if i < drawn)
+        undrawn = sum(i >= drawn for i in members)
+        items.append(f"<li class='group' data-true='{html.escape(true)}' data-pred='{html.escape(pred)}' "
+                     f"data-count='{len(members)}' data-fixed='{fixed}'><b>{html.escape(true)} → "
+                     f"{html.escape(pred)}</b>: {queries_text(len(members))}, "
+                     f"{fixed} fixed — {links}" + (f" (+{undrawn} not drawn)" if undrawn else "") + "</li>")
+    if not items:
+        return "<p>No queries.</p>"
+    return (f"<div class='index' id='{method}-index'><h3>Queries by confusion (true → predicted)</h3>"
+            f"<ul>{''.join(items)}</ul></div>")
+
+
+def _filter(method: str, body: str) -> str:
+    """``body`` inside two targets: ``#<method>-fixed`` hides the not fixed queries, ``#<method>-notfixed``
+    the fixed ones (CSS ``:target``, no script); ``#<method>-all`` shows all."""
+    return (f"<p id='{method}-all'>Show: <a href='#{method}-all'>all</a> · <a href='#{method}-fixed'>fixed only</a>"
+            f" · <a href='#{method}-notfixed'>not fixed only</a></p><div class='only-fixed' id='{method}-fixed'>"
+            f"<div class='only-notfixed' id='{method}-notfixed'>{body}</div></div>")
+
+
+def _method_section(method: str, config: dict, state: Completeness, rows: list[dict], queries: list[str]) -> str:
+    config_rows = [{"setting": k, "value": v} for k, v in sorted(config.items())]
+    more = len(rows) - len(queries)
+    return (f"<section id='m-{method}'><h2>{html.escape(method)}</h2>"
+            + (_warning(f"this run did not finish ({html.escape(state.line())}); what follows covers "
+                        "only the queries written so far.") if state.partial else "")
+            + f"<details><summary>config</summary>{_table(config_rows)}</details>"
+            + _index(method, rows, len(queries))
+            + _filter(method, "".join(queries) + (f"<p>{more} more queries not drawn.</p>" if more else ""))
+            + "</section>")
+
+
+class _Datasets:
+    """The query and reference datasets of each (dataset, split, reference split, image size), loaded once."""
+
+    def __init__(self):
+        self._loaded = {}
+
+    def __call__(self, cfg: dict):
+        from fgvce_jax import data
+
+        key = (cfg["dataset"], cfg["split"], cfg["reference_split"], cfg["image_size"])
+        if key not in self._loaded:
+            q = data.load(cfg["dataset"], cfg["split"], image_size=cfg["image_size"])
+            r = q if cfg["reference_split"] == cfg["split"] else data.load(
+                cfg["dataset"], cfg["reference_split"], image_size=cfg["image_size"])
+            self._loaded[key] = (q, r)
+        return self._loaded[key]
+
+
+def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, prefix: str) -> list[str]:
+    """Draw the figures of ``rows`` into ``out/<method>/`` and return their query sections."""
+    qds, rds = datasets
+    (out / method).mkdir()
+    per_row = ("query_region", "ref_region", "edit_mask")
+    sections = []
+    for i, row in enumerate(progress(rows, f"report: {method} figures", "query")):
+        row = {**row, **{k: arrays[k][i] for k in per_row if k in arrays}}
+        png = Path(method) / f"q{i:05d}.png"
+        query_figure(out / png, qds.raw_image(row["query_index"]), arrays["query_phi"][i], row,
+                     {r: rds.raw_image(r) for r in set(row["edit_ref_index"])})
+        sections.append(_query_section(method, i, row, f"{prefix}/{png.as_posix()}"))
+    return sections
+
+
+def _page(summary_rows, states: dict[str, Completeness], evaluation: str, sections: list[str]) -> str:
+    partial = [f"{html.escape(m)}: {html.escape(s.line())}" for m, s in states.items() if s.partial]
+    banner = _warning("some runs did not finish, so their tables and figures cover only the queries written "
+                      "so far (run the same <code>fgvce explain</code> again to complete them): "
+                      + "; ".join(partial)) if partial else ""
+    nav = " · ".join(f"<a href='#m-{m}'>{html.escape(m)}</a>" for m in states)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>FG-VCE report</title>"
+            f"<style>{_CSS}</style></head><body><h1>FG-VCE: what changes the model's mistakes</h1>{banner}"
+            f"{_INTRO}<p>Methods: {nav}</p><h2>Summary</h2>{_metric_table(summary_rows)}{evaluation}"
+            + "".join(sections) + "</body></html>")
 
 
 def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
@@ -147,69 +230,37 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
       directory: an ``fgvce explain --out`` directory (or one method's sub-directory).
       html_path: where to write (default ``directory/report.html``); the PNGs go to
         ``<stem>_files/`` next to it and are referenced relatively.
-      max_queries: per method, the first queries drawn (all rows are counted in the tables).
+      max_queries: per method, the first queries drawn (all rows are counted in the tables and the index).
 
+    A partial run (see :mod:`fgvce_jax.completeness`) gets a warning on stderr and on the page.
     The figures are drawn into a temporary directory that replaces the old one only
     when complete, and the HTML is written last, atomically.
     """
-    import json
-
-    from fgvce_jax import data, metrics
-    from fgvce_jax.evaluate import find_runs
+    from fgvce_jax import metrics
 
     directory = Path(directory)
-    dirs = list(find_runs(directory).values())
+    found = find_runs(directory)
+    runs = {m: found[m] for m in _ordered(found)}
+    states = warn_partial(runs, "the report")
     html_path = Path(html_path) if html_path else directory / "report.html"
     files = html_path.parent / f"{html_path.stem}_files"
     html_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{files.name}.", dir=html_path.parent))
     try:
-        summary_rows, sections, datasets = [], [], {}
-        for d in dirs:
+        summary_rows, sections, datasets = [], [], _Datasets()
+        for method, d in runs.items():
             cfg = store.read_manifest(d)["config"]
-            method = cfg.get("method", d.name)
             table, arrays = store.read_results(d)
             rows = table.to_pylist()
-            timing = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+            timing = read_summary(d) or {}
             ex = types.SimpleNamespace(**arrays, region_size=rows[0]["region_size"]) if rows else None
-            scores = metrics.summary(ex) if ex is not None else {}
-            summary_rows.append({"method": method, "queries": len(rows), **scores,
-                                 "s / explanation": timing.get("seconds_per_query")})
-            key = (cfg["dataset"], cfg["split"], cfg["reference_split"], cfg["image_size"])
-            if key not in datasets:
-                q = data.load(cfg["dataset"], cfg["split"], image_size=cfg["image_size"])
-                r = q if cfg["reference_split"] == cfg["split"] else data.load(
-                    cfg["dataset"], cfg["reference_split"], image_size=cfg["image_size"])
-                datasets[key] = (q, r)
-            qds, rds = datasets[key]
-            (tmp / method).mkdir()
-            items = []
-            for i, row in enumerate(rows[:max_queries]):
-                row = {**row, "query_region": arrays["query_region"][i], "ref_region": arrays["ref_region"][i]}
-                png = Path(method) / f"q{i:05d}.png"
-                query_figure(tmp / png, qds.raw_image(row["query_index"]), arrays["query_phi"][i], row,
-                             {r: rds.raw_image(r) for r in set(row["edit_ref_index"])}, qds.class_names,
-                             row["region_size"])
-                verdict = (f"fixed after {row['n_edits']} edit(s)" if row["success"]
-                           else f"not fixed ({row['reason']}, {row['n_edits']} edit(s))")
-                items.append(f"<div class='q'><h3>{html.escape(row['query_id'])}: "
-                             f"{html.escape(row['true_name'])} predicted as {html.escape(row['pred_name'])}"
-                             f" — {verdict}</h3><img src='{files.name}/{png.as_posix()}' "
-                             f"alt='query {html.escape(row['query_id'])}'></div>")
-            more = len(rows) - min(len(rows), max_queries)
-            config_rows = [{"setting": k, "value": v} for k, v in sorted(cfg.items())]
-            sections.append(f"<h2>{html.escape(method)}</h2>"
-                            f"<details><summary>config</summary>{_table(config_rows)}</details>"
-                            + "".join(items) + (f"<p>{more} more queries not drawn.</p>" if more else ""))
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>FG-VCE report</title>"
-                f"<style>{_CSS}</style></head><body><h1>FG-VCE: why the model got these wrong</h1>"
-                "<p>Each query: the misclassified image with its Shapley saliency Phi for the predicted "
-                "class (red = evidence for the wrong class), the regions whose features were replaced "
-                "(numbered in order), the correctly classified references they were taken from, and the "
-                "probabilities of the true and predicted class after each replacement. The replaced "
-                "regions are the features that caused the mistake.</p>"
-                f"<h2>Summary</h2>{_table(summary_rows)}{_evaluation(directory)}"
-                + "".join(sections) + "</body></html>")
+            summary_rows.append({"method": method, "queries": len(rows), "run": states[method].line(),
+                                 **(metrics.summary(ex) if ex is not None else dict.fromkeys(CF_COLUMNS)),
+                                 "seconds_per_query": timing.get("seconds_per_query")})
+            drawn = _draw(method, rows[:max_queries], arrays, datasets(cfg), tmp, files.name) if (
+                max_queries and rows) else []
+            sections.append(_method_section(method, cfg, states[method], rows, drawn))
+        page = _page(summary_rows, states, _evaluation(directory), sections)
         old = html_path.parent / f".{files.name}.old"
         shutil.rmtree(old, ignore_errors=True)  # left by a run killed at this point
         if files.exists():

@@ -14,7 +14,7 @@ from fgvce_jax import evaluate, store
 from fgvce_jax.cli import main
 from fgvce_jax.metrics import rise
 
-from fake_explanations import explanations
+from fake_explanations import explanations, write_run
 
 GRID = (4, 4)
 
@@ -76,17 +76,14 @@ def test_write_outputs_is_complete_and_atomic(tmp_path):
     assert not list((tmp_path / "ev").glob(".*"))  # no temporary files left
 
 
-def _write_run(directory, method, e, shard_size=1):
-    """Store ``e`` the way the pipeline does: ShardWriter, arrays per shard, run keys in the config."""
-    w = store.ShardWriter(directory / method, {"method": method, "region_size": e.region_size,
-                                               "dataset": "digits", "split": "test", "model": None})
-    keys = ("query_index", "success", "n_edits", "true", "pred", "query_region", "ref_index", "ref_region",
-            "query_phi")
-    q = len(e.success)
-    for s, start in enumerate(range(0, q, shard_size)):
-        stop = min(q, start + shard_size)
-        w.write_shard(s, start, stop, pa.table({"query_index": e.query_index[start:stop]}),
-                      {k: getattr(e, k)[start:stop] for k in keys})
+def _write_run(directory, method, e, shard_size=1, rows=None, summary=True):
+    """Store ``e`` the way the pipeline does: ShardWriter, arrays per shard, run keys in the config; only the
+    first ``rows`` and no summary.json leave it as a killed run does."""
+    q = len(e.success) if rows is None else rows
+    write_run(directory / method, {"method": method, "region_size": e.region_size, "dataset": "digits",
+                                   "split": "test", "model": None},
+              pa.table({"query_index": e.query_index}), {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS},
+              [(start, min(q, start + shard_size)) for start in range(0, q, shard_size)], summary=summary)
 
 
 def test_directory_gives_the_in_memory_table(tmp_path):
@@ -112,7 +109,18 @@ def test_cli_reports_bad_directories_in_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2  # RISE needs the model, which the run does not name
     assert "--no-rise" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--no-rise"]) == 0
-    assert "| fgvce | 2 |" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "| fgvce | 2 |" in out and "warning" not in err
+    assert "evaluate: reading results" in err  # the progress bar
+
+
+def test_cli_warns_about_a_partial_run(tmp_path, capsys):
+    _write_run(tmp_path, "fgvce", two_methods()["fgvce"], rows=1, summary=False)
+    assert main(["evaluate", str(tmp_path), "--no-rise"]) == 0
+    out, err = capsys.readouterr()
+    assert "| fgvce | 1 |" in out
+    assert (f"warning: fgvce ({tmp_path / 'fgvce'}): partial: 1 query, run not finished; "
+            "the evaluation covers these only") in err.splitlines()
 
 
 class _PartsDataset:
@@ -144,7 +152,7 @@ class _LinearSplit:
         return images.reshape(images.shape[0], -1) @ params["w"]
 
 
-def test_rise_for_runs_matches_direct_curves_and_skips_maps_of_nan():
+def test_rise_for_runs_matches_direct_curves_and_skips_maps_of_nan(capsys):
     import jax
 
     rng = np.random.default_rng(0)
@@ -159,6 +167,7 @@ def test_rise_for_runs_matches_direct_curves_and_skips_maps_of_nan():
     got = evaluate.rise_for_runs(split_model, params, ds, {"fgvce": fg, "cve": cve}, steps=4, chunk_size=7,
                                  batch_size=2, gradcam=False)
     assert set(got) == {"fgvce"}
+    assert "evaluate: fgvce deletion/insertion" in capsys.readouterr().err  # the progress bar
 
     def predict(x):
         return jax.nn.softmax(split_model.logits(params, x), -1)

@@ -1,12 +1,21 @@
-"""Result rows (pipeline.results_table) and the HTML report, on hand-built explanations."""
+"""Result rows (pipeline.results_table), run completeness, the report's figures and its HTML, on
+hand-built explanations."""
+import collections
+import html.parser
+import json
 import re
+import struct
 import types
 
 import numpy as np
 import pytest
 
-from fgvce_jax import pipeline, report, store
+from fgvce_jax import completeness, figures, pipeline, report
+from fgvce_jax.cli import main
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.metrics import edited_cells
+
+from fake_explanations import write_run
 
 Q, T, C, G = 3, 3, 4, 4  # queries, edit slots, classes, grid side
 
@@ -19,20 +28,30 @@ def _dataset(split, n, seed):
                                  raw_image=lambda i: images[i])
 
 
-def _explanations():
-    rng = np.random.default_rng(1)
+def _written(query_region, ref_region, n_edits, region_size):
+    """(Q, T, G, G) bool: the query cells each edit wrote (its pairs inside the grid on both sides)."""
+    qc, _, valid = edited_cells(query_region, ref_region, n_edits, region_size, (G, G))
+    mask = np.zeros((Q, T, G, G), bool)
+    q, t, k = np.nonzero(valid)
+    mask[q, t, qc[q, t, k, 0], qc[q, t, k, 1]] = True
+    return mask
+
+
+def _explanations(seed=1):
+    rng = np.random.default_rng(seed)
     n_edits = np.array([2, 3, 0], np.int32)
     used = np.arange(T)[None] < n_edits[:, None]
     region = np.where(used[..., None], rng.integers(0, G, (Q, T, 2)), -1).astype(np.int32)
     probs = rng.dirichlet(np.ones(C), (Q, T)).astype(np.float32)
+    ref_region = np.where(used[..., None], rng.integers(0, G, (Q, T, 2)), -1).astype(np.int32)
     return types.SimpleNamespace(
         success=np.array([True, False, False]), n_edits=n_edits, reason=np.array([0, 1, 3]),
         true=np.array([1, 2, 0]), pred=np.array([3, 0, 1]), query_region=region,
         ref_index=np.where(used, rng.integers(0, 2, (Q, T)), -1).astype(np.int32),
-        ref_region=np.where(used[..., None], rng.integers(0, G, (Q, T, 2)), -1).astype(np.int32),
+        ref_region=ref_region,
         similarity=np.where(used, rng.random((Q, T)), np.nan).astype(np.float32),
         probs=np.where(used[..., None], probs, np.nan), probs_before=rng.dirichlet(np.ones(C), Q).astype(np.float32),
-        edit_mask=np.zeros((Q, T, G, G), bool), query_phi=rng.normal(size=(Q, G, G)).astype(np.float32),
+        edit_mask=_written(region, ref_region, n_edits, 3), query_phi=rng.normal(size=(Q, G, G)).astype(np.float32),
         region_size=3, method="fgvce")
 
 
@@ -67,41 +86,216 @@ def _brute_boxes(centre_q, centre_r, r, grid):
 def test_region_boxes_match_brute_force():
     qr = np.array([[0, 0], [2, 3], [3, 1]])
     rr = np.array([[2, 3], [0, 0], [1, 1]])
-    qb, rb, ok = report.region_boxes(qr, rr, 3, 3, (4, 4))
+    qb, rb, ok = figures.region_boxes({"query_region": qr, "ref_region": rr, "n_edits": 3, "region_size": 3}, (4, 4))
     assert ok.all()
     for t in range(3):
         bq, br = _brute_boxes(tuple(qr[t]), tuple(rr[t]), 3, (4, 4))
         assert qb[t].tolist() == bq and rb[t].tolist() == br
 
 
-def test_report_html_references_existing_pngs(tmp_path, monkeypatch):
+def test_counterfactual_image_pastes_reference_cells_in_edit_order():
+    # 10 px over 4 cells: pixel edges 0, 2, 5, 8, 10 (cells of 2 and 3 px).
+    assert figures.cell_edges(4, 10).tolist() == [0, 2, 5, 8, 10]
+    query = np.zeros((10, 10, 3), np.uint8)
+    ref_a, ref_b = np.full((10, 10, 3), 7, np.uint8), np.arange(300, dtype=np.uint8).reshape(10, 10, 3)
+    row = {"n_edits": 2, "region_size": 1, "edit_ref_index": [4, 9],
+           "query_region": np.array([[1, 2], [1, 2], [-1, -1]]), "ref_region": np.array([[0, 0], [3, 0], [-1, -1]])}
+    out = figures.counterfactual_image(query, {4: ref_a, 9: ref_b}, row, (4, 4))
+    changed = out.any(-1)
+    assert changed[2:5, 5:8].all() and changed.sum() == 9  # query cell (1, 2) only
+    # the second edit (reference 9, cell (3, 0): rows 8-9, cols 0-1) overwrote the first, resampled 2 -> 3 px
+    np.testing.assert_array_equal(out[2:5, 5:8], ref_b[np.ix_([8, 8, 9], [0, 0, 1])])
+    assert query.sum() == 0  # the input is not modified
+    # a 3x3 region at the corner: only the cells inside the map on both sides are pasted (2x2 of them)
+    corner = dict(row, n_edits=1, region_size=3, edit_ref_index=[4], query_region=np.array([[0, 0]]),
+                  ref_region=np.array([[2, 2]]))
+    out = figures.counterfactual_image(query, {4: ref_a}, corner, (4, 4))
+    assert out.any(-1).sum() == 25 and (out[:5, :5] == 7).all()
+    # with the run's edit_mask only the cells the edit wrote are pasted
+    written = np.zeros((1, 4, 4), bool)
+    written[0, 1, 1] = True
+    out = figures.counterfactual_image(query, {4: ref_a}, dict(corner, edit_mask=written), (4, 4))
+    assert out.any(-1).sum() == 9 and (out[2:5, 2:5] == 7).all()
+
+
+def test_phi_norm_is_centred_at_zero():
+    norm = figures.phi_norm(np.array([[0.5, -0.1], [0.2, 0.0]]))
+    assert (norm.vmin, norm.vmax) == (-0.5, 0.5) and norm(0.0) == 0.5
+    assert figures.phi_norm(np.zeros((2, 2))).vmax == 1.0
+    assert figures.phi_norm(np.full((2, 2), np.nan)) is None
+
+
+def _stored(tmp_path, config=None, shards=((0, 2), (2, 3)), **kwargs):
     ex, qds, rds = _explanations(), _dataset("test", 10, 2), _dataset("train", 8, 3)
     table, arrays = pipeline.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
-    config = {"dataset": "toy", "split": "test", "reference_split": "train", "image_size": 16,
-              "method": "fgvce", "region_size": 3}
-    writer = store.ShardWriter(tmp_path / "out" / "fgvce", config)
-    writer.write_shard(0, 0, 2, table.slice(0, 2), {k: v[:2] for k, v in arrays.items()})
-    writer.write_shard(1, 2, 3, table.slice(2, 1), {k: v[2:] for k, v in arrays.items()})
+    return write_run(tmp_path / "run", {"method": "fgvce", **(config or {})}, table, arrays, list(shards), **kwargs)
+
+
+@pytest.mark.parametrize("shards, kwargs, config, line", [
+    (((0, 2), (2, 3)), {}, {}, "complete: 3 queries"),
+    (((0, 2), (2, 3)), {"summary": False}, {}, "partial: 3 queries, run not finished"),
+    (((0, 2),), {"summary": False}, {}, "partial: 2 queries, run not finished"),
+    (((0, 2),), {"summary": False}, {"queries": ["a", "b", "c", "d"], "limit": 3}, "partial: 2 of 3 queries"),
+    (((0, 1), (2, 3)), {"queries": 3}, {}, "partial: 2 of 3 queries"),  # a gap (summary of an older run)
+    (((0, 2),), {"queries": 3}, {}, "partial: 2 of 3 queries"),
+    ((), {"summary": False}, {}, "partial: 0 queries, run not finished"),  # killed before its first shard
+])
+def test_completeness_from_shards_summary_and_config(tmp_path, shards, kwargs, config, line):
+    c = completeness.completeness(_stored(tmp_path, config, shards, **kwargs))
+    assert c.line() == line and c.partial == line.startswith("partial")
+
+
+def test_process_manifests_or_a_damaged_summary_make_a_run_partial(tmp_path, capsys):
+    run = _stored(tmp_path)
+    (run / "summary.json").write_text("{")
+    assert completeness.completeness(run).line() == "partial: 3 queries, run not finished"
+    run = _stored(tmp_path / "b")
+    (run / "manifest.process-1.json").write_text((run / "manifest.json").read_text())
+    assert completeness.completeness(run).line() == "partial: 3 queries, run not finished"
+    completeness.warn_partial({"fgvce": run}, "the report")
+    assert capsys.readouterr().err.strip() == (f"warning: fgvce ({run}): partial: 3 queries, run not finished; "
+                                               "the report covers these only")
+
+
+class _Page(html.parser.HTMLParser):
+    """What the tests read from the report: ids in order, img sources, local links, index groups,
+    warnings (with the id of the section they are in) and header cells."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.ids, self.srcs, self.links, self.groups, self.heads = [], [], [], [], []
+        self.warnings, self.sections, self._stack, self._text = [], [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "section" and a.get("id", "").startswith("m-"):
+            self.sections.append(a["id"][2:])
+        if tag == "img":
+            self.srcs.append(a["src"])
+        if tag == "a" and a.get("href", "").startswith("#"):
+            self.links.append(a["href"][1:])
+        if tag == "li" and a.get("class") == "group":
+            self.groups.append(a)
+        if a.get("class") == "warn" or tag == "th":
+            self._text = [tag, self.sections[-1] if self.sections else None, ""]
+
+    def handle_data(self, data):
+        if self._text:
+            self._text[2] += data
+
+    def handle_endtag(self, tag):
+        if self._text and tag == self._text[0]:
+            (self.heads.append(self._text[2]) if tag == "th" else self.warnings.append(tuple(self._text[1:])))
+            self._text = None
+
+
+def _png_width(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", data[16:20])[0]
+
+
+def _write_methods(root, partial_random=True):
+    """random (partial: 2 of its 3 rows written, no summary), cve (no Phi) and fgvce, each of 3 queries."""
+    qds, rds = _dataset("test", 10, 2), _dataset("train", 8, 3)
+    config = {"dataset": "toy", "split": "test", "reference_split": "train", "image_size": 16}
+    rows = {}
+    for seed, method in enumerate(("random", "cve", "fgvce")):
+        ex = _explanations(seed)
+        if method == "cve":
+            ex.query_phi, ex.region_size = np.full_like(ex.query_phi, np.nan), 1
+            ex.edit_mask = _written(ex.query_region, ex.ref_region, ex.n_edits, 1)
+        table, arrays = pipeline.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
+        partial = partial_random and method == "random"
+        write_run(root / method, {**config, "method": method, "region_size": ex.region_size}, table, arrays,
+                  [(0, 2)] if partial else [(0, 2), (2, 3)], summary=not partial)
+        rows[method] = table.to_pylist()[:2 if partial else 3]
+    return rows, qds, rds
+
+
+def test_report_page_structure(tmp_path, monkeypatch, capsys):
     from fgvce_jax import data
 
+    rows, qds, rds = _write_methods(tmp_path / "out")
     monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
-    page = report.write_report(tmp_path / "out")
-    text = page.read_text()
-    srcs = re.findall(r"<img src='([^']+)'", text)
-    assert len(srcs) == Q
-    for src in srcs:
-        png = page.parent / src
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "cat predicted as owl" not in text and "dog predicted as fox" in text
-    assert "fixed after 2 edit(s)" in text and "not fixed (t_max reached, 3 edit(s))" in text
-    assert not [p for p in page.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    # Re-running replaces the figures; a max of 1 query draws one.
+    path = report.write_report(tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"warning: random ({tmp_path / 'out' / 'random'}): partial: 2 queries, run not finished" in err
+    assert "report: fgvce figures" in err  # the progress bar
+    text = path.read_text()
+    page = _Page(text)
+    assert page.sections == ["fgvce", "cve", "random"]  # the fixed method order
+    # every figure exists, is a PNG sized for a 1200 px page; one per query
+    assert len(page.srcs) == sum(len(r) for r in rows.values())
+    for src in page.srcs:
+        assert 800 <= _png_width(path.parent / src) <= 1200
+    # every local link has its target; every query has its section and anchor
+    assert set(page.links) <= set(page.ids) and len(page.ids) == len(set(page.ids))
+    for method, method_rows in rows.items():
+        anchors = [i for i in page.ids if i.startswith(f"{method}-q")]
+        assert anchors == [f"{method}-q{i}" for i in range(len(method_rows))]
+        for i, row in enumerate(method_rows):
+            section = text.split(f"id='{method}-q{i}'")[1].split("</section>")[0]
+            assert f"data-fixed='{'yes' if row['success'] else 'no'}'" in section
+            assert section.count("<tr>") == 2 + row["n_edits"]  # header, the unedited query, one per edit
+            want = "fixed after" if row["success"] else "not fixed"
+            assert want in section and f"margin {report.margin(row):+.3f}" in section
+            assert all(f"{s:.3f}" in section for s in row["edit_similarity"])
+    # the index: per method, the (true, pred) groups and their counts are those of the results
+    for method in rows:
+        section = text.split(f"<section id='m-{method}'>")[1].split("<section id='m-")[0]
+        got = {(g["data-true"], g["data-pred"]): (int(g["data-count"]), int(g["data-fixed"])) for g in _Page(section).groups}
+        want = collections.Counter((r["true_name"], r["pred_name"]) for r in rows[method])
+        fixed = collections.Counter((r["true_name"], r["pred_name"]) for r in rows[method] if r["success"])
+        assert got == {k: (n, fixed[k]) for k, n in want.items()}
+    # the partial warning: at the top and in random's section only
+    assert [w[0] for w in page.warnings] == [None, "random"]
+    assert "random: partial: 2 queries, run not finished" in page.warnings[0][1]
+    # metric columns in words, with the better direction; no claim that failed searches found a cause
+    assert "Validity (higher is better)" in page.heads and "Edits (regions) (lower is better)" in page.heads
+    assert "edits_regions" not in page.heads
+    assert "caused the mistake" not in text and "explain nothing" in text
+    assert "<script" not in text and "http" not in text  # works offline
+    # a complete directory: no warning
+    _write_methods(tmp_path / "done", partial_random=False)
+    assert not _Page(report.write_report(tmp_path / "done").read_text()).warnings
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_report_redraws_and_includes_the_evaluation(tmp_path, monkeypatch):
+    from fgvce_jax import data
+
+    _, qds, rds = _write_methods(tmp_path / "out", partial_random=False)
+    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
     page = report.write_report(tmp_path / "out", max_queries=1)
-    assert len(re.findall(r"<img src='([^']+)'", page.read_text())) == 1
+    assert len(_Page(page.read_text()).srcs) == 3
     assert len(list((page.parent / "report_files" / "fgvce").iterdir())) == 1
+    text = page.read_text()
+    assert text.count("2 more queries not drawn") == 3 and sum(map(int, re.findall(r"\(\+(\d) not drawn\)", text))) == 6
+    assert not [p for p in page.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
     with pytest.raises(FgvceError, match="no explain results"):
         report.write_report(tmp_path)
-    # The metrics table of `fgvce evaluate` is included when it exists.
+    # The metrics table of `fgvce evaluate` is included when it exists, its columns in words.
     (tmp_path / "out" / "evaluation").mkdir()
     (tmp_path / "out" / "evaluation" / "metrics.json").write_text('[{"method": "fgvce", "del_ins": 0.25}]')
-    assert "<td>0.250</td>" in report.write_report(tmp_path / "out").read_text()
+    text = report.write_report(tmp_path / "out").read_text()
+    assert "<td>0.250</td>" in text and "<th>Del-Ins (higher is better)</th>" in text
+
+
+def test_cli_warns_about_a_partial_run(tmp_path, monkeypatch, capsys):
+    from fgvce_jax import data
+
+    _, qds, rds = _write_methods(tmp_path / "out")
+    write_run(tmp_path / "out" / "global", {"method": "global"}, None, {}, [], summary=False)  # no shard yet
+    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
+    assert main(["report", str(tmp_path / "out"), "--max-queries", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2 and "random" in err and "partial: 2 queries" in err
+    assert "global" in err and "partial: 0 queries" in err
+    text = (tmp_path / "out" / "report.html").read_text()
+    page = _Page(text)
+    assert page.sections == ["fgvce", "cve", "global", "random"] and len(page.srcs) == 3
+    assert "<td>global</td><td>0</td><td>partial: 0 queries, run not finished</td><td>–</td>" in text

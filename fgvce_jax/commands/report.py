@@ -6,7 +6,8 @@ Example::
 """
 from __future__ import annotations
 
-HELP = "write an HTML report (query, Phi, replaced regions, references, probabilities) of an explain directory"
+HELP = ("write an HTML report of an explain directory: per query the image, Phi, the counterfactual and its edits; "
+        "warns about runs that did not finish")
 
 
 def add_arguments(parser) -> None:
