@@ -18,15 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Mapping
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from fgvce_jax import store
+from fgvce_jax import progress, store
 from fgvce_jax.completeness import warn_partial
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import counterfactual as cf_metrics
@@ -204,11 +202,6 @@ def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
     return e, config
 
 
-def progress(items, desc: str, unit: str):
-    """``items`` with a progress bar on stderr that disappears when done."""
-    return tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False)
-
-
 RUN_KEYS = ("model", "at", "dataset", "split", "reference_split", "image_size")
 
 
@@ -278,7 +271,8 @@ def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps
     out = {}
     for method, (index, phi, classes) in jobs.items():
         dele, ins = [], []
-        for s in progress(range(0, len(index), batch_size), f"evaluate: {method} deletion/insertion", "batch"):
+        for s in progress.bar(range(0, len(index), batch_size), desc=f"evaluate: {method} deletion/insertion",
+                              unit="batch", leave=False):
             n = min(batch_size, len(index) - s)
             # the last batch is padded to a full one (no recompilation) and the padding dropped
             rows = np.minimum(np.arange(s, s + batch_size), len(index) - 1)
@@ -313,7 +307,8 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
     """
     runs = find_runs(directory)
     warn_partial(runs, "the evaluation")
-    loaded = {m: load_run(d) for m, d in progress(runs.items(), "evaluate: reading results", "method")}
+    loaded = {m: load_run(d) for m, d in progress.bar(runs.items(), desc="evaluate: reading results", unit="method",
+                                                      leave=False)}
     explanations = {m: e for m, (e, _) in loaded.items()}
     run = _shared_run({m: c for m, (_, c) in loaded.items()})
     curves, part_masks = None, None
@@ -353,7 +348,8 @@ def _parts_for_runs(ds, ref_ds, explanations_by_method) -> dict | None:
     for method, e in explanations_by_method.items():
         used = np.unique(e.ref_index[e.ref_index >= 0])
         images = [(ds, i) for i in e.query_index] + [(ref_ds, i) for i in used]
-        found = [d.parts(int(i)) for d, i in progress(images, f"evaluate: {method} part annotations", "image")]
+        found = [d.parts(int(i)) for d, i in progress.bar(images, desc=f"evaluate: {method} part annotations",
+                                                          unit="image", leave=False)]
         annotations[method] = (found[:len(e.query_index)], used, found[len(e.query_index):])
     named = [a for q, _, r in annotations.values() for a in (*q, *r) if a is not None]
     if not named:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fgvce_jax import store
+from fgvce_jax import progress, store
 from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
-from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered, find_runs, progress
+from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered, find_runs
 from fgvce_jax.figures import query_figure
 
 _WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
@@ -202,7 +202,7 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
     (out / method).mkdir()
     per_row = ("query_region", "ref_region", "edit_mask")
     sections = []
-    for i, row in enumerate(progress(rows, f"report: {method} figures", "query")):
+    for i, row in enumerate(progress.bar(rows, desc=f"report: {method} figures", unit="query", leave=False)):
         row = {**row, **{k: arrays[k][i] for k in per_row if k in arrays}}
         png = Path(method) / f"q{i:05d}.png"
         query_figure(out / png, qds.raw_image(row["query_index"]), arrays["query_phi"][i], row,

@@ -172,3 +172,17 @@ def test_a_process_killed_in_a_two_process_run_resumes(run_dir, tmp_path):
     err = _finish(_start_processes(run_dir / "model", out))[0]
     assert f"{len(written)} of 5 shards were done already" in err
     assert _run_files(out) == _run_files(run_dir / "explanations")
+
+
+def test_explain_ends_with_the_confusions_and_where_to_look(run_dir, capsys):
+    out = run_dir / "explanations"
+    assert cli.main(["explain", "--model", str(run_dir / "model"), "--out", str(out), *EXPLAIN]) == 0  # all done
+    lines = capsys.readouterr().out.splitlines()
+    table, _ = store.read_results(out / "fgvce")
+    pairs = {}
+    for t, p in zip(table.column("true_name").to_pylist(), table.column("pred_name").to_pylist()):
+        pairs[(t, p)] = pairs.get((t, p), 0) + 1
+    confusions = next(line for line in lines if line.startswith("confusions explained"))
+    for (t, p), n in pairs.items():
+        assert f"{t} -> {p}: {n}" in confusions
+    assert lines[-1] == f"results in {out} (read them with `fgvce report {out}`)"

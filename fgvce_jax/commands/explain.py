@@ -11,6 +11,7 @@ Killing it and running the same command again resumes; a different config in
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 HELP = "explain the misclassified images of a dataset split (resumable, sharded output)"
 
@@ -90,16 +91,32 @@ def configs_from_args(args) -> list:
     return [dataclasses.replace(base, method=m) for m in dict.fromkeys(args.method)]
 
 
+def confusions_line(directory, most: int = 10) -> str:
+    """One line: the explained confusions (true -> predicted) with their counts, most frequent first."""
+    from collections import Counter
+
+    from fgvce_jax import store
+
+    table, _ = store.read_results(directory)
+    if not table.num_rows:
+        return "no queries were explained"
+    pairs = Counter(zip(table.column("true_name").to_pylist(), table.column("pred_name").to_pylist()))
+    shown = ", ".join(f"{t} -> {p}: {n}" for (t, p), n in pairs.most_common(most))
+    more = f", and {len(pairs) - most} more" if len(pairs) > most else ""
+    return f"confusions explained (true -> predicted: queries): {shown}{more}"
+
+
 def run(args) -> int:
     from fgvce_jax import multihost
     from fgvce_jax.pipeline import explain_split
 
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         multihost.initialize(args.coordinator, args.num_processes, args.process_id)
-    explain_split(args.model, args.dataset, args.split, args.out, configs_from_args(args),
-                              reference_split=args.reference_split, queries=args.queries, limit=args.limit,
-                              at=args.at, batch_size=args.batch_size, shard_size=args.shard_size,
-                              overwrite=args.overwrite)
+    configs = configs_from_args(args)
+    explain_split(args.model, args.dataset, args.split, args.out, configs,
+                  reference_split=args.reference_split, queries=args.queries, limit=args.limit,
+                  at=args.at, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite)
     if multihost.index() == 0:
+        print(confusions_line(Path(args.out) / configs[0].method))
         print(f"results in {args.out} (read them with `fgvce report {args.out}`)")
     return 0
