@@ -29,11 +29,12 @@ def _shard(i, n=4):
 
 
 def _write_all(d, shards=(0, 1, 2), config=CONFIG):
-    w = store.ShardWriter(d, config)
-    for i in shards:
-        if i not in w.done:
-            t, a = _shard(i)
-            w.write_shard(i, 4 * i, 4 * i + 4, t, a)
+    """Write the missing ones of ``shards`` into ``d``; the writer is returned closed (its lock released)."""
+    with store.ShardWriter(d, config) as w:
+        for i in shards:
+            if i not in w.done:
+                t, a = _shard(i)
+                w.write_shard(i, 4 * i, 4 * i + 4, t, a)
     return w
 
 
@@ -87,9 +88,10 @@ def test_shards_of_a_killed_process_are_kept_by_the_next_run(tmp_path):
     w1.write_shard(1, 4, 8, *_shard(1))
     (tmp_path / ".shard-00003.parquet.x.tmp").write_bytes(b"half")  # process 1 killed while writing shard 3
     (tmp_path / "shard-00003.parquet").write_bytes(b"whole, but never recorded")
+    w0.close()  # the run ends (killed: the kernel releases its lock)
     again = store.ShardWriter(tmp_path, CONFIG)  # resumed by one process (or process 0 of several)
     assert again.done == {1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-00001.npz",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "manifest.json", "shard-00001.npz",
                                                           "shard-00001.parquet"]
     assert [s["index"] for s in store.read_manifest(tmp_path)["shards"]] == [1]
 
@@ -127,7 +129,8 @@ def test_exception_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
     reference = tmp_path / "ref"
     _write_all(reference)
     d = tmp_path / "run"
-    w = _write_all(d, shards=(0,))
+    w = store.ShardWriter(d, CONFIG)
+    w.write_shard(0, 0, 4, *_shard(0))
     real_savez = np.savez
 
     def failing_savez(f, **arrays):
@@ -141,7 +144,8 @@ def test_exception_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", real_savez)
     assert store.read_results(d)[0].num_rows == 4  # shard 1 not visible
     assert not list(d.glob(".*.tmp"))  # temp file removed
-    assert store.ShardWriter(d, CONFIG).done == {0}
+    w.close()
+    assert _write_all(d, shards=()).done == {0}
     _write_all(d)
     assert _files(d) == _files(reference)  # byte-identical once finished
 
