@@ -191,3 +191,60 @@ def test_killed_at_every_write_step_resumes_identically(tmp_path):
         _write_all(d)
         assert _files(d) == expected, f"kill before write step {k}"
     assert killed >= 9  # 4 manifests + 3 shards x 2 files, each with fsync + rename
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_files_and_directories_get_the_modes_of_the_umask(tmp_path, mask):
+    """Results are readable by others under umask 022 (0644 files, 0755 directories), private under 077."""
+    old = os.umask(mask)
+    try:
+        w = store.ShardWriter(tmp_path / "out" / "fgvce", CONFIG)
+        w.write_shard(0, 0, 4, *_shard(0))
+        store.save_arrays(w.cache_path("x"), {"key": np.asarray("k")})
+        w.close()
+    finally:
+        os.umask(old)
+    d = tmp_path / "out" / "fgvce"
+    for p in (d / "shard-00000.parquet", d / "shard-00000.npz", d / "manifest.json", d / "cache-x.npz", d / ".lock"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+    for p in (d, d.parent):
+        assert p.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_a_manifest_without_shards_is_taken_over_by_another_config(tmp_path, capsys):
+    """A failed run (no shard written) does not poison the directory; one with results still refuses."""
+    store.ShardWriter(tmp_path, CONFIG).close()
+    w = store.ShardWriter(tmp_path, {**CONFIG, "t_max": 5})
+    err = capsys.readouterr().err
+    assert "holds no results of its earlier config (t_max: 3 -> 5); reusing it" in err and err.count("\n") == 1
+    assert store.read_manifest(tmp_path)["config"]["t_max"] == 5
+    w.write_shard(0, 0, 4, *_shard(0))
+    w.close()
+    with pytest.raises(FgvceError, match="different config"):
+        store.ShardWriter(tmp_path, CONFIG)
+    w0, w1 = _process_writers(tmp_path / "two", {**CONFIG, "t_max": 5})
+    w1.write_shard(1, 4, 8, *_shard(1))  # listed only in process 1's manifest (a killed run)
+    w0.close()
+    with pytest.raises(FgvceError, match="different config"):
+        store.ShardWriter(tmp_path / "two", CONFIG)
+
+
+def test_notes_are_stored_but_not_compared(tmp_path):
+    with store.ShardWriter(tmp_path, CONFIG, notes={"model": "/old/place"}) as w:
+        w.write_shard(0, 0, 4, *_shard(0))
+    with store.ShardWriter(tmp_path, CONFIG, notes={"model": "/new/place"}) as w:
+        assert w.done == {0}
+    manifest = store.read_manifest(tmp_path)
+    assert manifest["config"] == {**CONFIG, "model": "/new/place"}
+    assert manifest["config_hash"] == store.config_hash(CONFIG)
+
+
+def test_retain_forgets_shards_whose_rows_or_inputs_changed(tmp_path):
+    with store.ShardWriter(tmp_path, CONFIG) as w:
+        for i, inputs in ((0, "a"), (1, "b"), (2, "c")):
+            w.write_shard(i, 4 * i, 4 * i + 4, *_shard(i), inputs=inputs)
+    with store.ShardWriter(tmp_path, CONFIG) as w:
+        assert w.retain({0: (0, 4, "a"), 1: (4, 8, "B"), 2: (8, 10, "c")}) == [1, 2]
+        assert w.done == {0}
+        assert [(s["index"], s["inputs"]) for s in store.read_manifest(tmp_path)["shards"]] == [(0, "a")]
+        assert w.retain({0: (0, 4, "a")}) == []
