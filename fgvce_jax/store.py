@@ -6,7 +6,7 @@ An explain run writes its results into one directory::
     DIR/shard-00000.parquet    one row per query (scalars and per-edit lists)
     DIR/shard-00000.npz        the same rows' arrays (Phi maps, probabilities)
     DIR/cache-*.npz            intermediate results a resumed run reuses (keyed: see load_cache)
-    DIR/.lock                  held (flock) by the run writing DIR; names its PID
+    DIR/.lock                  held (flock) by the run writing DIR, which names its PID in it
 
 Every file is written to a temporary name in the same directory, flushed,
 ``fsync``'d and then ``os.replace``'d into place, so a reader never sees half
@@ -155,22 +155,28 @@ def _lock(path: Path):
     """``path`` opened with its exclusive ``flock`` taken and our PID written into it.
 
     A second writer fails at once with an FgvceError naming the holder. The kernel releases the lock when the
-    file is closed or its process dies, so a lock file left by a killed run blocks nothing. None, after a
-    notice, where the file system has no locks.
+    file is closed or its process dies, so a lock file left by a killed run blocks nothing. The holder removes
+    the file when it is done (:meth:`ShardWriter.close`); a lock taken on a file removed meanwhile is taken
+    again on the new one. None, after a notice, where the file system has no locks.
     """
-    f = open(path, "a+b", buffering=0)  # mode 0o666 & ~umask
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().decode(errors="replace").strip() or "a process that is starting"
+    while True:
+        f = open(path, "a+b", buffering=0)  # mode 0o666 & ~umask
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().decode(errors="replace").strip() or "a process that is starting"
+            f.close()
+            raise FgvceError(f"{path.parent} is being written by another fgvce run ({holder}); wait for it to "
+                             "end or stop it, or choose another output directory") from None
+        except OSError as e:
+            f.close()
+            print(f"notice: cannot lock {path} ({e}); make sure no other run writes {path.parent}", file=sys.stderr)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
         f.close()
-        raise FgvceError(f"{path.parent} is being written by another fgvce run ({holder}); wait for it to end "
-                         "or stop it, or choose another output directory") from None
-    except OSError as e:
-        f.close()
-        print(f"notice: cannot lock {path} ({e}); make sure no other run writes {path.parent}", file=sys.stderr)
-        return None
     f.truncate(0)
     f.write(f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
     return f
@@ -258,8 +264,10 @@ class ShardWriter:
         self._write_manifest()
 
     def close(self) -> None:
-        """Release the directory's lock (process 0): the run has ended, and another may open the directory."""
+        """Release the directory's lock and remove its file (process 0): the run has ended, another may open it."""
         if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock.name)  # while still locked: see _lock
             self._lock.close()
             self._lock = None
 

@@ -70,8 +70,27 @@ def test_a_killed_holder_leaves_no_lock(holder):
     assert (d / store.LOCK).read_text().startswith(f"PID {proc.pid} ")  # the stale file stays ...
     with store.ShardWriter(d, CONFIG):  # ... and blocks nothing
         assert (d / store.LOCK).read_text().startswith(f"PID {os.getpid()} ")
-    with open(d / store.LOCK) as f:  # released when the writer closes
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not (d / store.LOCK).exists()  # the writer removes it when it closes
+    store.ShardWriter(d, CONFIG).close()  # and the lock is free
+
+
+def test_a_lock_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """Another run that opened .lock just before its holder removed it locks the new file, not the old one."""
+    real, calls = fcntl.flock, []
+
+    def holder_ends_first(f, op):
+        real(f, op)
+        calls.append(f.name)
+        if len(calls) == 1:  # as if the holder closed between our open and our flock
+            os.unlink(f.name)
+
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    w = store.ShardWriter(tmp_path, CONFIG)
+    monkeypatch.setattr(fcntl, "flock", real)
+    assert len(calls) == 2 and (tmp_path / store.LOCK).read_text().startswith(f"PID {os.getpid()} ")
+    with pytest.raises(FgvceError, match=f"PID {os.getpid()} "):  # the lock is on the file that is there
+        store.ShardWriter(tmp_path, CONFIG)
+    w.close()
 
 
 def test_a_file_system_without_locks_gets_a_notice(tmp_path, monkeypatch, capsys):

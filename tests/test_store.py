@@ -78,6 +78,7 @@ def test_processes_record_their_own_shards_and_process_0_merges(tmp_path):
     w1.merge()  # only process 0 merges
     assert store.read_manifest(d)["shards"] == []
     w0.merge()
+    w0.close()
     assert not list(d.glob("manifest.process-*"))
     _write_all(tmp_path / "one", shards=(0, 1, 2, 3))
     assert _files(d) == _files(tmp_path / "one")  # the same bytes as one process writing all four
@@ -201,12 +202,12 @@ def test_files_and_directories_get_the_modes_of_the_umask(tmp_path, mask):
         w = store.ShardWriter(tmp_path / "out" / "fgvce", CONFIG)
         w.write_shard(0, 0, 4, *_shard(0))
         store.save_arrays(w.cache_path("x"), {"key": np.asarray("k")})
-        w.close()
     finally:
         os.umask(old)
     d = tmp_path / "out" / "fgvce"
     for p in (d / "shard-00000.parquet", d / "shard-00000.npz", d / "manifest.json", d / "cache-x.npz", d / ".lock"):
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+    w.close()
     for p in (d, d.parent):
         assert p.stat().st_mode & 0o777 == 0o777 & ~mask
 
