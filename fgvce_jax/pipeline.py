@@ -458,6 +458,12 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
                     for p in out_dir.glob("cache-reference-phi-*.npz"):
                         p.unlink()
             multihost.barrier(f"open {out_dir} {turn}")
+        for w in writers:  # the same config lists the same queries: a directory holds a prefix of them
+            held = max((s["stop"] for s in w.shards.values()), default=0)
+            if limit is not None and held > limit:
+                raise FgvceError(f"{w.dir} holds results of the first {held} queries, more than --limit {limit}; "
+                                 f"give a --limit of at least {held}, pass --overwrite to replace them, "
+                                 "or choose another output directory")
 
         t0 = time.perf_counter()
         preds = {}
@@ -506,11 +512,6 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
     processes each takes every P-th shard still to do; process 0 merges the manifests and writes the summary."""
     out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
-    held = max((s["stop"] for s in writer.shards.values()), default=0)
-    if held > len(q_idx):
-        raise FgvceError(f"{out} holds results of the first {held} queries but this run has {len(q_idx)} (a smaller "
-                         f"--limit?); give a --limit of at least {held}, pass --overwrite to replace them, "
-                         "or choose another output directory")
     r_idx = (select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred, config.n_references,
                                config.reference_mode) if len(q_idx) else np.zeros(0, np.int64))
     rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
