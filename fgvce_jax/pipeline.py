@@ -441,7 +441,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     # the shards whose queries are unchanged: _explain_method) is part of the config.
     run = {"weights": fingerprint(params), "at": at, "dataset": dataset, "split": split,
            "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
-           "queries": list(dict.fromkeys(queries)) if queries else None, "shard_size": shard_size,  # as explained
+           "queries": list(dict.fromkeys(queries)) if queries else None,  # each once, as select_queries has them
+           "shard_size": shard_size,
            # reference Phi keys come from (seed, reference id) since this version; a directory written with the
            # earlier per-run keys is refused as a different config instead of mixing two kinds of shards
            "reference_phi_keys": "seed+id"}

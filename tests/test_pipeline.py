@@ -244,6 +244,26 @@ def test_a_larger_limit_reuses_the_full_shards(tmp_path, patched, monkeypatch):
     assert store.read_manifest(d) == store.read_manifest(tmp_path / "fresh" / "fgvce")
 
 
+def test_with_random_references_more_queries_recompute_every_shard(tmp_path, patched, monkeypatch):
+    """--reference-mode random draws once per reference of the batch: the first 2 mistakes (classes 1, 0) have
+    fewer references than all 8 (class 2 too), so shard 0 changes and is not reused; the files match a fresh run."""
+    config = dataclasses.replace(CONFIG, reference_mode="random")
+
+    def explain(out, limit):
+        return pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / out, config, limit=limit, shard_size=2)
+
+    def shards(d):
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / d / "fgvce").glob("shard-*"))}
+
+    explain("fresh", 8)
+    explain("grown", 2)
+    assert shards("grown")["shard-00000.npz"] != shards("fresh")["shard-00000.npz"]
+    real, calls = counterfactual.explain, []
+    monkeypatch.setattr(counterfactual, "explain", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    explain("grown", 8)
+    assert len(calls) == 4 and shards("grown") == shards("fresh")
+
+
 def test_shard_inputs_hold_every_reference_only_where_the_engine_draws_on_all():
     q, refs, more = ["test-0", "test-3"], ["train-1", "train-2"], ["train-1", "train-2", "train-5"]
     assert pipeline.shard_inputs(q, 2, refs, CONFIG) == pipeline.shard_inputs(q, 2, more, CONFIG)
