@@ -15,7 +15,8 @@ Passes, each with its own progress bar:
    Phi of the queries on ŷ, per shard.
 4. The batched counterfactual search, one shard of queries at a time.
 5. Each shard written atomically (:mod:`fgvce_jax.store`); a re-run with the
-   same arguments skips the shards the manifest lists.
+   same arguments skips the shards the manifest lists, and one with a larger
+   ``limit`` those whose queries are unchanged (:func:`shard_inputs`).
 
 Every random choice comes from ``PRNGKey(config.seed)`` folded with the shard
 index (queries) or with a fixed tag and the reference's id (:func:`reference_key`),
@@ -23,6 +24,8 @@ so a resumed run reproduces an uninterrupted one exactly. The file layout is in 
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -145,11 +148,17 @@ def predict_split(split_model, params, dataset, *, batch_size, mesh, cache: Path
 def select_queries(dataset, pred: np.ndarray, ids: Sequence[str] | None, limit: int | None) -> np.ndarray:
     """Dataset indices of the queries: misclassified images (or ``ids``), first ``limit``.
 
-    A given id that is unknown, or correctly classified, is an FgvceError.
+    A given id that is unknown, or correctly classified, is an FgvceError; one given twice is explained once
+    (at its first place), with a notice.
     """
     if ids is None:
         q = np.flatnonzero(pred != dataset.labels)
     else:
+        repeated = [s for s, n in collections.Counter(ids).items() if n > 1]
+        if repeated and multihost.index() == 0:
+            print(f"notice: query id(s) given more than once are explained once: {', '.join(repeated[:5])}",
+                  file=sys.stderr)
+        ids = list(dict.fromkeys(ids))
         where = {s: i for i, s in enumerate(dataset.ids)}
         missing = [s for s in ids if s not in where]
         if missing:
@@ -394,12 +403,16 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
       dataset, split, reference_split: names for :func:`fgvce_jax.data.load`.
       out_dir: output directory; each config's results go to ``out_dir/<method>/``.
       configs: a :class:`CounterfactualConfig` or a sequence of them (distinct methods).
-      queries: dataset ids to explain instead of all misclassified images.
-      limit: explain at most this many queries (the first ones, in dataset order).
+      queries: dataset ids to explain instead of all misclassified images (each once).
+      limit: explain at most this many queries (the first ones, in dataset order); not part of the stored config:
+        a larger limit reuses the shards whose queries are unchanged, a smaller one than ``out_dir`` holds is
+        refused.
       at: split point (default: the checkpoint's).
       batch_size: images per forward batch (rounded up to the device count); no effect on results.
       shard_size: queries per result shard (part of the stored config).
       overwrite: replace results of a different config instead of refusing.
+
+    Each method directory is locked (:class:`~fgvce_jax.store.ShardWriter`) until the run ends, on every path.
 
     Returns: one :class:`Summary` per config.
     """
@@ -425,40 +438,51 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     mesh = device_mesh()  # 1-D over all devices, shared with the Shapley engine
     params = jax.device_put(params, NamedSharding(mesh, P()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = {"model": str(model_dir), "weights": fingerprint(params), "at": at, "dataset": dataset, "split": split,
+    # Neither the checkpoint's path (moving it changes nothing; kept as a note) nor the limit (a larger one reuses
+    # the shards whose queries are unchanged: _explain_method) is part of the config.
+    run = {"weights": fingerprint(params), "at": at, "dataset": dataset, "split": split,
            "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
-           "queries": list(queries) if queries else None, "limit": limit, "shard_size": shard_size,
+           "queries": list(dict.fromkeys(queries)) if queries else None,  # each once, as select_queries has them
+           "shard_size": shard_size,
            # reference Phi keys come from (seed, reference id) since this version; a directory written with the
            # earlier per-run keys is refused as a different config instead of mixing two kinds of shards
            "reference_phi_keys": "seed+id"}
-    # Opened before any work, so that a different config in out_dir is refused at once; by process 0 first.
-    writers = []
-    for turn in (0, 1):
-        if (multihost.index() > 0) == turn:
-            writers = [store.ShardWriter(out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite,
-                                         process=multihost.index(), processes=multihost.count())
-                       for c in configs]
-            if overwrite and turn == 0:
-                for p in out_dir.glob("cache-reference-phi-*.npz"):
-                    p.unlink()
-        multihost.barrier(f"open {out_dir} {turn}")
+    with contextlib.ExitStack() as locks:  # the writers' directory locks, released however the run ends
+        # Opened before any work, so that a different config in out_dir is refused at once; by process 0 first.
+        writers = []
+        for turn in (0, 1):
+            if (multihost.index() > 0) == turn:
+                writers = [locks.enter_context(store.ShardWriter(
+                               out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite,
+                               process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)}))
+                           for c in configs]
+                if overwrite and turn == 0:
+                    for p in out_dir.glob("cache-reference-phi-*.npz"):
+                        p.unlink()
+            multihost.barrier(f"open {out_dir} {turn}")
+        for w in writers:  # the same config lists the same queries: a directory holds a prefix of them
+            held = max((s["stop"] for s in w.shards.values()), default=0)
+            if limit is not None and held > limit:
+                raise FgvceError(f"{w.dir} holds results of the first {held} queries, more than --limit {limit}; "
+                                 f"give a --limit of at least {held}, pass --overwrite to replace them, "
+                                 "or choose another output directory")
 
-    t0 = time.perf_counter()
-    preds = {}
-    for s, d in {split: ds, reference_split: ref_ds}.items():
-        key = json.dumps({"weights": run["weights"], "at": at, "dataset": dataset, "split": s,
-                          "preprocessing": dataclasses.asdict(d.preprocessing)}, sort_keys=True, default=str)
-        preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
-                                 cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)
-    q_idx = select_queries(ds, preds[split]["pred"], queries, limit)
-    if multihost.index() == 0:
-        print(f"pass 1: {split} accuracy {np.mean(preds[split]['pred'] == ds.labels):.3f} on {len(ds)} images, "
-              f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        t0 = time.perf_counter()
+        preds = {}
+        for s, d in {split: ds, reference_split: ref_ds}.items():
+            key = json.dumps({"weights": run["weights"], "at": at, "dataset": dataset, "split": s,
+                              "preprocessing": dataclasses.asdict(d.preprocessing)}, sort_keys=True, default=str)
+            preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
+                                     cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)
+        q_idx = select_queries(ds, preds[split]["pred"], queries, limit)
+        if multihost.index() == 0:
+            print(f"pass 1: {split} accuracy {np.mean(preds[split]['pred'] == ds.labels):.3f} on {len(ds)} images, "
+                  f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
-    return [_explain_method(split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx,
-                            config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
-                            weights=run["weights"])
-            for config, writer in zip(configs, writers)]
+        return [_explain_method(split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx,
+                                config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
+                                weights=run["weights"])
+                for config, writer in zip(configs, writers)]
 
 
 def check_classes(ds, info) -> None:
@@ -492,17 +516,27 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
     processes each takes every P-th shard still to do; process 0 merges the manifests and writes the summary."""
     out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
+    r_idx = (select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred, config.n_references,
+                               config.reference_mode) if len(q_idx) else np.zeros(0, np.int64))
+    rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
+    bounds = {s: (s * shard_size, min((s + 1) * shard_size, len(q_idx))) for s in range(n_shards)}
+    wanted = {s: (a, b, shard_inputs(ds.ids[q_idx[a:b]], rows, ref_ds.ids[r_idx], config))
+              for s, (a, b) in bounds.items()}  # (start, stop, inputs) of every shard
+    stale = writer.retain(wanted)
+    if stale:
+        if multihost.index() == 0:
+            print(f"pass 4-5: {config.method}: shard(s) {', '.join(map(str, stale))} were computed for other "
+                  "queries (another --limit); computing them again", file=sys.stderr)
+        multihost.barrier(f"retain {out}")  # process 0 has unlisted them before any is written again
     todo = [s for s in range(n_shards) if s not in writer.done]
     mine = multihost.mine(todo)
-    my_rows = sum(len(q_idx[s * shard_size:(s + 1) * shard_size]) for s in mine)  # queries this process explains
+    my_rows = sum(wanted[s][1] - wanted[s][0] for s in mine)  # queries this process explains
     if writer.done and multihost.index() == 0:
         print(f"pass 4-5: {config.method}: {n_shards - len(todo)} of {n_shards} shards were done already",
               file=sys.stderr)
     key = jax.random.PRNGKey(config.seed)
     t0, computed = time.perf_counter(), 0
     if todo:
-        r_idx = select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred,
-                                  config.n_references, config.reference_mode)
         if len(r_idx) == 0:
             raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
         refs = _features(split_model, params, ref_ds, r_idx, ref_ds.labels[r_idx], ref_pred["pred"][r_idx],
@@ -521,9 +555,9 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                           unit="query", desc=f"pass 4-5: {config.method} search" + (" (process 0's shards)" if several
                                                                                      else ""),
                           disable=multihost.index() > 0) as bar:
-            rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
             for s in mine:
-                idx = q_idx[s * shard_size:(s + 1) * shard_size]
+                start, stop, inputs = wanted[s]
+                idx = q_idx[start:stop]
                 padded = _pad_to(idx, rows)
                 batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
                                   batch_size, mesh, "query features", show=False)
@@ -533,7 +567,7 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                              query_phi=None if q_phi is None else jnp.asarray(q_phi),
                              reference_phi=None if ref_phi is None else jnp.asarray(ref_phi), mesh=mesh)
                 table, arrays = results_table(_first_rows(ex, len(idx)), idx, ds, r_idx, ref_ds)
-                writer.write_shard(s, s * shard_size, s * shard_size + len(idx), table, arrays)
+                writer.write_shard(s, start, stop, table, arrays, inputs)
                 computed += len(idx)
                 bar.update(len(idx))
     multihost.barrier(f"shards of {out}")
@@ -549,6 +583,21 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
         print(summary.line(), file=sys.stderr)
     multihost.barrier(f"summary of {out}")
     return summary
+
+
+def shard_inputs(query_ids, rows: int, reference_ids, config) -> str:
+    """Fingerprint of what a shard's results depend on besides the stored config; a listed shard is reused only
+    when it is unchanged (so a larger --limit recomputes only the trailing partial shard and the new ones).
+
+    That is the shard's query ids and the row count its batch is padded to (``min(shard_size, queries)``), and,
+    where the engine draws on the whole reference batch (``reference_mode="random"``: one draw per reference;
+    method ``random``: one random Phi per reference), the ids of every reference, since more queries bring more
+    references. With nearest references a query uses only its own N nearest, which every batch holds
+    (:func:`select_references`), and each reference's Phi and candidates depend on it alone.
+    """
+    whole = config.reference_mode == "random" or config.method == "random"
+    return store.config_hash({"queries": [str(i) for i in query_ids], "rows": int(rows),
+                              "references": [str(i) for i in reference_ids] if whole else None})
 
 
 def _first_rows(ex, n: int):

@@ -246,6 +246,7 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
     files = html_path.parent / f"{html_path.stem}_files"
     html_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{files.name}.", dir=html_path.parent))
+    tmp.chmod(0o777 & ~store.umask())  # mkdtemp makes it 0700; the report is for others to read too
     try:
         summary_rows, sections, datasets = [], [], _Datasets()
         for method, d in runs.items():

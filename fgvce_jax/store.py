@@ -6,6 +6,7 @@ An explain run writes its results into one directory::
     DIR/shard-00000.parquet    one row per query (scalars and per-edit lists)
     DIR/shard-00000.npz        the same rows' arrays (Phi maps, probabilities)
     DIR/cache-*.npz            intermediate results a resumed run reuses (keyed: see load_cache)
+    DIR/.lock                  held (flock) by the run writing DIR, which names its PID in it
 
 Every file is written to a temporary name in the same directory, flushed,
 ``fsync``'d and then ``os.replace``'d into place, so a reader never sees half
@@ -13,16 +14,20 @@ a file. A shard counts as done only once ``manifest.json`` lists it (or, in a
 run of several processes, the ``manifest.process-<p>.json`` of the process that
 wrote it: see :class:`ShardWriter`); files not listed (left by a run that was
 killed between the rename and the manifest update) are ignored and overwritten
-by the next run. The exact file
+by the next run. Files are created with mode ``0o666 & ~umask`` (0644 under the
+usual umask 022). One run at a time writes a directory: :class:`ShardWriter` holds
+an exclusive ``flock`` on ``DIR/.lock`` while it is open. The exact file
 layout is documented in ``docs/output_format.md``.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
 import sys
 import tempfile
 import zipfile
@@ -37,6 +42,7 @@ from fgvce_jax.errors import FgvceError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -49,11 +55,23 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where it is there (``os.umask`` can only read it by
+    setting it, for a moment, for every thread of the process)."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write ``path`` via ``write(fileobj)`` so that it appears whole or not at all.
 
     The bytes go to a temporary file in the same directory which is fsync'd and
-    renamed over ``path``. If ``write`` raises, the temporary file is removed
+    renamed over ``path``; it gets the mode ``open`` would give (``0o666 & ~umask``),
+    not ``mkstemp``'s 0600. If ``write`` raises, the temporary file is removed
     and ``path`` keeps its previous content (or stays absent).
     """
     path = Path(path)
@@ -62,6 +80,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -132,6 +151,37 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+def _lock(path: Path):
+    """``path`` opened with its exclusive ``flock`` taken and our PID written into it.
+
+    A second writer fails at once with an FgvceError naming the holder. The kernel releases the lock when the
+    file is closed or its process dies, so a lock file left by a killed run blocks nothing. The holder removes
+    the file when it is done (:meth:`ShardWriter.close`); a lock taken on a file removed meanwhile is taken
+    again on the new one. None, after a notice, where the file system has no locks.
+    """
+    while True:
+        f = open(path, "a+b", buffering=0)  # mode 0o666 & ~umask
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().decode(errors="replace").strip() or "a process that is starting"
+            f.close()
+            raise FgvceError(f"{path.parent} is being written by another fgvce run ({holder}); wait for it to "
+                             "end or stop it, or choose another output directory") from None
+        except OSError as e:
+            f.close()
+            print(f"notice: cannot lock {path} ({e}); make sure no other run writes {path.parent}", file=sys.stderr)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        f.close()
+    f.truncate(0)
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+    return f
+
+
 class ShardWriter:
     """Writes result shards into ``directory``; reopening with the same config resumes.
 
@@ -141,10 +191,19 @@ class ShardWriter:
         in the manifest; reopening with a different one raises
         :class:`FgvceError` naming the differing keys, unless ``overwrite``.
       overwrite: discard an existing manifest, its shards and caches.
+      notes: JSON-serialisable facts stored in the manifest's ``config`` but neither hashed nor compared
+        (e.g. the checkpoint's path: moving it is not a different config); each opening stores its own.
+
+    A manifest that lists no shards holds no results, so a different config takes its directory over
+    (with a notice) without ``overwrite``.
+
+    Process 0 holds an exclusive ``flock`` on ``DIR/.lock`` from its opening until :meth:`close` (or the
+    end of a ``with`` block, or of the process), so a second writer of the directory fails at once.
 
     A shard is identified by its index and covers the half-open row range
-    ``[start, stop)`` of the caller's query list. ``done`` tells which shards a
-    previous run completed; the caller skips them.
+    ``[start, stop)`` of the caller's query list; ``inputs`` (the caller's fingerprint of what its rows were
+    computed from) is recorded with it. ``done`` tells which shards a
+    previous run completed; the caller skips them (and :meth:`retain` forgets those whose inputs changed).
 
     Several processes (``processes`` > 1) share one directory: process 0 opens it first (checks the
     config, clears, removes strays) and the others after it. Each process records the shards it writes
@@ -154,40 +213,69 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, config: Mapping, *, overwrite: bool = False,
-                 process: int = 0, processes: int = 1):
+                 process: int = 0, processes: int = 1, notes: Mapping | None = None):
         self.process, self.processes = int(process), int(processes)
         self._written: set[int] = set()  # shards this process wrote in this run (several processes only)
+        self._lock = None
         self.dir = Path(directory).absolute()
         if self.dir.exists() and not self.dir.is_dir():
             raise FgvceError(f"{self.dir} exists and is not a directory")
-        self.config = _normalise(config)
+        self.config, self.notes = _normalise(config), _normalise(notes or {})
         self.hash = config_hash(self.config)
-        if self.process > 0:  # process 0 has opened (and created) it already
+        if self.process > 0:  # process 0 has opened (and created) it already, and holds the lock
             self._join()
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.dir / LOCK)
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        """Open as process 0 (holding the lock): check the config, clear, fold process manifests, remove strays."""
         manifest_path = self.dir / MANIFEST
         self.shards: dict[int, dict] = {}
         if manifest_path.exists():
             try:
                 old = json.loads(manifest_path.read_text())
-                old_config, old_hash = old["config"], old["config_hash"]
+                old_config, old_hash, old_shards = old["config"], old["config_hash"], old["shards"]
             except (ValueError, KeyError, TypeError) as e:
                 raise FgvceError(f"{manifest_path} is not a valid fgvce manifest ({e}); "
                                  "remove it or pass --overwrite") from None
             if overwrite:
                 self._clear()
             elif old_hash != self.hash:
-                diff = "; ".join(config_diff(old_config, self.config)) or "format differs"
-                raise FgvceError(f"{self.dir} holds results of a different config ({diff}); "
-                                 "pass --overwrite to replace them or choose another output directory")
+                compared = {k: v for k, v in old_config.items() if k not in self.notes}
+                diff = "; ".join(config_diff(compared, self.config)) or "format differs"
+                if old_shards or any(self.dir.glob("manifest.process-*.json")):
+                    raise FgvceError(f"{self.dir} holds results of a different config ({diff}); "
+                                     "pass --overwrite to replace them or choose another output directory")
+                print(f"notice: {self.dir} holds no results of its earlier config ({diff}); reusing it",
+                      file=sys.stderr)
+                self._clear()
             else:
-                self.shards = {int(s["index"]): s for s in old["shards"]}
+                self.shards = {int(s["index"]): s for s in old_shards}
         elif overwrite:
             self._clear()
         self._fold_process_manifests()
         self._remove_strays()
         self._write_manifest()
+
+    def close(self) -> None:
+        """Release the directory's lock and remove its file (process 0): the run has ended, another may open it."""
+        if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock.name)  # while still locked: see _lock
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _join(self) -> None:
         """Open as process > 0: the manifest process 0 wrote must be there and hold our config."""
@@ -232,14 +320,29 @@ class ShardWriter:
         rows = [np.arange(s["start"], s["stop"]) for s in self.shards.values()]
         return np.sort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
 
+    def retain(self, wanted: Mapping[int, tuple[int, int, str]]) -> list[int]:
+        """Forget the listed shards whose ``(start, stop, inputs)`` is not ``wanted[index]``; their indices.
+
+        They were computed for other queries (e.g. the trailing shard of a smaller --limit) and are to be
+        written again. Process 0 first rewrites ``manifest.json`` without them, so that no listed shard has
+        its files replaced; the caller makes the other processes wait for that. Every process calls it with
+        the same ``wanted``.
+        """
+        stale = sorted(i for i, s in self.shards.items() if wanted.get(i) != (s["start"], s["stop"], s.get("inputs")))
+        for i in stale:
+            del self.shards[i]
+        if stale and self.process == 0:
+            self._write_manifest()
+        return stale
+
     def cache_path(self, name: str) -> Path:
         """Path of an intermediate-result file that belongs to this directory's config."""
         return self.dir / f"cache-{name}.npz"
 
     # -- writing ----------------------------------------------------------------------
     def write_shard(self, index: int, start: int, stop: int, table: pa.Table,
-                    arrays: Mapping[str, np.ndarray]) -> None:
-        """Atomically write shard ``index`` (rows ``[start, stop)``) and record it.
+                    arrays: Mapping[str, np.ndarray], inputs: str = "") -> None:
+        """Atomically write shard ``index`` (rows ``[start, stop)``, computed from ``inputs``) and record it.
 
         ``table`` must have ``stop - start`` rows and every array a leading axis
         of that length. The Parquet file and the ``.npz`` are each renamed into
@@ -253,7 +356,8 @@ class ShardWriter:
         name = shard_name(index)
         atomic_write(self.dir / f"{name}.parquet", lambda f: pq.write_table(table, f))
         save_arrays(self.dir / f"{name}.npz", arrays)
-        self.shards[index] = {"index": index, "start": int(start), "stop": int(stop), "name": name}
+        self.shards[index] = {"index": index, "start": int(start), "stop": int(stop), "name": name,
+                              "inputs": inputs}
         if self.processes > 1:
             self._written.add(index)
             self._write_manifest(self._process_manifest(self.process), self._written)
@@ -266,7 +370,7 @@ class ShardWriter:
         indices = sorted(self.shards if indices is None else indices)
         atomic_write_json(path or self.dir / MANIFEST, {
             "format": FORMAT_VERSION,
-            "config": self.config,
+            "config": {**self.config, **self.notes},
             "config_hash": self.hash,
             "shards": [self.shards[i] for i in indices],
         })
@@ -278,7 +382,7 @@ class ShardWriter:
         """Remove the manifest first (so no shard stays visible), then our files."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / MANIFEST)
-        for pattern in ("shard-*.parquet", "shard-*.npz", "cache-*.npz", "manifest.process-*.json"):
+        for pattern in ("shard-*.parquet", "shard-*.npz", "cache-*.npz", "manifest.process-*.json", "summary.json"):
             for p in self.dir.glob(pattern):
                 p.unlink()
         self.shards = {}

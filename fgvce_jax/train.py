@@ -39,6 +39,7 @@ from fgvce_jax import data as data_lib
 from fgvce_jax import models, progress
 from fgvce_jax.models import checkpoint
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.store import config_diff
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -237,7 +238,8 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
             state=ocp.args.StandardRestore({"model": _pure(model), "optimizer": _pure(optimizer)}),
             meta=ocp.args.JsonRestore()))
         if restored.meta["config"] != _config_json(config):
-            raise FgvceError(f"{out} holds a training run with a different configuration; use another --out")
+            diff = "; ".join(config_diff(restored.meta["config"], _config_json(config)))
+            raise FgvceError(f"{out} holds a training run with a different configuration ({diff}); use another --out")
         _restore(model, restored.state["model"])
         _restore(optimizer, restored.state["optimizer"])
         step, history = int(latest), list(restored.meta["history"])

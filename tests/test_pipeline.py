@@ -1,6 +1,7 @@
 """explain_split on a hand-built model and dataset: resume after an interruption gives
 byte-identical results, pass 1 is cached, configs are checked, methods get sub-directories."""
 import dataclasses
+import shutil
 import types
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from flax import nnx
 from fgvce_jax import counterfactual, data, models, pipeline, store
 from fgvce_jax.counterfactual import CounterfactualConfig
 from fgvce_jax.data.dataset import Preprocessing
-from fgvce_jax.errors import FgvceError
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models.base import Classifier
 
@@ -168,10 +168,12 @@ def test_other_config_refused_and_methods_get_subdirectories(tmp_path, uninterru
         assert store.read_results(tmp_path / "o" / m)[0].num_rows == 3
 
 
-def test_given_query_ids(tmp_path, patched):
-    _run(tmp_path / "o", queries=["test-9", "test-3", "test-21"])
+def test_given_query_ids(tmp_path, patched, capsys):
+    _run(tmp_path / "o", queries=["test-9", "test-3", "test-9", "test-21"])  # a repeated id is explained once
     ids = store.read_results(tmp_path / "o" / "fgvce")[0].column("query_id").to_pylist()
     assert ids == ["test-9", "test-3", "test-21"]
+    assert "notice: query id(s) given more than once are explained once: test-9\n" in capsys.readouterr().err
+    assert store.read_manifest(tmp_path / "o" / "fgvce")["config"]["queries"] == ids
     with pytest.raises(FgvceError, match="correctly"):
         _run(tmp_path / "p", queries=["test-1"])
 
@@ -190,3 +192,82 @@ def test_a_checkpoint_without_class_names_takes_the_datasets(toy, tmp_path, monk
         class_names=None, num_classes=C + 1, image_size=8, default_split="z")))
     with pytest.raises(FgvceError, match=f"3 classes but the checkpoint has {C + 1} outputs"):
         _run(tmp_path / "b")
+
+
+def test_a_failed_run_leaves_out_reusable(tmp_path, patched, capsys):
+    """A run that fails before any shard (and releases its lock on the way out) does not poison --out."""
+    with pytest.raises(FgvceError, match="unknown query id"):
+        _run(tmp_path / "o", queries=["test-99"])
+    (summary,) = _run(tmp_path / "o", limit=3)
+    assert summary.queries == 3
+    assert "holds no results of its earlier config" in capsys.readouterr().err
+
+
+def test_a_moved_checkpoint_is_the_same_config(tmp_path, uninterrupted, patched, monkeypatch):
+    out, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(uninterrupted[0], out)
+    moved.mkdir()
+
+    def no_search(*args, **kw):
+        raise AssertionError("every shard is done")
+
+    monkeypatch.setattr(counterfactual, "explain", no_search)
+    (summary,) = pipeline.explain_split(moved, "toy", "test", out, CONFIG, shard_size=3)
+    assert summary.queries == 8
+    config, before = (store.read_manifest(d / "fgvce")["config"] for d in (out, uninterrupted[0]))
+    assert config == {**before, "model": str(moved)}  # the path is a note; the weights fingerprint decides
+
+
+def test_a_larger_limit_reuses_the_full_shards(tmp_path, patched, monkeypatch):
+    """--limit 3 then 5 (shards of 2): shard 0 is kept, the partial shard 1 and the new shard 2 are computed, and
+    every shard file is byte-identical to a fresh --limit 5 run's. A smaller limit than stored is refused."""
+    def explain(out, limit):
+        return pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / out, CONFIG, limit=limit, shard_size=2)
+
+    def shards(d):
+        return {p.name: p.read_bytes() for p in sorted(d.glob("shard-*"))}
+
+    explain("fresh", 5)
+    explain("grown", 3)
+    d = tmp_path / "grown" / "fgvce"
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in d.glob("shard-00000.*")}
+    real, calls = counterfactual.explain, []
+    monkeypatch.setattr(counterfactual, "explain", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    (summary,) = explain("grown", 5)
+    assert len(calls) == 2 and summary.queries == 5
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in d.glob("shard-00000.*")} == kept
+    assert len(shards(d)) == 6 and shards(d) == shards(tmp_path / "fresh" / "fgvce")
+    assert store.read_manifest(d) == store.read_manifest(tmp_path / "fresh" / "fgvce")
+    monkeypatch.setattr(store, "load_cache", None)  # refused before pass 1
+    with pytest.raises(FgvceError, match="holds results of the first 5 queries, more than --limit 4; give a"):
+        explain("grown", 4)
+    assert store.read_manifest(d) == store.read_manifest(tmp_path / "fresh" / "fgvce")
+
+
+def test_with_random_references_more_queries_recompute_every_shard(tmp_path, patched, monkeypatch):
+    """--reference-mode random draws once per reference of the batch: the first 2 mistakes (classes 1, 0) have
+    fewer references than all 8 (class 2 too), so shard 0 changes and is not reused; the files match a fresh run."""
+    config = dataclasses.replace(CONFIG, reference_mode="random")
+
+    def explain(out, limit):
+        return pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / out, config, limit=limit, shard_size=2)
+
+    def shards(d):
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / d / "fgvce").glob("shard-*"))}
+
+    explain("fresh", 8)
+    explain("grown", 2)
+    assert shards("grown")["shard-00000.npz"] != shards("fresh")["shard-00000.npz"]
+    real, calls = counterfactual.explain, []
+    monkeypatch.setattr(counterfactual, "explain", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    explain("grown", 8)
+    assert len(calls) == 4 and shards("grown") == shards("fresh")
+
+
+def test_shard_inputs_hold_every_reference_only_where_the_engine_draws_on_all():
+    q, refs, more = ["test-0", "test-3"], ["train-1", "train-2"], ["train-1", "train-2", "train-5"]
+    assert pipeline.shard_inputs(q, 2, refs, CONFIG) == pipeline.shard_inputs(q, 2, more, CONFIG)
+    assert pipeline.shard_inputs(q, 2, refs, CONFIG) != pipeline.shard_inputs(q, 3, refs, CONFIG)
+    assert pipeline.shard_inputs(q, 2, refs, CONFIG) != pipeline.shard_inputs(q[:1], 2, refs, CONFIG)
+    for config in (dataclasses.replace(CONFIG, reference_mode="random"), dataclasses.replace(CONFIG, method="random")):
+        assert pipeline.shard_inputs(q, 2, refs, config) != pipeline.shard_inputs(q, 2, more, config)

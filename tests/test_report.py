@@ -3,6 +3,7 @@ hand-built explanations."""
 import collections
 import html.parser
 import json
+import os
 import re
 import struct
 import types
@@ -276,6 +277,9 @@ def test_report_redraws_and_includes_the_evaluation(tmp_path, monkeypatch):
     text = page.read_text()
     assert text.count("2 more queries not drawn") == 3 and sum(map(int, re.findall(r"\(\+(\d) not drawn\)", text))) == 6
     assert not [p for p in page.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (page.parent / "report_files").stat().st_mode & 0o777 == 0o777 & ~mask  # readable by others
     with pytest.raises(FgvceError, match="no explain results"):
         report.write_report(tmp_path)
     # The metrics table of `fgvce evaluate` is included when it exists, its columns in words.

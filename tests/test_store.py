@@ -29,11 +29,12 @@ def _shard(i, n=4):
 
 
 def _write_all(d, shards=(0, 1, 2), config=CONFIG):
-    w = store.ShardWriter(d, config)
-    for i in shards:
-        if i not in w.done:
-            t, a = _shard(i)
-            w.write_shard(i, 4 * i, 4 * i + 4, t, a)
+    """Write the missing ones of ``shards`` into ``d``; the writer is returned closed (its lock released)."""
+    with store.ShardWriter(d, config) as w:
+        for i in shards:
+            if i not in w.done:
+                t, a = _shard(i)
+                w.write_shard(i, 4 * i, 4 * i + 4, t, a)
     return w
 
 
@@ -77,6 +78,7 @@ def test_processes_record_their_own_shards_and_process_0_merges(tmp_path):
     w1.merge()  # only process 0 merges
     assert store.read_manifest(d)["shards"] == []
     w0.merge()
+    w0.close()
     assert not list(d.glob("manifest.process-*"))
     _write_all(tmp_path / "one", shards=(0, 1, 2, 3))
     assert _files(d) == _files(tmp_path / "one")  # the same bytes as one process writing all four
@@ -87,9 +89,10 @@ def test_shards_of_a_killed_process_are_kept_by_the_next_run(tmp_path):
     w1.write_shard(1, 4, 8, *_shard(1))
     (tmp_path / ".shard-00003.parquet.x.tmp").write_bytes(b"half")  # process 1 killed while writing shard 3
     (tmp_path / "shard-00003.parquet").write_bytes(b"whole, but never recorded")
+    w0.close()  # the run ends (killed: the kernel releases its lock)
     again = store.ShardWriter(tmp_path, CONFIG)  # resumed by one process (or process 0 of several)
     assert again.done == {1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-00001.npz",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "manifest.json", "shard-00001.npz",
                                                           "shard-00001.parquet"]
     assert [s["index"] for s in store.read_manifest(tmp_path)["shards"]] == [1]
 
@@ -127,7 +130,8 @@ def test_exception_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
     reference = tmp_path / "ref"
     _write_all(reference)
     d = tmp_path / "run"
-    w = _write_all(d, shards=(0,))
+    w = store.ShardWriter(d, CONFIG)
+    w.write_shard(0, 0, 4, *_shard(0))
     real_savez = np.savez
 
     def failing_savez(f, **arrays):
@@ -141,7 +145,8 @@ def test_exception_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", real_savez)
     assert store.read_results(d)[0].num_rows == 4  # shard 1 not visible
     assert not list(d.glob(".*.tmp"))  # temp file removed
-    assert store.ShardWriter(d, CONFIG).done == {0}
+    w.close()
+    assert _write_all(d, shards=()).done == {0}
     _write_all(d)
     assert _files(d) == _files(reference)  # byte-identical once finished
 
@@ -187,3 +192,68 @@ def test_killed_at_every_write_step_resumes_identically(tmp_path):
         _write_all(d)
         assert _files(d) == expected, f"kill before write step {k}"
     assert killed >= 9  # 4 manifests + 3 shards x 2 files, each with fsync + rename
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_files_and_directories_get_the_modes_of_the_umask(tmp_path, mask):
+    """Results are readable by others under umask 022 (0644 files, 0755 directories), private under 077."""
+    old = os.umask(mask)
+    try:
+        w = store.ShardWriter(tmp_path / "out" / "fgvce", CONFIG)
+        w.write_shard(0, 0, 4, *_shard(0))
+        store.save_arrays(w.cache_path("x"), {"key": np.asarray("k")})
+    finally:
+        os.umask(old)
+    d = tmp_path / "out" / "fgvce"
+    for p in (d / "shard-00000.parquet", d / "shard-00000.npz", d / "manifest.json", d / "cache-x.npz", d / ".lock"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+    w.close()
+    for p in (d, d.parent):
+        assert p.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_a_manifest_without_shards_is_taken_over_by_another_config(tmp_path, capsys):
+    """A failed run (no shard written) does not poison the directory; one with results still refuses."""
+    store.ShardWriter(tmp_path, CONFIG).close()
+    w = store.ShardWriter(tmp_path, {**CONFIG, "t_max": 5})
+    err = capsys.readouterr().err
+    assert "holds no results of its earlier config (t_max: 3 -> 5); reusing it" in err and err.count("\n") == 1
+    assert store.read_manifest(tmp_path)["config"]["t_max"] == 5
+    w.write_shard(0, 0, 4, *_shard(0))
+    w.close()
+    with pytest.raises(FgvceError, match="different config"):
+        store.ShardWriter(tmp_path, CONFIG)
+    w0, w1 = _process_writers(tmp_path / "two", {**CONFIG, "t_max": 5})
+    w1.write_shard(1, 4, 8, *_shard(1))  # listed only in process 1's manifest (a killed run)
+    w0.close()
+    with pytest.raises(FgvceError, match="different config"):
+        store.ShardWriter(tmp_path / "two", CONFIG)
+
+
+def test_notes_are_stored_but_not_compared(tmp_path):
+    with store.ShardWriter(tmp_path, CONFIG, notes={"model": "/old/place"}) as w:
+        w.write_shard(0, 0, 4, *_shard(0))
+    with store.ShardWriter(tmp_path, CONFIG, notes={"model": "/new/place"}) as w:
+        assert w.done == {0}
+    manifest = store.read_manifest(tmp_path)
+    assert manifest["config"] == {**CONFIG, "model": "/new/place"}
+    assert manifest["config_hash"] == store.config_hash(CONFIG)
+
+
+def test_retain_forgets_shards_whose_rows_or_inputs_changed(tmp_path):
+    with store.ShardWriter(tmp_path, CONFIG) as w:
+        for i, inputs in ((0, "a"), (1, "b"), (2, "c")):
+            w.write_shard(i, 4 * i, 4 * i + 4, *_shard(i), inputs=inputs)
+    with store.ShardWriter(tmp_path, CONFIG) as w:
+        assert w.retain({0: (0, 4, "a"), 1: (4, 8, "B"), 2: (8, 10, "c")}) == [1, 2]
+        assert w.done == {0}
+        assert [(s["index"], s["inputs"]) for s in store.read_manifest(tmp_path)["shards"]] == [(0, "a")]
+        assert w.retain({0: (0, 4, "a")}) == []
+
+
+def test_overwrite_removes_the_old_summary(tmp_path):
+    """A summary.json left from the replaced config would give a killed --overwrite run the old query count."""
+    _write_all(tmp_path)
+    (tmp_path / "summary.json").write_text('{"queries": 12}')
+    with store.ShardWriter(tmp_path, {**CONFIG, "t_max": 9}, overwrite=True):
+        assert not (tmp_path / "summary.json").exists()

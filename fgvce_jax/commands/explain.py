@@ -5,8 +5,9 @@ Example::
     fgvce explain --model runs/digits/model --dataset digits --split test --out runs/digits/explanations
     fgvce explain ... --method fgvce cve random      # one sub-directory per method
 
-Killing it and running the same command again resumes; a different config in
-``--out`` is refused unless ``--overwrite``.
+Killing it and running the same command again resumes, and a larger ``--limit``
+extends the run; a different config in ``--out`` is refused unless ``--overwrite``.
+A second run writing the same method directory at the same time fails at once.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def add_arguments(parser) -> None:
                         help="one or more methods")
     parser.add_argument("--queries", nargs="+", default=None, metavar="ID",
                         help="explain these image ids instead of all misclassified ones")
-    parser.add_argument("--limit", type=int, default=None, help="explain at most this many queries")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="explain at most this many queries (a larger one later reuses the results)")
     g = parser.add_argument_group("method options")
     g.add_argument("--kernel", type=int, default=d.kernel, help="local Shapley window k")
     g.add_argument("--samples", type=int, default=d.samples, help="Shapley samples per window M")
