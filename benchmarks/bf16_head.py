@@ -110,6 +110,25 @@ def deep_head(args) -> dict:
             **{f"seconds_{d}": seconds[d] for d in DTYPES}}
 
 
+def headline(parts: dict) -> dict:
+    """The flat summary of the parts' results (the README table)."""
+    out = {}
+    d = parts.get("digits_layer4.0")
+    if d:
+        out[f"digits layer4.0: queries with the same edits (of {d['queries']})"] = d["same_explanations"]
+        out["digits layer4.0: validity float32 / bfloat16"] = f"{d['validity_float32']:.3f} / {d['validity_bfloat16']:.3f}"
+        for part in ("reference", "query"):
+            e = d[f"{part}_phi_error"]
+            out[f"digits layer4.0: {part} Phi relative error, median / max ({e['maps']} maps)"] = \
+                f"{e['median']:.4f} / {e['max']:.4f}"
+    r = parts.get("resnet50_layer4.0_224px")
+    if r:
+        e = r["phi_error"]
+        out[f"ResNet-50 layer4.0 224 px: Phi relative error, median / max ({e['maps']} maps)"] = \
+            f"{e['median']:.4f} / {e['max']:.4f}"
+    return out
+
+
 def main():
     p = common.parser(__doc__, "bf16_head")
     p.add_argument("--epochs", type=int, default=3, help="training epochs of the digits model (the demo's)")
@@ -123,16 +142,16 @@ def main():
         args.epochs, args.samples, args.references, args.limit, args.deep_images = 1, 4, 2, 3, 0
     env = common.environment()
     print(f"bf16_head on {common.describe(env)}")
-    summary = {}
+    parts = {}
     if args.deep_images:  # the short part first
-        summary["resnet50_layer4.0_224px"] = deep_head(args)
+        parts["resnet50_layer4.0_224px"] = deep_head(args)
     with tempfile.TemporaryDirectory() as tmp:
-        summary["digits_layer4.0"] = explanations(args, Path(args.cache or tmp).absolute())
+        parts["digits_layer4.0"] = explanations(args, Path(args.cache or tmp).absolute())
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache")}
     notes = ["Phi error = ||Phi_bf16 - Phi_f32|| / ||Phi_f32|| per map; same_explanations = share of queries "
              "with identical edits (count, query regions, references, reference regions).",
              "On a CPU bf16 convolutions are emulated through float32: the times are not a speed measurement."]
-    doc = common.document("bf16_head", env, settings, summary, None, notes)
+    doc = common.document("bf16_head", env, settings, headline(parts), parts, notes)
     print(f"wrote {common.write_json(args.out, doc)}")
 
 

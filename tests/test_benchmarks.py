@@ -254,7 +254,8 @@ def test_opaque_game_quick_times_every_estimator_against_its_own_masks(quick_run
 
 def test_bf16_head_quick_compares_both_dtypes_on_the_same_queries(quick_runs):
     doc = _document(quick_runs, "bf16_head")
-    s = doc["summary"]["digits_layer4.0"]
+    s = doc["results"]["digits_layer4.0"]
+    assert "digits layer4.0: queries with the same edits (of 3)" in doc["summary"]
     assert s["queries"] == 3 and 0 <= s["same_explanations"] <= 1
     for part in ("reference_phi_error", "query_phi_error"):
         e = s[part]
