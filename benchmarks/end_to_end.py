@@ -86,7 +86,7 @@ class PassClock:
 
         targets = [(pipeline, "predict_split", "features"), (pipeline, "_features", "features"),
                    (pipeline, "select_queries", "selection"), (pipeline, "select_references", "selection"),
-                   (pipeline, "compute_phi", "shapley"), (counterfactual, "explain", "search"),
+                   (pipeline, "phi_and_samples", "shapley"), (counterfactual, "explain", "search"),
                    (pipeline, "results_table", "writing"), (store.ShardWriter, "write_shard", "writing")]
         for owner, name, pass_name in targets:
             self._stack.enter_context(mock.patch.object(owner, name, self._wrap(pass_name, getattr(owner, name))))

@@ -41,7 +41,7 @@ import pyarrow as pa
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgvce_jax import multihost, progress, store
-from fgvce_jax.counterfactual.explain import FeatureBatch, compute_phi, saliency_settings
+from fgvce_jax.counterfactual.explain import FeatureBatch, phi_and_samples, saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.sharding import device_mesh
 
@@ -252,7 +252,7 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
               "recomputing them", file=sys.stderr)
     several = multihost.count() > 1
     own = cache_dir / f"{path.stem}.process-{multihost.index()}.npz" if several else path
-    mine, computed = multihost.mine(todo), {}
+    mine, computed, used = multihost.mine(todo), {}, SamplesUsed()
     if multihost.index() == 0:
         print(f"plan: pass 3: {len(todo)} reference Phi maps to compute ({len(ids) - len(todo)} of {len(ids)} in "
               f"{path.name})" + (f", {len(mine)} of them here" if several else ""), file=sys.stderr)
@@ -262,8 +262,9 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
         one = FeatureBatch(z[r:r + 1], jax.tree.map(lambda a: a[r:r + 1], ctx), labels[r:r + 1],
                            labels[r:r + 1], None)
         t_map = time.perf_counter()
-        phi = compute_phi(split_model, params, one, labels[r:r + 1], config, key=reference_key(config.seed, ids[r]),
-                          mesh=mesh)
+        phi, samples = phi_and_samples(split_model, params, one, labels[r:r + 1], config,
+                                       key=reference_key(config.seed, ids[r]), mesh=mesh)
+        used.add(samples)
         computed[ids[r]] = rows[ids[r]] = (prints[r], int(labels[r]), np.asarray(phi, np.float32)[0])
         if j == 1 and multihost.index() == 0:  # the first map includes compilation
             per = time.perf_counter() - t_map
@@ -284,7 +285,30 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
     if multihost.index() == 0:
         print(f"pass 3: Phi of {len(ids)} references ({len(ids) - len(todo)} from {path.name}) in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    used.report("pass 3: reference Phi", config)
     return np.stack([rows[i][2] for i in ids])
+
+
+class SamplesUsed:
+    """Samples per window that ``--phi-tolerance`` sampling used, summed over this process's maps."""
+
+    def __init__(self):
+        self.samples = self.windows = 0
+
+    def add(self, samples) -> None:
+        """Count the (N, H, W) samples of one Phi call (None: fixed --samples, nothing to count)."""
+        if samples is not None:
+            self.samples += int(np.asarray(samples).sum())
+            self.windows += int(np.asarray(samples).size)
+
+    def report(self, what: str, config) -> None:
+        """One line from process 0 with the mean over all processes (nothing without a tolerance)."""
+        if config.phi_tolerance is None:
+            return
+        samples, windows = multihost.total(self.samples), multihost.total(self.windows)
+        if windows and multihost.index() == 0:
+            print(f"{what}: --phi-tolerance {config.phi_tolerance:g} used {samples / windows:.1f} samples per "
+                  f"window on average, at most {config.samples} ({windows} windows)", file=sys.stderr)
 
 
 def _minutes(seconds: float) -> str:
@@ -535,7 +559,7 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
         print(f"pass 4-5: {config.method}: {n_shards - len(todo)} of {n_shards} shards were done already",
               file=sys.stderr)
     key = jax.random.PRNGKey(config.seed)
-    t0, computed = time.perf_counter(), 0
+    t0, computed, used = time.perf_counter(), 0, SamplesUsed()
     if todo:
         if len(r_idx) == 0:
             raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
@@ -562,7 +586,9 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                 batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
                                   batch_size, mesh, "query features", show=False)
                 k_phi, k_search = jax.random.split(jax.random.fold_in(q_key, s))
-                q_phi = compute_phi(split_model, params, batch, pred["pred"][padded], config, key=k_phi, mesh=mesh)
+                q_phi, samples = phi_and_samples(split_model, params, batch, pred["pred"][padded], config,
+                                                 key=k_phi, mesh=mesh)
+                used.add(None if samples is None else np.asarray(samples)[:len(idx)])
                 ex = explain(split_model, params, batch, refs, config, key=k_search,
                              query_phi=None if q_phi is None else jnp.asarray(q_phi),
                              reference_phi=None if ref_phi is None else jnp.asarray(ref_phi), mesh=mesh)
@@ -570,6 +596,7 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                 writer.write_shard(s, start, stop, table, arrays, inputs)
                 computed += len(idx)
                 bar.update(len(idx))
+    used.report("pass 4: query Phi", config)
     multihost.barrier(f"shards of {out}")
     writer.merge()
     computed = multihost.total(computed)

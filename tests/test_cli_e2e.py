@@ -109,6 +109,10 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
         assert "--lam) must be a finite number" in _error(capsys, ["explain", "--model", model, "--out",
                                                                    str(tmp_path / "x"), *EXPLAIN, f"--lam={lam}"])
     assert not (tmp_path / "x").exists()
+    base = ["explain", "--model", model, "--dataset", "digits", "--out", str(tmp_path / "y")]
+    assert "--coordinator needs --num-processes and --process-id" in _error(capsys, base + ["--coordinator", "h:1"])
+    assert "--process-id must be in [0, 2)" in _error(capsys, base + ["--coordinator", "h:1", "--num-processes", "2",
+                                                                      "--process-id", "2"])
 
 
 # --------------------------------------------------------------------------- several processes

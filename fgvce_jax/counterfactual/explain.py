@@ -118,19 +118,25 @@ TOLERANCE_ROUND = 8  # samples per window and round of tolerance sampling (cappe
 
 def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh):
     """Phi (N, H, W) of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none)."""
+    return phi_and_samples(split_model, params, batch, classes, config, key=key, mesh=mesh)[0]
+
+
+def phi_and_samples(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh):
+    """(:func:`compute_phi`'s Phi, the samples each window used (N, H, W) int under ``phi_tolerance``, else None)."""
     from fgvce_jax import saliency  # imported late: only needed when Phi is not given
 
     settings = saliency_settings(config)
     if settings is None:
-        return None
+        return None, None
     z, ctx, classes = jnp.asarray(batch.z), _take(batch.ctx, slice(None)), jnp.asarray(classes)
     if "tolerance" in settings:
-        return saliency.compute_to_tolerance(
+        out = saliency.compute_to_tolerance(
             split_model, params, z, ctx, classes, kernel=settings["kernel"], tolerance=settings["tolerance"],
             key=key, max_samples=settings["samples"], round_samples=min(TOLERANCE_ROUND, settings["samples"]),
             baseline=settings["baseline"], output=settings["output"], dtype=settings.get("dtype", "float32"),
-            mesh=mesh).phi
-    return saliency.compute(split_model, params, z, ctx, classes, key=key, mesh=mesh, **settings)
+            mesh=mesh)
+        return out.phi, out.samples
+    return saliency.compute(split_model, params, z, ctx, classes, key=key, mesh=mesh, **settings), None
 
 
 def _phis(split_model, params, queries, references, config, key, query_phi, reference_phi, mesh):
