@@ -26,13 +26,13 @@ def refs(toy):  # noqa: F811
 @pytest.fixture
 def calls(monkeypatch):
     """The (batch size, class) of every Phi computation the pipeline makes."""
-    made, real = [], pipeline.compute_phi
+    made, real = [], pipeline.phi_and_samples
 
     def counted(split_model, params, batch, classes, config, **kw):
         made.append((np.shape(batch.z)[0], int(np.asarray(classes)[0])))
         return real(split_model, params, batch, classes, config, **kw)
 
-    monkeypatch.setattr(pipeline, "compute_phi", counted)
+    monkeypatch.setattr(pipeline, "phi_and_samples", counted)
     return made
 
 
