@@ -49,16 +49,15 @@ def count() -> int:
     return jax.process_count()
 
 
-def owners(n: int, group: int = 1) -> np.ndarray:
-    """(n,) process of each of n items when consecutive groups of ``group`` items go round-robin:
-    item i belongs to process ``(i // group) % P``."""
-    return (np.arange(n) // max(1, group)) % count()
+def owners(n: int) -> np.ndarray:
+    """(n,) process of each of n items, round-robin: item i belongs to process ``i % P``."""
+    return np.arange(n) % count()
 
 
-def mine(items, group: int = 1) -> list:
+def mine(items) -> list:
     """The items of this process (in order) under :func:`owners`."""
     items = list(items)
-    return [x for x, p in zip(items, owners(len(items), group)) if p == index()]
+    return [x for x, p in zip(items, owners(len(items))) if p == index()]
 
 
 def barrier(name: str) -> None:
