@@ -39,7 +39,7 @@ test-slow: $(VENV)/.test-installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -q -m slow
 
 BENCHMARKS := forward shapley_cost counterfactual_cost end_to_end peers scaling estimators deep_head variance_reduction \
-              bf16_head opaque_game
+              bf16_head opaque_game screening
 
 # Every benchmark's default run, then the README results table regenerated from the JSON.
 bench: $(VENV)/.bench-installed

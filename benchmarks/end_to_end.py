@@ -116,30 +116,33 @@ def timed_runs(run_into, repeats: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- digits
-def digits_model(cache: Path, epochs: int) -> Path:
+def digits_model(cache: Path, epochs: int, image_size: int | None = None) -> Path:
     """The demo's tiny ResNet on digits, cached in ``cache``.
 
-    Trained with the demo's settings, or random with its fc calibrated (:func:`calibrate_fc`) if ``epochs`` = 0.
+    Trained with the demo's settings (at ``image_size``, default the dataset's 32 px), or random with its fc
+    calibrated (:func:`calibrate_fc`) if ``epochs`` = 0.
     """
     from fgvce_jax import data, models
     from fgvce_jax.commands.demo import DEMO_TRAIN
     from fgvce_jax.errors import FgvceError
     from fgvce_jax.train import TrainConfig, train
 
-    path = (cache / f"digits-resnet_tiny-e{epochs}").absolute()
+    path = (cache / f"digits-resnet_tiny-e{epochs}{'' if image_size is None else f'-{image_size}px'}").absolute()
     try:
         models.load(path)
         return path
     except FgvceError:
         pass
     if epochs == 0:
+        if image_size is not None:
+            raise ValueError("the calibrated random digits model is made at the dataset's own size only")
         train_set = data.load("digits", "train")
         model, _ = calibrated_random_model("resnet_tiny", 10, lambda i, j: train_set.images(np.arange(i, j)),
                                            256, seed=0)
         models.save(path, model, models.ModelInfo.for_model(model, class_names=train_set.class_names))
     else:
         t0 = time.perf_counter()
-        train(TrainConfig(**{**DEMO_TRAIN, "epochs": epochs}), path)
+        train(TrainConfig(**{**DEMO_TRAIN, "epochs": epochs, "image_size": image_size}), path)
         print(f"  trained resnet_tiny for {epochs} epochs in {time.perf_counter() - t0:.0f} s -> {path}")
     return path
 

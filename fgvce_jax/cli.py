@@ -8,6 +8,7 @@ printed here as one line (exit status 2), never as a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.metadata
 import os
@@ -16,6 +17,11 @@ import sys
 from fgvce_jax.errors import FgvceError
 
 COMMANDS = ("demo", "convert", "train", "explain", "report", "evaluate")
+# file-system conditions a user fixes (a path, permissions, space): one line, not a traceback
+USER_ERRNOS = {errno.EEXIST: None, errno.ENOTDIR: None, errno.EISDIR: None, errno.EACCES: None, errno.EPERM: None,
+               errno.EROFS: None, errno.ENOENT: None,
+               errno.ENOSPC: "free some space and re-run the same command: finished work is kept",
+               errno.EDQUOT: "free some space and re-run the same command: finished work is kept"}
 
 
 def _available_commands() -> dict:
@@ -61,15 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except FgvceError as e:
-        print(f"fgvce {args.command}: error: {e}", file=sys.stderr)
-        if _distributed():  # leave now: waiting at jax.distributed's shutdown barrier would hang this process
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(2)
-        return 2
+        return _fail(args.command, str(e))
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        hint = USER_ERRNOS[e.errno]
+        return _fail(args.command, f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+                     + (f"; {hint}" if hint else ""))
     except KeyboardInterrupt:
         print(f"fgvce {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, message: str) -> int:
+    """Print ``message`` as the command's one-line error; exit status 2."""
+    print(f"fgvce {command}: error: {message}", file=sys.stderr)
+    if _distributed():  # leave now: waiting at jax.distributed's shutdown barrier would hang this process
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)
+    return 2
 
 
 def _distributed() -> bool:

@@ -41,8 +41,9 @@ import pyarrow as pa
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgvce_jax import multihost, progress, store
-from fgvce_jax.counterfactual.explain import FeatureBatch, phi_and_samples, saliency_settings
+from fgvce_jax.counterfactual.explain import ROLES, FeatureBatch, phi_and_samples, saliency_settings, screened
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.shapley.local_screening import saves
 from fgvce_jax.shapley.sharding import device_mesh
 
 _REFERENCE_TAG, _QUERY_TAG = 0, 1
@@ -451,6 +452,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         if (v is not None or name != "limit") and (not isinstance(v, int) or v < 1):
             raise FgvceError(f"{name} must be a positive integer; got {v!r}")
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FgvceError(f"the output directory {out_dir} is an existing file; give a directory (--out)")
     if not model_dir.exists():
         raise FgvceError(f"model checkpoint {model_dir} does not exist (train one with `fgvce train`)")
     model, info = models.load(model_dir)
@@ -525,13 +528,30 @@ def check_classes(ds, info) -> None:
                          f"the checkpoint's {len(info.class_names)}")
 
 
+def screening_plan(config, n_windows: int) -> str:
+    """The plan line's words on screening (empty when off): what each map keeps, or that it does not pay."""
+    settings = {role: saliency_settings(config, role) or {} for role in ROLES}
+    if "screen_samples" not in settings["query"]:
+        return ""
+    keep = {role: s["screen_keep"] if saves(n_windows, s["screen_keep"], config.screen_samples, config.samples)
+            else None for role, s in settings.items()}
+    if keep["query"] is None and keep["reference"] is None:
+        return f" (--screen {config.screen_samples} would not save evaluations on this map: off)"
+    words = {role: "all" if k is None else f"the top {k} of {n_windows}" for role, k in keep.items()}
+    return (f" (screened: {config.screen_samples} samples per window first, then {config.samples} at "
+            f"{words['query']} query and {words['reference']} reference windows)")
+
+
 def _stored_config(config) -> dict:
     """The fields of ``config`` that decide the results (chunking never changes them; an unset
-    ``phi_tolerance`` and a float32 ``head_dtype`` are left out, so directories written before they existed
-    still match)."""
-    return {k: v for k, v in dataclasses.asdict(config).items()
-            if k != "chunk_size" and not (k == "phi_tolerance" and v is None)
-            and not (k == "head_dtype" and v == "float32")}
+    ``phi_tolerance``, a float32 ``head_dtype`` and screening where it does not apply are left out, so
+    unscreened directories written before screening existed still match)."""
+    off = {"phi_tolerance": None, "head_dtype": "float32"}
+    out = {k: v for k, v in dataclasses.asdict(config).items()
+           if k != "chunk_size" and not (k in off and v == off[k])}
+    if not screened(config):  # no screening, or a method / tolerance run it does not apply to
+        del out["screen_samples"], out["screen_margin"]
+    return out
 
 
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
@@ -568,8 +588,9 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
         if multihost.index() == 0:
             print(f"plan: {config.method}: {len(q_idx)} queries in {n_shards} shards of {shard_size} "
                   f"({n_shards - len(todo)} done), {len(r_idx)} references, Phi windows {config.kernel}x"
-                  f"{config.kernel} on a {refs.z.shape[1]}x{refs.z.shape[2]} map, {config.samples} samples, "
-                  f"at most {config.t_max} edits", file=sys.stderr)
+                  f"{config.kernel} on a {refs.z.shape[1]}x{refs.z.shape[2]} map, {config.samples} samples"
+                  f"{screening_plan(config, refs.z.shape[1] * refs.z.shape[2])}, at most {config.t_max} edits",
+                  file=sys.stderr)
         ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, cache_dir=out.parent,
                                 weights=weights, mesh=mesh,
                                 query_maps=my_rows)
@@ -587,7 +608,7 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                                   batch_size, mesh, "query features", show=False)
                 k_phi, k_search = jax.random.split(jax.random.fold_in(q_key, s))
                 q_phi, samples = phi_and_samples(split_model, params, batch, pred["pred"][padded], config,
-                                                 key=k_phi, mesh=mesh)
+                                                 key=k_phi, mesh=mesh, role="query")
                 used.add(None if samples is None else np.asarray(samples)[:len(idx)])
                 ex = explain(split_model, params, batch, refs, config, key=k_search,
                              query_phi=None if q_phi is None else jnp.asarray(q_phi),

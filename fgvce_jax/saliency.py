@@ -32,6 +32,7 @@ from fgvce_jax.shapley.game import feature_game, is_affine, read_output
 from fgvce_jax.shapley.local import check_local
 from fgvce_jax.shapley.local import layout as local_layout
 from fgvce_jax.shapley.local import run_batch as run_local
+from fgvce_jax.shapley.local_screening import check_screen, merge, saves, screen_key, select_windows
 from fgvce_jax.shapley.local_tolerance import ToleranceResult, bucket_size, check_tolerance
 from fgvce_jax.shapley.local_tolerance import run_batch as run_tolerance
 
@@ -140,13 +141,16 @@ def _checked_batch(split_model, z, classes) -> tuple[jax.Array, jax.Array]:
 def compute(split_model, params, z, ctx, classes, *, method: str = "local", kernel: int = 3, samples: int = 32,
             key: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
             paired: bool = True, stratified: bool = False, budget: int | None = None, chunk_size: int | None = None,
-            dtype: str = "float32", mesh=None) -> jax.Array:
+            dtype: str = "float32", screen_samples: int | None = None, screen_keep: int | None = None,
+            mesh=None) -> jax.Array:
     """Phi (N, H, W) float32 for feature maps z (N, H, W, D), contexts ctx (per-image, leading N) and classes (N,).
 
     See the module docstring for the methods; ``kernel``, ``samples``, ``outside``, ``paired`` and
     ``stratified`` are ``local``'s (SPEC 3), ``budget`` is ``global``'s (default 2 H W samples evaluations per image).
     ``baseline`` and ``output`` define the game (SPEC 2, ``fgvce_jax.shapley.feature_game``); ``dtype`` is the
-    head's (module docstring).
+    head's (module docstring). ``screen_samples`` M0 and ``screen_keep`` S screen ``local``
+    (``fgvce_jax.shapley.local_screening``): a pass of M0 samples per window, then the full M samples at the S
+    windows of largest Phi only (unscreened when that would not save evaluations).
     """
     if method not in METHODS:
         raise FgvceError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
@@ -165,9 +169,21 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
     keys = image_keys(key, n)
     if method == "local":
         draws = check_local((h, w), kernel, samples, outside, paired)
-        u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh, is_affine(fn))
-        return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
-                         paired=paired, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared, stratified=stratified)
+
+        def run(keys, draws, windows=None):
+            u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh, is_affine(fn),
+                                       None if windows is None else windows.shape[1])
+            return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
+                             paired=paired, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared, stratified=stratified,
+                             windows=windows)
+        if screen_samples is None:
+            return run(keys, draws)
+        check_screen(screen_samples, screen_keep, paired)
+        if not saves(h * w, screen_keep, screen_samples, samples):
+            return run(keys, draws)
+        phi0 = run(image_keys(screen_key(key), n), screen_samples // 2 if paired else screen_samples)
+        windows = select_windows(phi0, screen_keep)
+        return merge(phi0, windows, run(keys, draws, windows))
     budget = 2 * h * w * samples if budget is None else budget
     p = plan_global("permutation", h * w, budget, bytes_per_eval, n, chunk_size, mesh)
     phi = run_global(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r,

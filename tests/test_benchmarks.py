@@ -210,7 +210,7 @@ def quick_runs(tmp_path_factory):
     """Start every benchmark's --quick run at once; {name: (returncode, output, JSON path)}."""
     tmp = tmp_path_factory.mktemp("bench")
     commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": [], "estimators": [], "opaque_game": [],
-                "bf16_head": []}
+                "bf16_head": [], "screening": []}
     if HAS_PEERS:
         commands["peers"] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -261,6 +261,17 @@ def test_bf16_head_quick_compares_both_dtypes_on_the_same_queries(quick_runs):
         e = s[part]
         assert e["maps"] >= 1 and 0 <= e["median"] <= e["p90"] <= e["max"] < 0.5  # bf16 rounding, not garbage
     assert s["query_phi_error"]["maps"] == 3 and s["seconds_float32"] > 0 and s["seconds_bfloat16"] > 0
+
+
+def test_screening_quick_compares_each_run_with_the_full_one(quick_runs):
+    doc = _document(quick_runs, "screening")
+    rows = {r["run"]: r for r in doc["results"]["runs"]}
+    assert list(rows) == ["full", "full, seed 1", "screen 2 x 2"]
+    assert rows["full"]["same_explanations"] == rows["full"]["same_query_regions"] == 1.0
+    assert rows["full, seed 1"]["phi_evaluations"] == rows["full"]["phi_evaluations"]
+    assert 0 < rows["screen 2 x 2"]["phi_evaluations"] < rows["full"]["phi_evaluations"]
+    assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("same_explanations", "same_reference_regions"))
+    assert doc["summary"]["default"].startswith("screening")
 
 
 def test_scaling_quick_records_identical_results(quick_runs):

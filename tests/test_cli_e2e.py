@@ -110,6 +110,36 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
                                                                    str(tmp_path / "x"), *EXPLAIN, f"--lam={lam}"])
     assert not (tmp_path / "x").exists()
     base = ["explain", "--model", model, "--dataset", "digits", "--out", str(tmp_path / "y")]
+    assert "(--screen) must be an even integer of at least 2 (0 on the command line: off); got 3" in _error(
+        capsys, base + ["--screen", "3"])
+    assert "--screen and --phi-tolerance cannot be combined" in _error(capsys, base + ["--screen", "4",
+                                                                                       "--phi-tolerance", "0.1"])
+    (tmp_path / "a_file").write_text("mine")
+    assert "is an existing file; give a directory (--out)" in _error(capsys, base[:-1] + [str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_file_system_errors_are_one_line_with_the_path(tmp_path, capsys, monkeypatch):
+    """A full disk, a permission or a path that is a file, wherever it happens: the error and the file, one
+    line, exit 2 (and for a full disk, that re-running resumes); other OS errors still show their traceback."""
+    import errno
+
+    from fgvce_jax.commands import report
+
+    def failing(err):
+        def run(args):
+            raise OSError(err, os.strerror(err), str(tmp_path / "out" / "shard-00000.parquet"))
+        return run
+
+    monkeypatch.setattr(report, "run", failing(errno.ENOSPC))
+    line = _error(capsys, ["report", str(tmp_path)])
+    assert line.startswith("fgvce report: error: No space left on device: ") and "shard-00000.parquet" in line
+    assert "re-run the same command" in line
+    monkeypatch.setattr(report, "run", failing(errno.EACCES))
+    assert "Permission denied: " in _error(capsys, ["report", str(tmp_path)])
+    monkeypatch.setattr(report, "run", failing(errno.EIO))
+    with pytest.raises(OSError):
+        cli.main(["report", str(tmp_path)])
     assert "--coordinator needs --num-processes and --process-id" in _error(capsys, base + ["--coordinator", "h:1"])
     assert "--process-id must be in [0, 2)" in _error(capsys, base + ["--coordinator", "h:1", "--num-processes", "2",
                                                                       "--process-id", "2"])

@@ -286,3 +286,27 @@ def test_tolerance_sampling_reports_the_samples_it_used(tmp_path, patched, capsy
 
     assert mean_used(1e-9) == [32.0, 32.0]
     assert mean_used(1e6) == [16.0, 16.0]
+
+
+def test_screening_runs_through_explain_says_so_and_keys_its_own_cache(tmp_path, patched, capsys):
+    """--screen: the plan line says what each map keeps (4 x 4 maps: margin 1 x K 4 query, x 2 reference
+    windows), the stored config and the reference cache are the screened ones, and Phi differs from the
+    unscreened run; a screen that would not save evaluations is reported off and gives the unscreened Phi."""
+    full = dataclasses.replace(CONFIG, samples=8, screen_samples=None)
+    screened = dataclasses.replace(full, screen_samples=2, screen_margin=1)
+    _run(tmp_path / "full", full, limit=3)
+    _run(tmp_path / "screened", screened, limit=3)
+    err = capsys.readouterr().err
+    assert "(screened: 2 samples per window first, then 8 at the top 4 of 16 query and the top 2 of 16 " \
+           "reference windows)" in err, err
+    stored = store.read_manifest(tmp_path / "screened" / "fgvce")["config"]
+    assert stored["screen_samples"] == 2 and stored["screen_margin"] == 1
+    assert "screen_samples" not in store.read_manifest(tmp_path / "full" / "fgvce")["config"]
+    a, b = (store.read_results(tmp_path / d / "fgvce")[1]["query_phi"] for d in ("full", "screened"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert len(list((tmp_path / "screened").glob("cache-reference-phi-*.npz"))) == 1
+
+    wide = dataclasses.replace(full, screen_samples=6, screen_margin=4)  # 16 x 6 + 16 x 8 > 16 x 8
+    _run(tmp_path / "wide", wide, limit=3)
+    assert "(--screen 6 would not save evaluations on this map: off)" in capsys.readouterr().err
+    np.testing.assert_array_equal(store.read_results(tmp_path / "wide" / "fgvce")[1]["query_phi"], a)

@@ -61,6 +61,13 @@ def add_arguments(parser) -> None:
     g.add_argument("--phi-tolerance", type=float, default=d.phi_tolerance,
                    help="sample each Shapley window until its standard error is at most this, --samples at most "
                         "(default: off, exactly --samples per window)")
+    g.add_argument("--screen", type=int, default=None, metavar="M0",
+                   help=f"screen each Shapley map: M0 samples per window first, then --samples only at the windows "
+                        f"its regions can come from, where that saves evaluations; 0: off (default: {d.screen_samples}, "
+                        f"off under --phi-tolerance; agreement with unscreened maps: "
+                        f"benchmarks/results/screening.json)")
+    g.add_argument("--screen-margin", type=int, default=d.screen_margin,
+                   help="with --screen, keep the full estimate at this many times the windows the search reads")
     g.add_argument("--head-dtype", default=d.head_dtype, choices=HEAD_DTYPES,
                    help="dtype of the head's evaluations for Phi: bfloat16 for GPU/TPU bf16 units "
                         "(its effect on Phi and edits: benchmarks/results/bf16_head.json)")
@@ -80,6 +87,19 @@ def add_arguments(parser) -> None:
     m.add_argument("--process-id", type=int, default=None, help="this process's rank, 0 .. --num-processes - 1")
 
 
+def screen_from_args(args) -> int | None:
+    """``screen_samples`` from ``--screen``: given (0 = None, off), or the default, which is off under
+    ``--phi-tolerance`` (tolerance sampling is not screened); both given is an FgvceError."""
+    from fgvce_jax.counterfactual.config import SCREEN_SAMPLES
+    from fgvce_jax.errors import FgvceError
+
+    if args.screen is None:
+        return None if args.phi_tolerance is not None else SCREEN_SAMPLES
+    if args.screen and args.phi_tolerance is not None:
+        raise FgvceError("--screen and --phi-tolerance cannot be combined (tolerance sampling is not screened)")
+    return args.screen or None
+
+
 def configs_from_args(args) -> list:
     """One ``CounterfactualConfig`` per ``--method``."""
     from fgvce_jax.counterfactual.config import CounterfactualConfig
@@ -88,8 +108,8 @@ def configs_from_args(args) -> list:
         kernel=args.kernel, samples=args.samples, region_size=args.region_size, max_regions=args.max_regions,
         n_references=args.references, reference_mode=args.reference_mode,
         candidates_per_reference=args.candidates, selection=args.selection, lam=args.lam, stop=args.stop,
-        t_max=args.t_max, seed=args.seed, phi_tolerance=args.phi_tolerance,
-        head_dtype=args.head_dtype)
+        t_max=args.t_max, seed=args.seed, phi_tolerance=args.phi_tolerance, screen_samples=screen_from_args(args),
+        screen_margin=args.screen_margin, head_dtype=args.head_dtype)
     return [dataclasses.replace(base, method=m) for m in dict.fromkeys(args.method)]
 
 

@@ -11,6 +11,7 @@ SELECTIONS = ("similarity", "joint")
 STOPS = ("target", "flip")
 REFERENCE_MODES = ("nearest", "random")
 HEAD_DTYPES = ("float32", "bfloat16")
+SCREEN_SAMPLES = 4  # the default first pass of screening: benchmarks/results/screening.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,11 @@ class CounterfactualConfig:
       seed: seeds the random reference mode and the ``random`` baseline.
       phi_tolerance: None, or sample each local-Shapley window until the standard error of its Phi is at
         most this (``saliency.compute_to_tolerance``), with ``samples`` as the cap per window.
+      screen_samples: M0 (default SCREEN_SAMPLES), or None for no screening: local Phi takes M0 samples per
+        window first, then ``samples`` only at the ``screen_margin x K x r^2`` windows of largest first-pass Phi
+        (K = regions the search reads from a map; ``fgvce_jax.shapley.local_screening``), where that saves
+        evaluations. ``phi_tolerance`` takes precedence: tolerance sampling is never screened.
+      screen_margin: the factor above.
       head_dtype: ``"float32"``, or ``"bfloat16"`` to evaluate the head in bfloat16 for Phi (the saliency
         games' head evaluations; the search's stay float32). For GPUs and TPUs; see ``saliency``.
       chunk_size: head evaluations per batch when scoring candidates (None = sized from the memory budget,
@@ -56,6 +62,8 @@ class CounterfactualConfig:
     seed: int = 0
     chunk_size: int | None = None
     phi_tolerance: float | None = None
+    screen_samples: int | None = SCREEN_SAMPLES
+    screen_margin: int = 3
     head_dtype: str = "float32"
 
     def __post_init__(self):
@@ -67,7 +75,7 @@ class CounterfactualConfig:
             if value not in allowed:
                 raise FgvceError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("kernel", "samples", "region_size", "max_regions", "n_references",
-                     "candidates_per_reference", "t_max"):
+                     "candidates_per_reference", "t_max", "screen_margin"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FgvceError(f"{name} must be a positive integer; got {value!r}")
@@ -77,5 +85,9 @@ class CounterfactualConfig:
                 self.phi_tolerance, (int, float)) or not 0 < self.phi_tolerance < math.inf):
             raise FgvceError(f"phi_tolerance (--phi-tolerance) must be a positive finite number; "
                              f"got {self.phi_tolerance!r}")
+        if self.screen_samples is not None and (isinstance(self.screen_samples, bool) or not isinstance(
+                self.screen_samples, int) or self.screen_samples < 2 or self.screen_samples % 2):
+            raise FgvceError(f"screen_samples (--screen) must be an even integer of at least 2 (0 on the command "
+                             f"line: off); got {self.screen_samples!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise FgvceError(f"chunk_size must be a positive integer or None; got {self.chunk_size!r}")

@@ -94,12 +94,32 @@ def _take(tree, index):
     return jax.tree.map(lambda a: jnp.asarray(a)[index], tree)
 
 
-def saliency_settings(config: CounterfactualConfig) -> dict | None:
-    """The keyword settings of ``saliency.compute`` for ``config.method`` (None: the method has no saliency).
+ROLES = ("query", "reference")
+
+
+def regions_read(config: CounterfactualConfig, role: str) -> int:
+    """How many regions of a ``role`` map the search reads: K = ``max_regions`` of a query, the top
+    ``candidates_per_reference`` of a reference."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return config.max_regions if role == "query" else config.candidates_per_reference
+
+
+def screened(config: CounterfactualConfig) -> bool:
+    """Whether ``config``'s Phi maps are screened: local Shapley with ``screen_samples`` and no ``phi_tolerance``
+    (whether a map's screen saves evaluations is decided per map size, ``local_screening.saves``)."""
+    return (baselines.SALIENCY_METHOD.get(config.method) == "local" and config.screen_samples is not None
+            and config.phi_tolerance is None)
+
+
+def saliency_settings(config: CounterfactualConfig, role: str = "reference") -> dict | None:
+    """The keyword settings of ``saliency.compute`` for ``config.method`` and a ``role`` map (None: the method
+    has no saliency).
 
     With the images, their classes, the weights and the key they decide a Phi, so they are part of the
     reference-Phi cache key (``pipeline.reference_phi``); ``outside``, ``paired`` and ``budget`` are given
-    explicitly for that reason.
+    explicitly for that reason. Under ``screen_samples`` a map keeps the full estimate at
+    ``screen_margin x K x r^2`` windows, K = :func:`regions_read` (``fgvce_jax.shapley.local_screening``).
     """
     method = baselines.SALIENCY_METHOD.get(config.method)
     if method is None:
@@ -110,22 +130,26 @@ def saliency_settings(config: CounterfactualConfig) -> dict | None:
         settings["tolerance"] = float(config.phi_tolerance)
     if config.head_dtype != "float32":  # left out otherwise, so that float32 caches keep their keys
         settings["dtype"] = config.head_dtype
+    if screened(config):  # likewise left out when off
+        settings["screen_samples"] = config.screen_samples
+        settings["screen_keep"] = config.screen_margin * regions_read(config, role) * config.region_size ** 2
     return settings
 
 
 TOLERANCE_ROUND = 8  # samples per window and round of tolerance sampling (capped at ``samples``)
 
 
-def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh):
-    """Phi (N, H, W) of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none)."""
-    return phi_and_samples(split_model, params, batch, classes, config, key=key, mesh=mesh)[0]
+def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh, role="reference"):
+    """Phi (N, H, W) of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none),
+    for maps of ``role`` (``"query"`` or ``"reference"``: what screening keeps, :func:`saliency_settings`)."""
+    return phi_and_samples(split_model, params, batch, classes, config, key=key, mesh=mesh, role=role)[0]
 
 
-def phi_and_samples(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh):
+def phi_and_samples(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh, role="reference"):
     """(:func:`compute_phi`'s Phi, the samples each window used (N, H, W) int under ``phi_tolerance``, else None)."""
     from fgvce_jax import saliency  # imported late: only needed when Phi is not given
 
-    settings = saliency_settings(config)
+    settings = saliency_settings(config, role)
     if settings is None:
         return None, None
     z, ctx, classes = jnp.asarray(batch.z), _take(batch.ctx, slice(None)), jnp.asarray(classes)
@@ -152,7 +176,8 @@ def _phis(split_model, params, queries, references, config, key, query_phi, refe
         return jnp.asarray(q, jnp.float32), jnp.asarray(r, jnp.float32)
     k_query, k_ref = jax.random.split(key)
     if query_phi is None:
-        query_phi = compute_phi(split_model, params, queries, queries.preds, config, key=k_query, mesh=mesh)
+        query_phi = compute_phi(split_model, params, queries, queries.preds, config, key=k_query, mesh=mesh,
+                                role="query")
     if reference_phi is None:
         reference_phi = compute_phi(split_model, params, references, references.labels, config, key=k_ref,
                                     mesh=mesh)

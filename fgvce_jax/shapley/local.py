@@ -202,32 +202,47 @@ def affine_windows(fn, grid, kernel, draws, outside, paired, stratified=False):
 @functools.partial(jax.jit, static_argnames=("fn", "grid", "kernel", "draws", "outside", "paired", "u",
                                              "n_chunks", "mesh", "stratified"))
 def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh, shared=None,
-              stratified=False):
+              stratified=False, windows=None):
     """Phi (N, H, W) for N games ``fn(with_shared(shared, args[i]), .)`` (args with a leading N axis,
     ``shared`` without one, e.g. the model parameters) and keys (N,).
 
     Work units (items, or whole windows for an affine game) are split over the mesh and walked in
     chunks of u; every (window, draw) marginal is kept and averaged per window at the end.
+
+    ``windows`` int32 (N, S): estimate only these windows of each game, returning their Phi (N, S).
+    Window p's draw j keeps its key ``fold_in(key, p * draws + j)``, so each value is the full map's
+    Phi at p (up to the rounding of another batch shape).
     """
     axis = mesh.axis_names[0]
     hw = grid[0] * grid[1]
     affine = is_affine(fn)
     units = (affine_windows if affine else generic_items)(fn, grid, kernel, draws, outside, paired, stratified)
-    n_units = hw if affine else hw * draws
+    per_window = 1 if affine else draws
+    n_windows = hw if windows is None else windows.shape[1]
+    n_units = n_windows * per_window
+    if windows is None:
+        windows = jnp.zeros((keys.shape[0], 0), jnp.int32)  # unused: unit i is item (or window) i
 
-    def body(shared, args, keys):
+    def body(shared, args, keys, windows):
         first = jax.lax.axis_index(axis) * n_chunks * u
 
         def chunk(c):
-            idx = first + c * u + jnp.arange(u)
-            return jax.vmap(lambda a, key: units(with_shared(shared, a), key, idx))(args, keys)  # (N, u, ...)
+            unit = first + c * u + jnp.arange(u)
+
+            def one(a, key, win):
+                if win.shape[0] == 0:
+                    return units(with_shared(shared, a), key, unit)
+                picked = win[jnp.minimum(unit // per_window, n_windows - 1)]  # padding reuses the last window
+                return units(with_shared(shared, a), key, picked * per_window + unit % per_window)
+            return jax.vmap(one)(args, keys, windows)  # (N, u, ...)
 
         out = jax.lax.map(chunk, jnp.arange(n_chunks))  # (n_chunks, N, u, ...)
         return jnp.moveaxis(out, 0, 1).reshape(keys.shape[0], n_chunks * u, -1)
 
-    marginals = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P(None, axis),
-                              check_vma=False)(shared, args, keys)
-    return marginals[:, :n_units].reshape(-1, hw, draws).mean(axis=-1).reshape(-1, *grid)
+    marginals = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P(None, axis),
+                              check_vma=False)(shared, args, keys, windows)
+    phi = marginals[:, :n_units].reshape(-1, n_windows, draws).mean(axis=-1)
+    return phi.reshape(-1, *grid) if windows.shape[1] == 0 else phi
 
 
 def check_local(grid, kernel, samples, outside, paired) -> int:
@@ -250,8 +265,10 @@ def check_local(grid, kernel, samples, outside, paired) -> int:
 CPU_AFFINE_CHUNK = 4096  # evaluations: keeps an affine chunk's sums in cache on a CPU (measured 3x faster than 50k)
 
 
-def layout(grid, draws, paired, n_games, bytes_per_evaluation, chunk_size, mesh, affine=False) -> tuple[int, int]:
-    """(units per chunk, chunks per device) for a local request over n_games games.
+def layout(grid, draws, paired, n_games, bytes_per_evaluation, chunk_size, mesh, affine=False,
+           windows: int | None = None) -> tuple[int, int]:
+    """(units per chunk, chunks per device) for a local request over n_games games (``windows`` of each
+    game's windows, default all H W).
 
     A unit is one (window, draw) item of 2 or 4 evaluations, or for an affine game a whole window
     (``2 draws`` or ``4 draws`` evaluations, the smallest chunk that path takes). The affine path is
@@ -261,7 +278,7 @@ def layout(grid, draws, paired, n_games, bytes_per_evaluation, chunk_size, mesh,
     if affine and chunk_size is None and mesh.devices.flat[0].platform == "cpu":
         per_chunk = min(per_chunk, CPU_AFFINE_CHUNK)
     per_unit = (4 if paired else 2) * (draws if affine else 1)
-    n_units = grid[0] * grid[1] * (1 if affine else draws)
+    n_units = (grid[0] * grid[1] if windows is None else windows) * (1 if affine else draws)
     return sharding.layout(n_units, max(1, per_chunk // (per_unit * n_games)), mesh.size)
 
 
