@@ -117,6 +117,9 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("mine")
     assert "is an existing file; give a directory (--out)" in _error(capsys, base[:-1] + [str(tmp_path / "a_file")])
     assert (tmp_path / "a_file").read_text() == "mine"
+    assert "--coordinator needs --num-processes and --process-id" in _error(capsys, base + ["--coordinator", "h:1"])
+    assert "--process-id must be in [0, 2)" in _error(capsys, base + ["--coordinator", "h:1", "--num-processes", "2",
+                                                                      "--process-id", "2"])
 
 
 def test_file_system_errors_are_one_line_with_the_path(tmp_path, capsys, monkeypatch):
@@ -140,9 +143,6 @@ def test_file_system_errors_are_one_line_with_the_path(tmp_path, capsys, monkeyp
     monkeypatch.setattr(report, "run", failing(errno.EIO))
     with pytest.raises(OSError):
         cli.main(["report", str(tmp_path)])
-    assert "--coordinator needs --num-processes and --process-id" in _error(capsys, base + ["--coordinator", "h:1"])
-    assert "--process-id must be in [0, 2)" in _error(capsys, base + ["--coordinator", "h:1", "--num-processes", "2",
-                                                                      "--process-id", "2"])
 
 
 # --------------------------------------------------------------------------- several processes
