@@ -41,6 +41,7 @@ import pyarrow as pa
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgvce_jax import multihost, progress, store
+from fgvce_jax.counterfactual.config import flag
 from fgvce_jax.counterfactual.explain import ROLES, FeatureBatch, phi_and_samples, saliency_settings, screened
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.local_screening import saves
@@ -450,7 +451,7 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         raise FgvceError(f"each method may be given once; got {', '.join(methods)}")
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size), ("limit", limit)):
         if (v is not None or name != "limit") and (not isinstance(v, int) or v < 1):
-            raise FgvceError(f"{name} must be a positive integer; got {v!r}")
+            raise FgvceError(f"{flag(name)} must be a positive integer; got {v!r}")
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise FgvceError(f"the output directory {out_dir} is an existing file; give a directory (--out)")
@@ -481,7 +482,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
             if (multihost.index() > 0) == turn:
                 writers = [locks.enter_context(store.ShardWriter(
                                out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite,
-                               process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)}))
+                               process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)},
+                               names={k: flag(k) for k in [*_stored_config(c), *RUN_FLAGS] if k != "method"}))
                            for c in configs]
                 if overwrite and turn == 0:
                     for p in out_dir.glob("cache-reference-phi-*.npz"):
@@ -526,6 +528,9 @@ def check_classes(ds, info) -> None:
     if list(ds.class_names) != list(info.class_names):
         raise FgvceError(f"dataset {ds.name!r} has {len(ds.class_names)} classes that do not match "
                          f"the checkpoint's {len(info.class_names)}")
+
+
+RUN_FLAGS = ("at", "dataset", "split", "reference_split", "queries")  # run keys a flag of `fgvce explain` sets
 
 
 def screening_plan(config, n_windows: int) -> str:

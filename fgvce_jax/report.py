@@ -26,6 +26,7 @@ import numpy as np
 
 from fgvce_jax import progress, store
 from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
+from fgvce_jax.errors import FgvceError
 from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered, find_runs
 from fgvce_jax.figures import query_figure
 
@@ -239,10 +240,13 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
     from fgvce_jax import metrics
 
     directory = Path(directory)
+    html_path = Path(html_path) if html_path else directory / "report.html"
+    if html_path.is_dir():
+        raise FgvceError(f"--html {html_path} is a directory; give the page's file name, "
+                         f"e.g. {html_path / 'report.html'}")
     found = find_runs(directory)
     runs = {m: found[m] for m in _ordered(found)}
     states = warn_partial(runs, "the report")
-    html_path = Path(html_path) if html_path else directory / "report.html"
     files = html_path.parent / f"{html_path.stem}_files"
     html_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{files.name}.", dir=html_path.parent))

@@ -133,11 +133,12 @@ def config_hash(config: Mapping) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def config_diff(old: Mapping, new: Mapping) -> list[str]:
-    """``["key: old -> new", ...]`` for every top-level key whose value differs."""
+def config_diff(old: Mapping, new: Mapping, names: Mapping[str, str] | None = None) -> list[str]:
+    """``["key: old -> new", ...]`` for every top-level key whose value differs; a key is shown as
+    ``names[key]`` where given (e.g. the command-line flag that sets it)."""
     keys = sorted(set(old) | set(new))
-    missing = "<unset>"
-    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+    missing, names = "<unset>", names or {}
+    return [f"{names.get(k, k)}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
             for k in keys if old.get(k, missing) != new.get(k, missing)]
 
 
@@ -213,7 +214,8 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, config: Mapping, *, overwrite: bool = False,
-                 process: int = 0, processes: int = 1, notes: Mapping | None = None):
+                 process: int = 0, processes: int = 1, notes: Mapping | None = None,
+                 names: Mapping[str, str] | None = None):
         self.process, self.processes = int(process), int(processes)
         self._written: set[int] = set()  # shards this process wrote in this run (several processes only)
         self._lock = None
@@ -221,6 +223,7 @@ class ShardWriter:
         if self.dir.exists() and not self.dir.is_dir():
             raise FgvceError(f"{self.dir} exists and is not a directory")
         self.config, self.notes = _normalise(config), _normalise(notes or {})
+        self.names = dict(names or {})  # how config keys are shown in messages (config_diff)
         self.hash = config_hash(self.config)
         if self.process > 0:  # process 0 has opened (and created) it already, and holds the lock
             self._join()
@@ -248,7 +251,7 @@ class ShardWriter:
                 self._clear()
             elif old_hash != self.hash:
                 compared = {k: v for k, v in old_config.items() if k not in self.notes}
-                diff = "; ".join(config_diff(compared, self.config)) or "format differs"
+                diff = "; ".join(config_diff(compared, self.config, self.names)) or "format differs"
                 if old_shards or any(self.dir.glob("manifest.process-*.json")):
                     raise FgvceError(f"{self.dir} holds results of a different config ({diff}); "
                                      "pass --overwrite to replace them or choose another output directory")

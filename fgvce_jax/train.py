@@ -238,7 +238,8 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
             state=ocp.args.StandardRestore({"model": _pure(model), "optimizer": _pure(optimizer)}),
             meta=ocp.args.JsonRestore()))
         if restored.meta["config"] != _config_json(config):
-            diff = "; ".join(config_diff(restored.meta["config"], _config_json(config)))
+            flags = {k: "--" + k.replace("_", "-") for k in _config_json(config) if k != "momentum"}  # `fgvce train`'s
+            diff = "; ".join(config_diff(restored.meta["config"], _config_json(config), flags))
             raise FgvceError(f"{out} holds a training run with a different configuration ({diff}); use another --out")
         _restore(model, restored.state["model"])
         _restore(optimizer, restored.state["optimizer"])

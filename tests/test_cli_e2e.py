@@ -103,7 +103,9 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
                                                              "--at", "layer9", "--out", str(tmp_path)])
     assert "unknown arch 'resnet9'" in _error(capsys, ["train", "--arch", "resnet9", "--out", str(tmp_path / "m")])
     line = _error(capsys, ["explain", "--model", model, "--out", out, *EXPLAIN, "--t-max", "5"])
-    assert "t_max: 4 -> 5" in line and "--overwrite" in line
+    assert "--t-max: 4 -> 5" in line and "--overwrite" in line
+    line = _error(capsys, ["explain", "--model", model, "--out", out, *EXPLAIN, "--references", "7", "--candidates", "2"])
+    assert "--candidates: 4 -> 2; --references: 3 -> 7" in line and "n_references" not in line
     assert "no explain results" in _error(capsys, ["report", str(tmp_path)])
     for lam in ("nan", "inf", "-inf"):
         assert "--lam) must be a finite number" in _error(capsys, ["explain", "--model", model, "--out",
@@ -220,3 +222,22 @@ def test_explain_ends_with_the_confusions_and_where_to_look(run_dir, capsys):
     for (t, p), n in pairs.items():
         assert f"{t} -> {p}: {n}" in confusions
     assert lines[-1] == f"results in {out} (read them with `fgvce report {out}`)"
+
+
+def test_demo_runs_and_its_overwrite_replaces_results_of_other_settings(tmp_path, capsys):
+    """`fgvce demo` (1 epoch, 2 mistakes) writes the model, the explanations and the page; results of other
+    settings in its --out are refused with a line naming --overwrite, which demo accepts and which replaces them."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--epochs", "1", "--limit", "2"]
+    assert cli.main(argv) == 0
+    assert (out / "report.html").exists() and (out / "model").is_dir()
+    manifest = out / "explanations" / "fgvce" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["config"]["t_max"], doc["config_hash"] = 99, "0" * 16  # as if written by other settings
+    manifest.write_text(json.dumps(doc))
+    capsys.readouterr()
+    line = _error(capsys, argv)
+    assert "--t-max: 99 -> 8" in line and "--overwrite" in line
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert "reusing the model" in capsys.readouterr().out
+    assert json.loads(manifest.read_text())["config"]["t_max"] == 8

@@ -1,4 +1,5 @@
 """Model ports without torch: split views, linear head, jit caching, checkpoints, ViT masking."""
+import json
 import os
 
 import jax
@@ -136,6 +137,29 @@ def test_checkpoint_bad_inputs(tmp_path, tiny):
     with pytest.raises(FgvceError, match="model is resnet_tiny with 10"):
         models.save(tmp_path / "x", tiny, models.ModelInfo("resnet_tiny", 4))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_of_another_arch_or_damaged_is_one_short_line(tmp_path, tiny):
+    """info.json naming another arch (or class count): one line with the counts and a few names, not the whole
+    key list; a truncated weight file: "damaged or incomplete", not storage internals."""
+    info = models.ModelInfo.for_model(tiny, class_names=[f"c{i}" for i in range(10)])
+    out = models.save(tmp_path / "ckpt", tiny, info)
+    meta = json.loads((out / "info.json").read_text())
+    for change, words in (({"arch": "resnet18"}, "expected weights missing (e.g. "),
+                          ({"num_classes": 4}, "of other shapes (e.g. fc.")):
+        (out / "info.json").write_text(json.dumps({**meta, **change, "class_names": None}))
+        with pytest.raises(FgvceError) as e:
+            models.load(out)
+        msg = str(e.value)
+        assert "\n" not in msg and len(msg) < 500 and "as its info.json says" in msg and words in msg, msg
+    (out / "info.json").write_text(json.dumps(meta))
+    models.load(out)  # intact again
+    for f in sorted((out / "state").rglob("*")):
+        if f.is_file() and f.stat().st_size > 10_000:  # the array data
+            f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(FgvceError, match="is damaged or incomplete") as e:
+        models.load(out)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600
 
 
 def test_vit_split_points_and_head(small_vit):

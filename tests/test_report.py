@@ -303,3 +303,15 @@ def test_cli_warns_about_a_partial_run(tmp_path, monkeypatch, capsys):
     page = _Page(text)
     assert page.sections == ["fgvce", "cve", "global", "random"] and len(page.srcs) == 3
     assert "<td>global</td><td>0</td><td>partial: 0 queries, run not finished</td><td>–</td>" in text
+
+
+def test_report_html_that_is_a_directory_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from fgvce_jax import data
+
+    _, qds, rds = _write_methods(tmp_path / "out", partial_random=False)
+    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
+    (tmp_path / "pages").mkdir()
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "pages")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a directory; give the page's file name" in err[0], err
+    assert list((tmp_path / "pages").iterdir()) == [] and not list(tmp_path.glob("*_files"))

@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=DEMO_TRAIN["epochs"],
                         help=f"training epochs when no model is cached (default {DEMO_TRAIN['epochs']})")
     parser.add_argument("--limit", type=int, default=None, help="explain at most this many mistakes (default: all)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace explanations of other settings in --out (an earlier version's); the model is kept")
 
 
 def _model(out: Path, epochs: int) -> Path:
@@ -56,7 +58,8 @@ def run(args) -> int:
     out = Path(args.out).absolute()
     model = _model(out, args.epochs)
     explain_split(model, "digits", "test", out / "explanations", CounterfactualConfig(**DEMO_EXPLAIN),
-                  reference_split="train", limit=args.limit, at=DEMO_SPLIT, batch_size=128, shard_size=32)
+                  reference_split="train", limit=args.limit, at=DEMO_SPLIT, batch_size=128, shard_size=32,
+                  overwrite=args.overwrite)
     page = write_report(out / "explanations", out / "report.html")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; open {page}")
     return 0

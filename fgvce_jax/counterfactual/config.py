@@ -14,6 +14,17 @@ HEAD_DTYPES = ("float32", "bfloat16")
 SCREEN_SAMPLES = 4  # the default first pass of screening: benchmarks/results/screening.json
 
 
+# ``fgvce explain``'s flag for each field whose flag is not ``--`` + the field with dashes; fields without one
+FLAGS = {"n_references": "--references", "candidates_per_reference": "--candidates", "screen_samples": "--screen"}
+NO_FLAG = ("baseline", "output", "chunk_size")
+
+
+def flag(field: str) -> str:
+    """How messages name a setting: the command-line flag that sets it (``t_max`` -> ``--t-max``), or the field
+    itself where no flag does."""
+    return field if field in NO_FLAG else FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 @dataclasses.dataclass(frozen=True)
 class CounterfactualConfig:
     """Everything that decides an explanation, apart from the model and the data.

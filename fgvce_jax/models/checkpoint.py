@@ -105,6 +105,33 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
         raise FgvceError(f"{file} is not a valid model description: {e}") from None
 
 
+def _clip(text: str, most: int = 160) -> str:
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def _names(tree) -> dict[str, tuple]:
+    """{'a.b.c': shape} of a weight tree's leaves."""
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key): tuple(getattr(leaf, "shape", ()))
+            for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_layout(path: Path, info: ModelInfo, metadata, target) -> None:
+    """FgvceError in one line when the stored weights are not those of ``info``'s architecture: how many
+    names are missing or extra, and the first few, or the first shapes that differ."""
+    stored = _names(getattr(metadata, "item_metadata", metadata))
+    wanted = _names(target)
+    missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    shapes = [k for k in sorted(wanted.keys() & stored.keys()) if stored[k] and stored[k] != wanted[k]]
+    if not (missing or extra or shapes):
+        return
+    parts = [f"{len(missing)} expected weights missing (e.g. {', '.join(missing[:3])})" if missing else "",
+             f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})" if extra else "",
+             f"{len(shapes)} of other shapes (e.g. {shapes[0]} {stored[shapes[0]]}, expected "
+             f"{wanted[shapes[0]]})" if shapes else ""]
+    raise FgvceError(f"checkpoint {path} does not hold {info.arch} weights with {info.num_classes} classes, as its "
+                     f"info.json says: {'; '.join(p for p in parts if p)}")
+
+
 def load(path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
     """Restore ``(model, info)`` from a checkpoint written by :func:`save`; the model is in eval mode."""
     path = Path(path).expanduser().absolute()
@@ -116,10 +143,14 @@ def load(path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(state))
     try:
         with ocp.StandardCheckpointer() as ckptr:
+            _check_layout(path, info, ckptr.metadata(path / STATE_DIR), target)
             restored = ckptr.restore(path / STATE_DIR, target)
-    except Exception as e:  # orbax raises several types for missing/corrupt/mismatched trees
+    except FgvceError:
+        raise
+    except Exception as e:  # orbax raises several types for missing or corrupt files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FgvceError(f"cannot restore the weights in {path / STATE_DIR}: {first}") from None
+        raise FgvceError(f"checkpoint {path} is damaged or incomplete: cannot restore {path / STATE_DIR} "
+                         f"({_clip(first)})") from None
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     model.eval()
