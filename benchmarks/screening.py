@@ -17,7 +17,7 @@ stored maps), validity, the game evaluations Phi used (counted from the settings
 2 HW M0 + 2 S M screened) and the run's seconds. The issue's rule: screening becomes the default only if
 at least 99% of the explanations agree.
 
-    python benchmarks/screening.py            # about 15 minutes on a 2-core CPU
+    python benchmarks/screening.py            # about 45 minutes on a 2-core CPU (--limit 8: 10)
     python benchmarks/screening.py --quick    # 1 epoch at 32 px, 3 queries: a smoke test
 """
 from __future__ import annotations

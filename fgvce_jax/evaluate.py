@@ -193,13 +193,38 @@ def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
     reference split); ``edit_mask`` is used when the run stored it.
     """
     config = store.read_manifest(run_dir)["config"]
-    _, arrays = store.read_results(run_dir)
+    table, arrays = store.read_results(run_dir)
     missing = [k for k in EXPLANATION_ARRAYS if k not in arrays]
     if missing:
         raise FgvceError(f"{run_dir} has no completed shards or lacks arrays: {', '.join(missing)}")
     e = SimpleNamespace(**{k: arrays[k] for k in (*EXPLANATION_ARRAYS, "edit_mask") if k in arrays},
-                        region_size=int(config.get("region_size", 1)), method=config.get("method", ""))
+                        region_size=int(config.get("region_size", 1)), method=config.get("method", ""),
+                        query_id=np.asarray(table.column("query_id").to_pylist(), dtype=str),
+                        ref_id=_ref_ids(table, arrays["ref_index"]))
     return e, config
+
+
+def _ref_ids(table, ref_index: np.ndarray) -> np.ndarray:
+    """str (Q, T): the reference id of each edit slot ("" where ``ref_index`` is -1), from the rows' lists."""
+    out = np.full(ref_index.shape, "", dtype=object)
+    for q, ids in enumerate(table.column("edit_ref_id").to_pylist()):
+        out[q, :len(ids)] = ids
+    return out.astype(str)
+
+
+def by_id(e, ds, ref_ds=None) -> SimpleNamespace:
+    """``e`` with ``query_index`` (and ``ref_index``, given ``ref_ds``) re-derived from the stored image ids in
+    today's datasets (``positions_of``): positions alone would point at other images once a dataset changes."""
+    from fgvce_jax.data.dataset import positions_of
+
+    out = SimpleNamespace(**vars(e))
+    out.query_index = positions_of(ds, e.query_id, "query images")
+    if ref_ds is not None:
+        used = e.ref_index >= 0
+        ref_index = np.full(e.ref_index.shape, -1, np.int64)
+        ref_index[used] = positions_of(ref_ds, e.ref_id[used], "reference images")
+        out.ref_index = ref_index
+    return out
 
 
 RUN_KEYS = ("model", "at", "dataset", "split", "reference_split", "image_size")
@@ -319,10 +344,13 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
             if not run.get(key):
                 raise FgvceError(f"the explain manifest does not name the {key}; pass --no-rise --no-parts")
         ds = data.load(run["dataset"], run["split"], image_size=run.get("image_size"))
+        ref_ds = None
         if parts:
             ref_split = run.get("reference_split") or run["split"]
             ref_ds = ds if ref_split == run["split"] else data.load(run["dataset"], ref_split,
                                                                      image_size=run.get("image_size"))
+        explanations = {m: by_id(e, ds, ref_ds) for m, e in explanations.items()}
+        if parts:
             part_masks = _parts_for_runs(ds, ref_ds, explanations)
         if use_rise:
             from fgvce_jax import models

@@ -199,6 +199,8 @@ class _Datasets:
 
 def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, prefix: str) -> list[str]:
     """Draw the figures of ``rows`` into ``out/<method>/`` and return their query sections."""
+    from fgvce_jax.data.dataset import positions_of
+
     qds, rds = datasets
     (out / method).mkdir()
     per_row = ("query_region", "ref_region", "edit_mask")
@@ -206,8 +208,10 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
     for i, row in enumerate(progress.bar(rows, desc=f"report: {method} figures", unit="query", leave=False)):
         row = {**row, **{k: arrays[k][i] for k in per_row if k in arrays}}
         png = Path(method) / f"q{i:05d}.png"
-        query_figure(out / png, qds.raw_image(row["query_index"]), arrays["query_phi"][i], row,
-                     {r: rds.raw_image(r) for r in set(row["edit_ref_index"])})
+        # images by id, not by the stored positions: a dataset that gained or lost images keeps them attached
+        refs = dict(zip(row["edit_ref_index"], positions_of(rds, row["edit_ref_id"], "reference images")))
+        query_figure(out / png, qds.raw_image(positions_of(qds, [row["query_id"]], "query images")[0]),
+                     arrays["query_phi"][i], row, {r: rds.raw_image(k) for r, k in refs.items()})
         sections.append(_query_section(method, i, row, f"{prefix}/{png.as_posix()}"))
     return sections
 

@@ -37,3 +37,14 @@ def write_run(directory, config, table, arrays, shards, *, summary=True, queries
         (writer.dir / "summary.json").write_text(json.dumps({"method": config.get("method"), "queries": queries,
                                                              "seconds_per_query": 0.5}))
     return writer.dir
+
+
+def id_table(e, query_ids, ref_ids):
+    """The Parquet columns that name the images, as the pipeline writes them: ``query_index``, ``query_id``
+    (``query_ids[query_index]``) and per query the ``edit_ref_id`` list (``ref_ids[ref_index]`` of its edits)."""
+    import pyarrow as pa
+
+    query_ids, ref_ids = np.asarray(query_ids, str), np.asarray(ref_ids, str)
+    edits = [[str(ref_ids[r]) for r in e.ref_index[q, :k]] for q, k in enumerate(np.asarray(e.n_edits))]
+    return pa.table({"query_index": e.query_index, "query_id": query_ids[e.query_index].tolist(),
+                     "edit_ref_id": pa.array(edits, pa.list_(pa.string()))})

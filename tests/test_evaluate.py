@@ -7,14 +7,13 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from fgvce_jax import evaluate, store
+from fgvce_jax import data, evaluate, store
 from fgvce_jax.cli import main
 from fgvce_jax.metrics import rise
 
-from fake_explanations import explanations, write_run
+from fake_explanations import explanations, id_table, write_run
 
 GRID = (4, 4)
 
@@ -82,7 +81,8 @@ def _write_run(directory, method, e, shard_size=1, rows=None, summary=True):
     q = len(e.success) if rows is None else rows
     write_run(directory / method, {"method": method, "region_size": e.region_size, "dataset": "digits",
                                    "split": "test", "model": None},
-              pa.table({"query_index": e.query_index}), {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS},
+              id_table(e, data.load("digits", "test").ids, data.load("digits", "test").ids),  # references: test too
+              {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS},
               [(start, min(q, start + shard_size)) for start in range(0, q, shard_size)], summary=summary)
 
 
@@ -198,8 +198,7 @@ def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
     w = store.ShardWriter(tmp_path / "run" / "fgvce", {"method": "fgvce", "region_size": 1, "dataset": name,
                                                         "split": "test", "reference_split": "train",
                                                         "image_size": 32, "model": None})
-    w.write_shard(0, 0, 2, pa.table({"query_index": e.query_index}),
-                  {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS})
+    w.write_shard(0, 0, 2, id_table(e, test.ids, train.ids), {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, _ = evaluate.evaluate_directory(tmp_path / "run", use_rise=False)

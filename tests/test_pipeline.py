@@ -156,7 +156,7 @@ def test_predictions_match_the_model(uninterrupted, toy):
 
 
 def test_other_config_refused_and_methods_get_subdirectories(tmp_path, uninterrupted, patched):
-    with pytest.raises(FgvceError, match=r"t_max: 3 -> 4") as e:
+    with pytest.raises(FgvceError, match=r"--t-max: 3 -> 4") as e:
         _run(uninterrupted[0], dataclasses.replace(CONFIG, t_max=4))
     assert "limit" not in str(e.value)
     with pytest.raises(FgvceError, match="each method may be given once"):

@@ -315,3 +315,42 @@ def test_report_html_that_is_a_directory_is_one_line_and_leaves_nothing(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a directory; give the page's file name" in err[0], err
     assert list((tmp_path / "pages").iterdir()) == [] and not list(tmp_path.glob("*_files"))
+
+
+def _shifted(ds, extra: int = 2):
+    """``ds`` with ``extra`` new images in front (every old image moves ``extra`` positions on) -- as when
+    images are added to a folder dataset after the explain run."""
+    rng = np.random.default_rng(99)
+    new = rng.integers(0, 255, (extra, 16, 16, 3), dtype=np.uint8)
+    old = ds.raw_image
+    return types.SimpleNamespace(name=ds.name, split=ds.split, ids=np.asarray([f"new{i}" for i in range(extra)]
+                                                                              + list(ds.ids)),
+                                 labels=np.concatenate([np.zeros(extra, int), ds.labels]), class_names=ds.class_names,
+                                 raw_image=lambda i: new[i] if i < extra else old(i - extra))
+
+
+def test_report_and_evaluate_find_images_by_id_when_the_dataset_changed(tmp_path, monkeypatch):
+    """Images added in front of a split move every stored position; the report still draws each query's and
+    reference's own image, and evaluate re-derives the positions from the ids. An id that is gone is refused."""
+    from fgvce_jax import data, evaluate
+
+    rows, qds, rds = _write_methods(tmp_path / "out", partial_random=False)
+    drawn = []
+    monkeypatch.setattr(report, "query_figure", lambda path, image, phi, row, refs: (
+        drawn.append((row["query_id"], image, {r: refs[r] for r in refs})), path.write_bytes(b"png")))
+    new_q, new_r = _shifted(qds), _shifted(rds)
+    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: new_q if split == "test" else new_r)
+    report.write_report(tmp_path / "out", max_queries=3)
+    assert len(drawn) == 9
+    for qid, image, refs in drawn:
+        np.testing.assert_array_equal(image, qds.raw_image(int(qid.removeprefix("test"))))  # its own image
+        for r, img in refs.items():
+            np.testing.assert_array_equal(img, rds.raw_image(r))  # edit_ref_index is the old position
+    e, _ = evaluate.load_run(tmp_path / "out" / "fgvce")
+    moved = evaluate.by_id(e, new_q, new_r)
+    np.testing.assert_array_equal(moved.query_index, e.query_index + 2)
+    np.testing.assert_array_equal(moved.ref_index, np.where(e.ref_index >= 0, e.ref_index + 2, -1))
+    gone = types.SimpleNamespace(name="toy", split="test", ids=qds.ids[:5])  # queries "test7", "test5" are gone
+    with pytest.raises(FgvceError, match=r"2 query images of the stored results are no longer in toy test "
+                                         r"\(e.g. 'test7'\): the dataset changed"):
+        evaluate.by_id(e, gone)

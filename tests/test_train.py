@@ -121,7 +121,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, digits
     assert hist_c == hist_a
     with pytest.raises(FgvceError, match=r"different configuration \(--lr: 0.05 -> 0.1\); use another --out$"):
         train(TrainConfig(epochs=2, batch_size=32, lr=0.1), tmp_path / "b", train_set=train_set, test_set=test_set)
-    with pytest.raises(FgvceError, match=r"\(epochs: 2 -> 3\)"):  # more epochs is a different run too, named
+    with pytest.raises(FgvceError, match=r"\(--epochs: 2 -> 3\)"):  # more epochs is a different run too, named
         train(dataclasses.replace(cfg, epochs=3), tmp_path / "b", train_set=train_set, test_set=test_set)
 
 

@@ -100,6 +100,20 @@ class Dataset:
         return None if self._parts is None else self._parts(int(i))
 
 
+def positions_of(ds, ids, what: str = "images") -> np.ndarray:
+    """int64 positions in ``ds`` (anything with ``ids``, ``name`` and ``split``) of the image ``ids``, looked up
+    by id, so results stay attached to their images when a dataset gains, loses or reorders others. An id
+    that is gone is an FgvceError naming it: the stored results no longer match the data."""
+    ids = np.asarray(ids, dtype=str).reshape(-1)
+    where = {i: k for k, i in enumerate(np.asarray(ds.ids, dtype=str).tolist())}
+    gone = [i for i in ids.tolist() if i not in where]
+    if gone:
+        raise FgvceError(f"{len(gone)} {what} of the stored results are no longer in {ds.name} {ds.split} "
+                         f"(e.g. {gone[0]!r}): the dataset changed since the explain run; run it again "
+                         f"(`fgvce explain ... --overwrite`)")
+    return np.asarray([where[i] for i in ids.tolist()], np.int64)
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split: in each class, ``round(test_fraction * n_c)`` items go to test.
 

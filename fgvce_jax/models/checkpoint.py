@@ -119,6 +119,9 @@ def _check_layout(path: Path, info: ModelInfo, metadata, target) -> None:
     """FgvceError in one line when the stored weights are not those of ``info``'s architecture: how many
     names are missing or extra, and the first few, or the first shapes that differ."""
     stored = _names(getattr(metadata, "item_metadata", metadata))
+    if not stored:  # the metadata files are missing or cut short
+        raise FgvceError(f"checkpoint {path} is damaged or incomplete: the list of weights in "
+                         f"{path / STATE_DIR} cannot be read")
     wanted = _names(target)
     missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
     shapes = [k for k in sorted(wanted.keys() & stored.keys()) if stored[k] and stored[k] != wanted[k]]
