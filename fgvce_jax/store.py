@@ -263,8 +263,18 @@ class ShardWriter:
         elif overwrite:
             self._clear()
         self._fold_process_manifests()
+        self._drop_damaged()
         self._remove_strays()
         self._write_manifest()
+
+    def _drop_damaged(self) -> None:
+        """Forget (with a notice) every listed shard whose files are missing or differ from what was written:
+        they are computed again, and the rest are kept."""
+        for index, entry in sorted(self.shards.items()):
+            problem = shard_problem(self.dir, entry)
+            if problem:
+                print(f"notice: {problem}; shard {index} will be computed again", file=sys.stderr)
+                del self.shards[index]
 
     def close(self) -> None:
         """Release the directory's lock and remove its file (process 0): the run has ended, another may open it."""
@@ -360,7 +370,8 @@ class ShardWriter:
         atomic_write(self.dir / f"{name}.parquet", lambda f: pq.write_table(table, f))
         save_arrays(self.dir / f"{name}.npz", arrays)
         self.shards[index] = {"index": index, "start": int(start), "stop": int(stop), "name": name,
-                              "inputs": inputs}
+                              "inputs": inputs, "sha256": {ext: file_digest(self.dir / f"{name}.{ext}")
+                                                           for ext in SHARD_FILES}}
         if self.processes > 1:
             self._written.add(index)
             self._write_manifest(self._process_manifest(self.process), self._written)
@@ -398,6 +409,32 @@ class ShardWriter:
                 p.unlink()
 
 
+# --------------------------------------------------------------------------- shard integrity
+SHARD_FILES = ("parquet", "npz")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_problem(directory: Path, entry: Mapping) -> str | None:
+    """What is wrong with a listed shard's files (missing, or not the bytes recorded when they were written),
+    or None. Shards recorded before digests were kept are only checked for presence."""
+    for ext in SHARD_FILES:
+        path = Path(directory) / f"{entry['name']}.{ext}"
+        if not path.is_file():
+            return f"{path} is missing"
+        want = entry.get("sha256", {}).get(ext)
+        if want is not None and file_digest(path) != want:
+            return f"{path} is damaged (its bytes differ from those written)"
+    return None
+
+
 # --------------------------------------------------------------------------- reader
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The parsed ``manifest.json`` of a result directory (FgvceError if absent)."""
@@ -421,6 +458,9 @@ def read_results(directory: str | os.PathLike) -> tuple[pa.Table, dict[str, np.n
     shards = read_manifest(directory)["shards"]
     tables, arrays = [], {}
     for s in sorted(shards, key=lambda s: s["index"]):
+        problem = shard_problem(directory, s)
+        if problem:
+            raise FgvceError(f"{problem}; re-run `fgvce explain` with the same arguments to compute it again")
         tables.append(pq.read_table(directory / f"{s['name']}.parquet"))
         for k, v in load_arrays(directory / f"{s['name']}.npz").items():
             arrays.setdefault(k, []).append(v)

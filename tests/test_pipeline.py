@@ -310,3 +310,30 @@ def test_screening_runs_through_explain_says_so_and_keys_its_own_cache(tmp_path,
     _run(tmp_path / "wide", wide, limit=3)
     assert "(--screen 6 would not save evaluations on this map: off)" in capsys.readouterr().err
     np.testing.assert_array_equal(store.read_results(tmp_path / "wide" / "fgvce")[1]["query_phi"], a)
+
+
+def test_a_damaged_shard_is_named_then_recomputed_alone_to_identical_results(tmp_path, uninterrupted, patched,
+                                                                                capsys):
+    """Truncate one shard's Parquet file and flip a byte of another's npz: reading the results names the file;
+    the next explain says which shards it recomputes, computes only those, and ends byte-identical."""
+    a = uninterrupted[0]
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    parquet, npz = b / "fgvce" / "shard-00001.parquet", b / "fgvce" / "shard-00002.npz"
+    parquet.write_bytes(parquet.read_bytes()[:50])
+    raw = bytearray(npz.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    npz.write_bytes(bytes(raw))
+    with pytest.raises(FgvceError, match=r"shard-00001.parquet is damaged \(its bytes differ from those written\); "
+                                         r"re-run `fgvce explain`"):
+        store.read_results(b / "fgvce")
+    capsys.readouterr()
+    real, calls = counterfactual.explain, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(counterfactual, "explain", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+        _run(b, batch_size=8)
+    err = capsys.readouterr().err
+    assert "shard-00001.parquet is damaged" in err and "shard 1 will be computed again" in err
+    assert "shard-00002.npz is damaged" in err and "shard 2 will be computed again" in err
+    assert len(calls) == 2  # shards 1 and 2 only
+    assert _files(b / "fgvce") == _files(a / "fgvce")
