@@ -212,11 +212,27 @@ def _largest_divisor_at_most(r: int, limit: int) -> int:
     return max(d for d in range(1, min(r, max(1, limit)) + 1) if r % d == 0)
 
 
+AUTO_SMALL = 20  # ``method="auto"``: games of at most this many players take ``kernel``, larger ones ``antithetic_cv``
+
+
+def auto_method(n_players: int) -> str:
+    """The estimator ``method="auto"`` runs for an n-player game (below the exact budget).
+
+    From ``benchmarks/results/estimators.json`` (error at equal evaluations, budgets 200 to 30,000):
+    for n <= 20 (the shapiq image games, n = 9, 14, 16) ``kernel`` has the least or nearly the least
+    error of ours at every budget (within 1.05x of ``leverage``, the other leader). For n = 196 no
+    estimator leads on every family: ``leverage`` has the least error on four families from 3,000
+    evaluations, but ``antithetic_cv`` leads on the size-dominated game, where ``kernel`` has 3.8x its
+    error, and is never more than 1.6x from the best MSE while taking 10-20x less time than ``leverage``.
+    So large games take ``antithetic_cv``."""
+    return "kernel" if n_players <= AUTO_SMALL else "antithetic_cv"
+
+
 def estimator(method: str, n_players: int, budget: int) -> registry.Estimator:
     """The estimator that runs ``method``: ``exact`` whenever the budget covers all 2^n coalitions
     (n <= exact.MAX_PLAYERS), whatever the method, so the result is the exact value and reports 2^n
-    evaluations; otherwise ``method``'s own."""
-    cls = registry.get(method)
+    evaluations; otherwise ``method``'s own (``"auto"``: :func:`auto_method`'s)."""
+    cls = registry.get(auto_method(n_players) if method == "auto" else method)
     if n_players <= exact.MAX_PLAYERS and 2 ** n_players <= budget:
         cls = exact.Exact
     return cls(n_players)
@@ -255,7 +271,8 @@ def estimate(game, n_players: int, *, method: str, budget: int, key: jax.Array,
     Args:
       game: a :class:`Game` or a jax-traceable callable ``bool[B, n] -> float[B]``.
       n_players: n.
-      method: a registered estimator (``exact``, ``permutation``, ``antithetic``, ``kernel``, ...).
+      method: a registered estimator (``exact``, ``permutation``, ``antithetic``, ``kernel``, ...), or ``"auto"``:
+        the one the estimator benchmark shows best for the game size (:func:`auto_method`).
       budget: the most game evaluations to use; the result reports how many were used.
       key: a PRNG key; the same key gives bit-identical results.
       chunk_size: at most this many game evaluations per call (default: canonical blocks sized from the

@@ -118,7 +118,7 @@ def get(name: str) -> type[Estimator]:
     try:
         return _ESTIMATORS[name]
     except KeyError:
-        raise FgvceError(f"unknown Shapley method {name!r}; choose one of {', '.join(names())}") from None
+        raise FgvceError(f"unknown Shapley method {name!r}; choose one of {', '.join(names())} or auto") from None
 
 
 def names() -> tuple[str, ...]:
