@@ -202,16 +202,18 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
     from fgvce_jax.data.dataset import positions_of
 
     qds, rds = datasets
+    # images by id, not by the stored positions: a dataset that gained or lost images keeps them attached
+    query_at = positions_of(qds, [row["query_id"] for row in rows], "query images")
+    ref_ids = sorted({rid for row in rows for rid in row["edit_ref_id"]})
+    ref_at = dict(zip(ref_ids, positions_of(rds, ref_ids, "reference images")))
     (out / method).mkdir()
     per_row = ("query_region", "ref_region", "edit_mask")
     sections = []
     for i, row in enumerate(progress.bar(rows, desc=f"report: {method} figures", unit="query", leave=False)):
         row = {**row, **{k: arrays[k][i] for k in per_row if k in arrays}}
         png = Path(method) / f"q{i:05d}.png"
-        # images by id, not by the stored positions: a dataset that gained or lost images keeps them attached
-        refs = dict(zip(row["edit_ref_index"], positions_of(rds, row["edit_ref_id"], "reference images")))
-        query_figure(out / png, qds.raw_image(positions_of(qds, [row["query_id"]], "query images")[0]),
-                     arrays["query_phi"][i], row, {r: rds.raw_image(k) for r, k in refs.items()})
+        refs = {r: rds.raw_image(ref_at[rid]) for r, rid in zip(row["edit_ref_index"], row["edit_ref_id"])}
+        query_figure(out / png, qds.raw_image(query_at[i]), arrays["query_phi"][i], row, refs)
         sections.append(_query_section(method, i, row, f"{prefix}/{png.as_posix()}"))
     return sections
 
