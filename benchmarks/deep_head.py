@@ -25,12 +25,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 import common
+from fgvce_jax.keys import row_keys
 from fgvce_jax import saliency
 from fgvce_jax.models.resnet import Bottleneck, ResNet
 from fgvce_jax.models.split import split
 from fgvce_jax.shapley.local import item_masks, layout, run_batch
 from fgvce_jax.shapley.game import ConvHead, GenericHead
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 KERNEL = 3
 
@@ -76,7 +77,7 @@ def bench(sm, params, d, hw, n, samples, repeats):
     """Rates of the three paths and of the bare head for n maps of hw x hw x d."""
     z = jax.nn.relu(jax.random.normal(jax.random.key(1), (n, hw, hw, d)))
     classes = jnp.arange(n, dtype=jnp.int32)
-    keys = saliency.image_keys(jax.random.key(2), n)
+    keys = row_keys(jax.random.key(2), n)
     mesh = device_mesh()
     draws = samples // 2
     evals = n * 2 * hw * hw * samples

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import common
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 engine = importlib.import_module("fgvce_jax.shapley.estimate")  # the module (the package exports the function)
 METHODS = ("permutation", "antithetic", "kernel", "leverage", "stratified_svarm")

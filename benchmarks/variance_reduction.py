@@ -17,7 +17,7 @@ import numpy as np
 
 from fgvce_jax.shapley.estimate import plan, run_batch
 from fgvce_jax.shapley.game import Game, LinearHead
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 N, CLASSES = 196, 200
 METHODS = ("permutation", "permutation_cv", "antithetic", "antithetic_cv")

@@ -26,10 +26,13 @@ import numpy as np
 
 from fgvce_jax import progress, store
 from fgvce_jax.completeness import warn_partial
+from fgvce_jax.counterfactual import methods
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import counterfactual as cf_metrics
 from fgvce_jax.metrics import parts as part_metrics
 from fgvce_jax.metrics import rise
+from fgvce_jax.results import find_runs, load_run
+from fgvce_jax.sharding import device_mesh, pad_to
 
 COLUMNS = {  # key -> header (arrows: which direction is better)
     "validity": "Validity ↑",
@@ -46,14 +49,18 @@ COLUMNS = {  # key -> header (arrows: which direction is better)
 }
 CF_COLUMNS = ("validity", "edits_regions", "edits_cells")
 RISE_COLUMNS = ("deletion_auc", "insertion_auc", "del_ins")
-METHOD_ORDER = ("fgvce", "cve", "global", "gradient", "single-step", "random", "gradcam")
 GRADCAM = "gradcam"
 
 
-def _ordered(methods) -> list[str]:
-    methods = list(dict.fromkeys(methods))
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+def method_order() -> tuple[str, ...]:
+    """The order of methods in tables and reports: the registered counterfactual methods in registration order
+    (``fgvce_jax.counterfactual.methods``), then Grad-CAM."""
+    return (*methods.names(), GRADCAM)
+
+
+def _ordered(names) -> list[str]:
+    names, order = list(dict.fromkeys(names)), method_order()
+    return [m for m in order if m in names] + sorted(m for m in names if m not in order)
 
 
 def summarise(explanations_by_method: Mapping[str, object], *,
@@ -72,7 +79,7 @@ def summarise(explanations_by_method: Mapping[str, object], *,
 
     Returns:
       list of dicts ``{"method": str, "queries": int, <column>: float}``, in
-      :data:`METHOD_ORDER`; only the column groups that were given appear.
+      :func:`method_order`; only the column groups that were given appear.
     """
     curves_by_method = dict(curves_by_method or {})
     parts_by_method = dict(parts_by_method or {})
@@ -164,54 +171,6 @@ def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path
 
 
 # --------------------------------------------------------------------------- explain directories
-EXPLANATION_ARRAYS = ("query_index", "success", "n_edits", "true", "pred", "query_region", "ref_index",
-                      "ref_region", "query_phi")
-
-
-def find_runs(directory) -> dict[str, Path]:
-    """method -> run directory: ``DIR`` itself if it holds a manifest, else every ``DIR/*/manifest.json``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FgvceError(f"{directory} is not a directory")
-    dirs = [directory] if (directory / store.MANIFEST).exists() else sorted(
-        p.parent for p in directory.glob(f"*/{store.MANIFEST}"))
-    if not dirs:
-        raise FgvceError(f"{directory} holds no explain results (no {store.MANIFEST}); run `fgvce explain` first")
-    runs = {}
-    for d in dirs:
-        method = store.read_manifest(d).get("config", {}).get("method", d.name)
-        if method in runs:
-            raise FgvceError(f"method {method!r} appears twice, in {runs[method]} and {d}")
-        runs[method] = d
-    return runs
-
-
-def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
-    """(Explanations-like, run config) of one ``DIR/<method>`` written by the pipeline.
-
-    The arrays are those of ``docs/output_format.md`` (``ref_index`` indexes the
-    reference split); ``edit_mask`` is used when the run stored it.
-    """
-    config = store.read_manifest(run_dir)["config"]
-    table, arrays = store.read_results(run_dir)
-    missing = [k for k in EXPLANATION_ARRAYS if k not in arrays]
-    if missing:
-        raise FgvceError(f"{run_dir} has no completed shards or lacks arrays: {', '.join(missing)}")
-    e = SimpleNamespace(**{k: arrays[k] for k in (*EXPLANATION_ARRAYS, "edit_mask") if k in arrays},
-                        region_size=int(config.get("region_size", 1)), method=config.get("method", ""),
-                        query_id=np.asarray(table.column("query_id").to_pylist(), dtype=str),
-                        ref_id=_ref_ids(table, arrays["ref_index"]))
-    return e, config
-
-
-def _ref_ids(table, ref_index: np.ndarray) -> np.ndarray:
-    """str (Q, T): the reference id of each edit slot ("" where ``ref_index`` is -1), from the rows' lists."""
-    out = np.full(ref_index.shape, "", dtype=object)
-    for q, ids in enumerate(table.column("edit_ref_id").to_pylist()):
-        out[q, :len(ids)] = ids
-    return out.astype(str)
-
-
 def by_id(e, ds, ref_ds=None) -> SimpleNamespace:
     """``e`` with ``query_index`` (and ``ref_index``, given ``ref_ds``) re-derived from the stored image ids in
     today's datasets (``positions_of``): positions alone would point at other images once a dataset changes."""
@@ -275,15 +234,13 @@ def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps
 
     Methods without a saliency map (``cve``: query_phi is NaN) are skipped.
     Grad-CAM uses the queries of the first method; it runs on a 1-D mesh of
-    all devices (as :func:`fgvce_jax.pipeline.device_mesh`), the curves on one.
+    all devices (as :func:`fgvce_jax.sharding.device_mesh`), the curves on one.
     """
     import functools
 
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
-
-    from fgvce_jax.pipeline import device_mesh
 
     predict = functools.partial(_predict, split_model)
     jobs = {m: (e.query_index, np.asarray(e.query_phi), np.asarray(e.pred))
@@ -300,7 +257,7 @@ def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps
                               unit="batch", leave=False):
             n = min(batch_size, len(index) - s)
             # the last batch is padded to a full one (no recompilation) and the padding dropped
-            rows = np.minimum(np.arange(s, s + batch_size), len(index) - 1)
+            rows = pad_to(np.arange(s, s + n), batch_size)
             images = jnp.asarray(dataset.images(index[rows]))
             cls = classes[rows]
             if phi is None:

@@ -18,9 +18,9 @@ Passes, each with its own progress bar:
    same arguments skips the shards the manifest lists, and one with a larger
    ``limit`` those whose queries are unchanged (:func:`shard_inputs`).
 
-Every random choice comes from ``PRNGKey(config.seed)`` folded with the shard
-index (queries) or with a fixed tag and the reference's id (:func:`reference_key`),
-so a resumed run reproduces an uninterrupted one exactly. The file layout is in ``docs/output_format.md``.
+Every random draw of an image comes from its own key, derived from the run's seed, the draw's stream, the
+split and the image's id (:mod:`fgvce_jax.keys`), so a resumed, re-sharded or extended run reproduces an
+uninterrupted one exactly. The file layout is in ``docs/output_format.md``.
 """
 from __future__ import annotations
 
@@ -37,19 +37,20 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pyarrow as pa
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fgvce_jax import keys as run_keys
 from fgvce_jax import multihost, progress, store
-from fgvce_jax.counterfactual.config import flag
-from fgvce_jax.counterfactual.explain import ROLES, FeatureBatch, phi_and_samples, saliency_settings, screened
+from fgvce_jax.results import SCHEMA, check_writable, results_table
+from fgvce_jax.counterfactual import methods
+from fgvce_jax.counterfactual.config import flag, setting_flag, settings
+from fgvce_jax.counterfactual.explain import ROLES, FeatureBatch, phi_and_samples, phi_stream, saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.local_screening import saves
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh, pad_to
 
-_REFERENCE_TAG, _QUERY_TAG = 0, 1
-# How a reference's key is made (reference_key); part of the reference-Phi cache key.
-REFERENCE_KEY = "fold_in(fold_in(key(seed), 0), sha256(id)[:4] little-endian & 0x7fffffff), alone in its call"
+# How a reference's Phi is computed (its key: fgvce_jax.keys); part of the reference-Phi cache key.
+REFERENCE_KEY = run_keys.DERIVATION + ", alone in its call"
 SAVE_EVERY_S = 60.0  # the reference-Phi cache is rewritten at least this often during its pass
 
 
@@ -61,11 +62,6 @@ def fingerprint(tree) -> str:
     for leaf in jax.tree.leaves(tree):
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()[:16]
-
-
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
-    """Pad axis 0 of ``x`` to length ``n`` by repeating its last row."""
-    return x if len(x) == n else np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)])
 
 
 def _forward(split_model, params, images):
@@ -88,14 +84,14 @@ def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, 
              show=True):
     """Apply ``fn(split_model, params, images)`` over ``dataset.images(indices)`` in sharded batches.
 
-    The batch is rounded up to a multiple of the device count; the last batch is
-    padded and the padding dropped. With ``across_processes`` (every process calls it with the same
+    Each device gets ``batch_size`` images per batch (so a batch holds batch_size x devices), whatever the
+    device count: XLA may round a row differently in a batch of another shape, and this keeps the features
+    of 1, D devices or P processes bit-identical. The last batch is padded and the padding dropped. With ``across_processes`` (every process calls it with the same
     arguments) batch j is computed by process j % P and the outputs gathered, so every process returns
     what one process would. ``show=False`` hides the progress bar (inside another pass's bar). Returns the
     outputs' pytree, concatenated (numpy).
     """
-    n_dev = mesh.devices.size
-    batch = -(-batch_size // n_dev) * n_dev
+    batch = batch_size * mesh.devices.size  # every device gets batch_size rows, whatever the device count
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
     starts = np.arange(0, len(indices), batch)
     if not len(starts):
@@ -107,7 +103,7 @@ def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, 
                       disable=multihost.index() > 0 or not show) as bar:
         for start in mine:
             idx = indices[start:start + batch]
-            x = jax.device_put(_pad_to(dataset.images(idx), batch), sharding)
+            x = jax.device_put(pad_to(dataset.images(idx), batch), sharding)
             out = fn(split_model, params, x)
             outs.append(jax.tree.map(lambda a: np.asarray(a)[:len(idx)], out))
             bar.update(len(idx))
@@ -190,7 +186,7 @@ def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred
         return np.flatnonzero((label == pred) & np.isin(label, np.unique(query_true)))
     index, valid = pick(jnp.asarray(query_pooled), jnp.asarray(query_true), jnp.asarray(ref_pred["pooled"]),
                         jnp.asarray(label), jnp.asarray(pred), n=n_references, mode="nearest",
-                        key=jax.random.PRNGKey(0))
+                        key=jax.random.key(0))
     return np.unique(np.asarray(index)[np.asarray(valid)])
 
 
@@ -203,18 +199,12 @@ def _features(split_model, params, dataset, indices, labels, preds, batch_size, 
                         pooled=jnp.asarray(z.mean((1, 2))))
 
 
-def reference_key(seed: int, image_id: str) -> jax.Array:
-    """The PRNG key of a reference's Phi: fold_in(fold_in(key(seed), 0), h) with h = the first 31 bits of
-    sha256(id). It depends on the run seed and the image only, not on the run, method or batch that asks."""
-    tag = int.from_bytes(hashlib.sha256(str(image_id).encode()).digest()[:4], "little") & 0x7FFFFFFF
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _REFERENCE_TAG), tag)
-
-
-def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, weights: str, mesh,
+def reference_phi(split_model, params, refs, ids, config, *, split: str, cache_dir: Path, weights: str, mesh,
                   query_maps: int = 0):
     """Phi (R, H', W') of each reference on its own class (None for methods without saliency), cached.
 
-    Reference r's Phi is ``saliency.compute`` on r alone with ``reference_key(seed, ids[r])``, so it is a
+    Reference r's Phi is ``saliency.compute`` on r alone with its key (``keys.image_key(seed, keys.PHI, split,
+    ids[r])``), so it is a
     function of (weights, split point, :func:`~fgvce_jax.counterfactual.explain.saliency_settings`, seed, key
     derivation) and of (id, features, class). The first group names the file
     ``cache_dir/cache-reference-phi-<hash>.npz`` and is stored in it as ``key``; its rows hold id, features
@@ -233,10 +223,11 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
         once two reference maps have been timed).
     """
     settings = saliency_settings(config)
-    if settings is None:  # random / cve: the engine makes its own
-        return None
+    if settings is None:  # cve: none; random: its own cheap draws, from each reference's key
+        return phi_and_samples(split_model, params, refs, refs.labels, config, mesh=mesh,
+                               keys=run_keys.image_keys(config.seed, phi_stream(config), split, ids))[0]
     key = json.dumps({"weights": weights, "at": split_model.at, "saliency": settings, "seed": config.seed,
-                      "key": REFERENCE_KEY, "jax": jax.__version__, "backend": jax.default_backend()},
+                      "split": split, "key": REFERENCE_KEY, "jax": jax.__version__, "backend": jax.default_backend()},
                      sort_keys=True)
     path = cache_dir / f"cache-reference-phi-{store.config_hash(json.loads(key))}.npz"
     z, ctx, labels = np.asarray(refs.z), jax.tree.map(np.asarray, refs.ctx), np.asarray(refs.labels)
@@ -265,7 +256,8 @@ def reference_phi(split_model, params, refs, ids, config, *, cache_dir: Path, we
                            labels[r:r + 1], None)
         t_map = time.perf_counter()
         phi, samples = phi_and_samples(split_model, params, one, labels[r:r + 1], config,
-                                       key=reference_key(config.seed, ids[r]), mesh=mesh)
+                                       keys=run_keys.image_keys(config.seed, run_keys.PHI, split, ids[r:r + 1]),
+                                       mesh=mesh)
         used.add(samples)
         computed[ids[r]] = rows[ids[r]] = (prints[r], int(labels[r]), np.asarray(phi, np.float32)[0])
         if j == 1 and multihost.index() == 0:  # the first map includes compilation
@@ -339,57 +331,6 @@ def _write_reference_rows(path: Path, key: str, rows: dict) -> None:
                              "phi": np.stack([rows[i][2] for i in ids])})
 
 
-def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, dict]:
-    """Explanations of one shard -> (Parquet table, arrays) in the layout of ``docs/output_format.md``.
-
-    ``ref_idx`` maps ``ex.ref_index`` (rows of the references batch) to reference-split indices.
-    """
-    from fgvce_jax.counterfactual import REASONS
-
-    q, t_max = len(query_idx), ex.ref_index.shape[1]
-    true, pred = np.asarray(ex.true, np.int64), np.asarray(ex.pred, np.int64)
-    n_edits = np.asarray(ex.n_edits, np.int32)
-    ref_index = np.where(ex.ref_index >= 0, ref_idx[np.maximum(ex.ref_index, 0)], -1).astype(np.int64)
-    rows = np.arange(q)[:, None]
-    p_true = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], true[:, None]]
-    p_pred = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], pred[:, None]]
-    before = np.asarray(ex.probs_before, np.float32)
-    names = np.asarray(query_ds.class_names)
-
-    def edits(a):  # (Q, T) -> list of the first n_edits entries per row
-        return [a[i, :n_edits[i]].tolist() for i in range(q)]
-
-    table = pa.table({
-        "query_index": pa.array(query_idx, pa.int64()),
-        "query_id": pa.array(query_ds.ids[query_idx].tolist(), pa.string()),
-        "true": pa.array(true, pa.int32()), "true_name": pa.array(names[true].tolist(), pa.string()),
-        "pred": pa.array(pred, pa.int32()), "pred_name": pa.array(names[pred].tolist(), pa.string()),
-        "success": pa.array(np.asarray(ex.success, bool)),
-        "reason": pa.array([REASONS[int(r)] for r in ex.reason], pa.string()),
-        "n_edits": pa.array(n_edits, pa.int32()),
-        "region_size": pa.array(np.full(q, ex.region_size), pa.int32()),
-        "p_true_before": pa.array(before[np.arange(q), true], pa.float32()),
-        "p_pred_before": pa.array(before[np.arange(q), pred], pa.float32()),
-        "edit_query_row": pa.array(edits(ex.query_region[..., 0]), pa.list_(pa.int32())),
-        "edit_query_col": pa.array(edits(ex.query_region[..., 1]), pa.list_(pa.int32())),
-        "edit_ref_index": pa.array(edits(ref_index), pa.list_(pa.int64())),
-        "edit_ref_id": pa.array([ref_ds.ids[r].tolist() for r in edits(ref_index)], pa.list_(pa.string())),
-        "edit_ref_row": pa.array(edits(ex.ref_region[..., 0]), pa.list_(pa.int32())),
-        "edit_ref_col": pa.array(edits(ex.ref_region[..., 1]), pa.list_(pa.int32())),
-        "edit_similarity": pa.array(edits(np.asarray(ex.similarity, np.float32)), pa.list_(pa.float32())),
-        "edit_p_true": pa.array(edits(p_true), pa.list_(pa.float32())),
-        "edit_p_pred": pa.array(edits(p_pred), pa.list_(pa.float32())),
-    })
-    arrays = {"query_index": np.asarray(query_idx, np.int64), "success": np.asarray(ex.success, bool),
-              "n_edits": n_edits, "true": true, "pred": pred,
-              "query_region": np.asarray(ex.query_region, np.int32), "ref_index": ref_index,
-              "ref_region": np.asarray(ex.ref_region, np.int32),
-              "similarity": np.asarray(ex.similarity, np.float32),
-              "probs": np.asarray(ex.probs, np.float32), "probs_before": before,
-              "edit_mask": np.asarray(ex.edit_mask, bool), "query_phi": np.asarray(ex.query_phi, np.float32)}
-    return table, arrays
-
-
 # --------------------------------------------------------------------------- driver
 @dataclasses.dataclass(frozen=True)
 class Summary:
@@ -434,7 +375,7 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         a larger limit reuses the shards whose queries are unchanged, a smaller one than ``out_dir`` holds is
         refused.
       at: split point (default: the checkpoint's).
-      batch_size: images per forward batch (rounded up to the device count); no effect on results.
+      batch_size: images per device in each forward batch; no effect on results.
       shard_size: queries per result shard (part of the stored config).
       overwrite: replace results of a different config instead of refusing.
 
@@ -472,18 +413,22 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
            "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
            "queries": list(dict.fromkeys(queries)) if queries else None,  # each once, as select_queries has them
            "shard_size": shard_size,
-           # reference Phi keys come from (seed, reference id) since this version; a directory written with the
-           # earlier per-run keys is refused as a different config instead of mixing two kinds of shards
-           "reference_phi_keys": "seed+id"}
+           # every image's key comes from (seed, stream, split, id) since schema 2; a directory of schema 1 is
+           # refused in one line (results.check_writable) instead of mixing two kinds of shards
+           "schema": SCHEMA, "keys": run_keys.DERIVATION}
     with contextlib.ExitStack() as locks:  # the writers' directory locks, released however the run ends
         # Opened before any work, so that a different config in out_dir is refused at once; by process 0 first.
         writers = []
         for turn in (0, 1):
             if (multihost.index() > 0) == turn:
+                if not overwrite:
+                    for c in configs:
+                        check_writable(out_dir / c.method)
                 writers = [locks.enter_context(store.ShardWriter(
-                               out_dir / c.method, {**run, **_stored_config(c)}, overwrite=overwrite,
+                               out_dir / c.method, {**run, **settings(c)}, overwrite=overwrite,
                                process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)},
-                               names={k: flag(k) for k in [*_stored_config(c), *RUN_FLAGS] if k != "method"}))
+                               names={**{k: setting_flag(c, k) for k in settings(c) if k != "method"},
+                                      **{k: flag(k) for k in RUN_FLAGS}}))
                            for c in configs]
                 if overwrite and turn == 0:
                     for p in out_dir.glob("cache-reference-phi-*.npz"):
@@ -547,18 +492,6 @@ def screening_plan(config, n_windows: int) -> str:
             f"{words['query']} query and {words['reference']} reference windows)")
 
 
-def _stored_config(config) -> dict:
-    """The fields of ``config`` that decide the results (chunking never changes them; an unset
-    ``phi_tolerance``, a float32 ``head_dtype`` and screening where it does not apply are left out, so
-    unscreened directories written before screening existed still match)."""
-    off = {"phi_tolerance": None, "head_dtype": "float32"}
-    out = {k: v for k, v in dataclasses.asdict(config).items()
-           if k != "chunk_size" and not (k in off and v == off[k])}
-    if not screened(config):  # no screening, or a method / tolerance run it does not apply to
-        del out["screen_samples"], out["screen_margin"]
-    return out
-
-
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
                     mesh, batch_size, shard_size, weights) -> Summary:
     """Passes 2-5 for one config into ``writer.dir`` (resumes the shards already there). Under several
@@ -583,7 +516,6 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
     if writer.done and multihost.index() == 0:
         print(f"pass 4-5: {config.method}: {n_shards - len(todo)} of {n_shards} shards were done already",
               file=sys.stderr)
-    key = jax.random.PRNGKey(config.seed)
     t0, computed, used = time.perf_counter(), 0, SamplesUsed()
     if todo:
         if len(r_idx) == 0:
@@ -596,10 +528,8 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                   f"{config.kernel} on a {refs.z.shape[1]}x{refs.z.shape[2]} map, {config.samples} samples"
                   f"{screening_plan(config, refs.z.shape[1] * refs.z.shape[2])}, at most {config.t_max} edits",
                   file=sys.stderr)
-        ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, cache_dir=out.parent,
-                                weights=weights, mesh=mesh,
-                                query_maps=my_rows)
-        q_key = jax.random.fold_in(key, _QUERY_TAG)
+        ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, split=ref_ds.split,
+                                cache_dir=out.parent, weights=weights, mesh=mesh, query_maps=my_rows)
         several = multihost.count() > 1  # then the bar counts process 0's shards only
         with progress.bar(total=my_rows if several else len(q_idx), initial=0 if several else len(writer.done_rows()),
                           unit="query", desc=f"pass 4-5: {config.method} search" + (" (process 0's shards)" if several
@@ -608,17 +538,17 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
             for s in mine:
                 start, stop, inputs = wanted[s]
                 idx = q_idx[start:stop]
-                padded = _pad_to(idx, rows)
+                padded = pad_to(idx, rows)
                 batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
                                   batch_size, mesh, "query features", show=False)
-                k_phi, k_search = jax.random.split(jax.random.fold_in(q_key, s))
+                q_keys = run_keys.image_keys(config.seed, phi_stream(config), ds.split, ds.ids[padded])
                 q_phi, samples = phi_and_samples(split_model, params, batch, pred["pred"][padded], config,
-                                                 key=k_phi, mesh=mesh, role="query")
+                                                 keys=q_keys, mesh=mesh, role="query")
                 used.add(None if samples is None else np.asarray(samples)[:len(idx)])
-                ex = explain(split_model, params, batch, refs, config, key=k_search,
+                ex = explain(split_model, params, batch, refs, config, key=None,
                              query_phi=None if q_phi is None else jnp.asarray(q_phi),
                              reference_phi=None if ref_phi is None else jnp.asarray(ref_phi), mesh=mesh)
-                table, arrays = results_table(_first_rows(ex, len(idx)), idx, ds, r_idx, ref_ds)
+                table, arrays = results_table(ex.rows(len(idx)), idx, ds, r_idx, ref_ds)
                 writer.write_shard(s, start, stop, table, arrays, inputs)
                 computed += len(idx)
                 bar.update(len(idx))
@@ -643,17 +573,11 @@ def shard_inputs(query_ids, rows: int, reference_ids, config) -> str:
     when it is unchanged (so a larger --limit recomputes only the trailing partial shard and the new ones).
 
     That is the shard's query ids and the row count its batch is padded to (``min(shard_size, queries)``), and,
-    where the engine draws on the whole reference batch (``reference_mode="random"``: one draw per reference;
-    method ``random``: one random Phi per reference), the ids of every reference, since more queries bring more
-    references. With nearest references a query uses only its own N nearest, which every batch holds
-    (:func:`select_references`), and each reference's Phi and candidates depend on it alone.
+    where the engine draws on the whole reference batch (``reference_mode="random"``: one draw per reference),
+    the ids of every reference, since more queries bring more references. With nearest references a query uses
+    only its own N nearest, which every batch holds (:func:`select_references`), and each reference's Phi
+    (from its own key, also for method ``random``) and candidates depend on it alone.
     """
-    whole = config.reference_mode == "random" or config.method == "random"
+    whole = config.reference_mode == "random"
     return store.config_hash({"queries": [str(i) for i in query_ids], "rows": int(rows),
                               "references": [str(i) for i in reference_ids] if whole else None})
-
-
-def _first_rows(ex, n: int):
-    """``ex`` (an Explanations dataclass) without the padding rows beyond ``n``."""
-    return dataclasses.replace(ex, **{f.name: getattr(ex, f.name)[:n] for f in dataclasses.fields(ex)
-                                      if isinstance(getattr(ex, f.name), np.ndarray)})

@@ -6,7 +6,7 @@ The page, top to bottom:
 - what the figures show, and what a fixed / not fixed query does and does not tell;
 - a summary table per method and, when ``fgvce evaluate`` was run, its metric table, every column
   named in words with the direction that is better;
-- one section per method, in :data:`fgvce_jax.evaluate.METHOD_ORDER`: its config, an index of its
+- one section per method, in :func:`fgvce_jax.evaluate.method_order`: its config, an index of its
   queries grouped by confusion (true -> predicted) with counts, a fixed / not fixed filter
   (CSS ``:target``), and per query (anchor ``<method>-q<row>``) the figure of
   :func:`fgvce_jax.figures.query_figure` and a table of its edits (similarity, p(true), p(pred)).
@@ -27,7 +27,8 @@ import numpy as np
 from fgvce_jax import progress, store
 from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered, find_runs
+from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered
+from fgvce_jax.results import check_readable, find_runs
 from fgvce_jax.figures import query_figure
 
 _WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
@@ -260,7 +261,7 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
     try:
         summary_rows, sections, datasets = [], [], _Datasets()
         for method, d in runs.items():
-            cfg = store.read_manifest(d)["config"]
+            cfg = check_readable(d)
             table, arrays = store.read_results(d)
             rows = table.to_pylist()
             timing = read_summary(d) or {}

@@ -7,8 +7,8 @@ Methods:
 - ``gradient``: gradient x activation summed over channels, ``sum_d z_hwd * d out_c / d z_hwd``.
 - ``gradcam``: ``relu(sum_d alpha_d z_hwd)`` with ``alpha_d = mean_hw d out_c / d z_hwd`` (Selvaraju et al.).
 
-Image i uses the key ``fold_in(key, i)``, so ``compute(...)[i]`` equals the single-image estimator on image
-i's game with that key. Shapley work is split over the devices of a 1-D mesh and chunked by a memory budget;
+Image i uses the key ``fold_in(key, i)`` (or ``keys[i]``, given one key per image), so ``compute(...)[i]``
+equals the single-image estimator on image i's game with that key. Shapley work is split over the devices of a 1-D mesh and chunked by a memory budget;
 neither changes the result.
 
 ``dtype="bfloat16"`` evaluates the head in bfloat16 (weights, feature maps and baseline rounded to it; the
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from fgvce_jax.counterfactual.config import HEAD_DTYPES
+from fgvce_jax import sharding
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley import sharding
+from fgvce_jax.keys import row_keys
 from fgvce_jax.shapley.estimate import plan as plan_global
 from fgvce_jax.shapley.estimate import run_batch as run_global
 from fgvce_jax.shapley.game import feature_game, is_affine, read_output
@@ -37,6 +37,7 @@ from fgvce_jax.shapley.local_tolerance import ToleranceResult, bucket_size, chec
 from fgvce_jax.shapley.local_tolerance import run_batch as run_tolerance
 
 METHODS = ("local", "global", "gradient", "gradcam")
+HEAD_DTYPES = ("float32", "bfloat16")
 
 
 def in_dtype(params, z, ctx, baseline, dtype: str):
@@ -48,11 +49,6 @@ def in_dtype(params, z, ctx, baseline, dtype: str):
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a  # noqa: E731
     return (jax.tree.map(cast, params), cast(z), jax.tree.map(cast, ctx),
             baseline if isinstance(baseline, str) else cast(jnp.asarray(baseline)))
-
-
-def image_keys(key: jax.Array, n: int) -> jax.Array:
-    """keys (n,): ``fold_in(key, i)`` for image i."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
 _FNS: dict = {}  # (split_model, baseline kind, output, shapes) -> (game fn, bytes/evaluation, shared keys)
@@ -119,8 +115,15 @@ def gradient_maps(split_model, params, z, ctx, classes, *, method, output, mesh)
                          in_specs=(P(axis), P(axis), P(axis)), out_specs=P(axis), check_vma=False)(z, ctx, classes)
 
 
-def _pad(tree, n_to: int):
-    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n_to - a.shape[0], axis=0)]), tree)
+def _keys(key, keys, n: int, method: str) -> jax.Array:
+    """One key per image (N,) from ``key`` (row i: ``fold_in(key, i)``) or ``keys``; FgvceError without either."""
+    if (key is None) == (keys is None):
+        raise FgvceError(f"method {method!r} samples coalitions and needs a PRNG key (key) or one per image (keys)")
+    if keys is None:
+        return row_keys(key, n)
+    if keys.shape != (n,):
+        raise FgvceError(f"keys must hold one key per image ({n}), got shape {tuple(keys.shape)}")
+    return keys
 
 
 def _checked_batch(split_model, z, classes) -> tuple[jax.Array, jax.Array]:
@@ -139,7 +142,7 @@ def _checked_batch(split_model, z, classes) -> tuple[jax.Array, jax.Array]:
 
 
 def compute(split_model, params, z, ctx, classes, *, method: str = "local", kernel: int = 3, samples: int = 32,
-            key: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
+            key: jax.Array | None = None, keys: jax.Array | None = None, baseline="zero", output: str = "prob", outside: str = "absent",
             paired: bool = True, stratified: bool = False, budget: int | None = None, chunk_size: int | None = None,
             dtype: str = "float32", screen_samples: int | None = None, screen_keep: int | None = None,
             mesh=None) -> jax.Array:
@@ -150,7 +153,9 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
     ``baseline`` and ``output`` define the game (SPEC 2, ``fgvce_jax.shapley.feature_game``); ``dtype`` is the
     head's (module docstring). ``screen_samples`` M0 and ``screen_keep`` S screen ``local``
     (``fgvce_jax.shapley.local_screening``): a pass of M0 samples per window, then the full M samples at the S
-    windows of largest Phi only (unscreened when that would not save evaluations).
+    windows of largest Phi only (unscreened when that would not save evaluations); image i's first pass uses
+    ``screen_key`` of its key. ``key`` gives image i ``fold_in(key, i)``; ``keys`` (N,) instead gives it
+    ``keys[i]`` (one key per image, ``fgvce_jax.keys``). Sampling methods need one of them.
     """
     if method not in METHODS:
         raise FgvceError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
@@ -160,13 +165,10 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
     ctx = {} if ctx is None else ctx
     mesh = sharding.device_mesh(mesh)
     if method in ("gradient", "gradcam"):
-        n_pad = -(-n // mesh.size) * mesh.size
-        return gradient_maps(split_model, params, _pad(z, n_pad), _pad(ctx, n_pad), _pad(classes, n_pad),
-                             method=method, output=output, mesh=mesh)[:n].astype(jnp.float32)
-    if key is None:
-        raise FgvceError(f"method {method!r} samples coalitions and needs a PRNG key")
+        z, ctx, classes = sharding.pad_to((z, ctx, classes), sharding.padded_length(n, mesh.size))
+        return gradient_maps(split_model, params, z, ctx, classes, method=method, output=output, mesh=mesh)[:n].astype(jnp.float32)
+    keys = _keys(key, keys, n, method)
     fn, args, shared, bytes_per_eval = batch_games(split_model, params, z, ctx, classes, baseline, output)
-    keys = image_keys(key, n)
     if method == "local":
         draws = check_local((h, w), kernel, samples, outside, paired)
 
@@ -181,7 +183,7 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
         check_screen(screen_samples, screen_keep, paired)
         if not saves(h * w, screen_keep, screen_samples, samples):
             return run(keys, draws)
-        phi0 = run(image_keys(screen_key(key), n), screen_samples // 2 if paired else screen_samples)
+        phi0 = run(jax.vmap(screen_key)(keys), screen_samples // 2 if paired else screen_samples)
         windows = select_windows(phi0, screen_keep)
         return merge(phi0, windows, run(keys, draws, windows))
     budget = 2 * h * w * samples if budget is None else budget
@@ -192,27 +194,28 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
 
 
 def compute_to_tolerance(split_model, params, z, ctx, classes, *, kernel: int = 3, tolerance: float,
-                         key: jax.Array, max_samples: int = 256, round_samples: int = 8, baseline="zero",
+                         key: jax.Array | None = None, keys: jax.Array | None = None, max_samples: int = 256, round_samples: int = 8, baseline="zero",
                          output: str = "prob", outside: str = "absent", paired: bool = True,
                          dtype: str = "float32", mesh=None) -> ToleranceResult:
     """Local Phi (N, H, W) with each window sampled until its standard error is at most ``tolerance``
     (``fgvce_jax.shapley.local_tolerance``), and the samples each window used (N, H, W).
 
-    Image i uses ``fold_in(key, i)``, as in :func:`compute`; images are split over the mesh (padded to it),
+    Image i uses ``fold_in(key, i)`` or ``keys[i]``, as in :func:`compute`; images are split over the mesh (padded to it),
     which never changes a result. ``dtype`` is the head's (module docstring)."""
     z, classes = _checked_batch(split_model, z, classes)
     params, z, ctx, baseline = in_dtype(params, z, ctx, baseline, dtype)
     n, h, w, _ = z.shape
+    keys = _keys(key, keys, n, "local")
     max_draws = check_local((h, w), kernel, max_samples, outside, paired)
     round_draws = check_local((h, w), kernel, round_samples, outside, paired)
     check_tolerance(tolerance, round_draws, max_draws)
     mesh = sharding.device_mesh(mesh)
     ctx = {} if ctx is None else ctx
-    n_pad = -(-n // mesh.size) * mesh.size
-    fn, args, shared, bytes_per_eval = batch_games(split_model, params, _pad(z, n_pad), _pad(ctx, n_pad),
-                                                   _pad(classes, n_pad), baseline, output)
+    n_pad = sharding.padded_length(n, mesh.size)
+    z, ctx, classes = sharding.pad_to((z, ctx, classes), n_pad)
+    fn, args, shared, bytes_per_eval = batch_games(split_model, params, z, ctx, classes, baseline, output)
     bucket = bucket_size((h, w), round_draws, paired, bytes_per_eval)
-    out = run_tolerance(fn, args, image_keys(key, n_pad), tolerance, grid=(h, w), kernel=kernel, outside=outside,
+    out = run_tolerance(fn, args, sharding.pad_to(keys, n_pad), tolerance, grid=(h, w), kernel=kernel, outside=outside,
                         paired=paired, round_draws=round_draws, max_draws=max_draws, bucket=bucket, mesh=mesh,
                         shared=shared)
     return ToleranceResult(out.phi[:n], out.samples[:n])

@@ -1,7 +1,7 @@
 """The counterfactual engine (SPEC 5) against a constructed case with a known
 answer and against plain-Python reference loops written here."""
 import dataclasses
-import sys
+import importlib
 import types
 
 import jax
@@ -380,14 +380,13 @@ def test_phi_computed_on_predicted_and_own_class(monkeypatch):
     model, params, queries, refs, q_phi, r_phi = random_problem(seed=8, q=3)
     calls = []
 
-    def compute(split_model, params, z, ctx, classes, *, method, key, **kw):
+    def compute(split_model, params, z, ctx, classes, *, method, keys, **kw):
         calls.append((np.asarray(z).copy(), np.asarray(classes).copy(), method))
+        assert keys.shape == (np.shape(z)[0],)  # one key per image
         return jnp.asarray(np.asarray(z).sum(-1))
 
-    fake = types.SimpleNamespace(compute=compute)
-    monkeypatch.setitem(sys.modules, "fgvce_jax.saliency", fake)
-    import fgvce_jax
-    monkeypatch.setattr(fgvce_jax, "saliency", fake, raising=False)
+    engine = importlib.import_module("fgvce_jax.counterfactual.explain")
+    monkeypatch.setattr(engine, "saliency", types.SimpleNamespace(compute=compute))
     cfg = CounterfactualConfig(n_references=2, t_max=2, method="gradient")
     got = explain(model, params, queries, refs, cfg, key=jax.random.key(0))
     (zq, cq, mq), (zr, cr, mr) = calls
@@ -447,7 +446,7 @@ def test_default_chunk_keeps_candidate_scoring_within_the_memory_budget():
     """cve on a CUB-sized map scores H W x N H W pairs; unchunked that is tens of GB (it was OOM-killed)."""
     from fgvce_jax.counterfactual.explain import HEAD_ACTIVATION_FACTOR, default_chunk_size
     from fgvce_jax.counterfactual.search import SEARCH_GROUP
-    from fgvce_jax.shapley.sharding import memory_budget
+    from fgvce_jax.sharding import memory_budget
 
     for shape, n_q in [((14, 14, 2048), 64), ((7, 7, 2048), 3), ((8, 8, 128), 1)]:
         chunk = default_chunk_size(shape, n_q)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fgvce_jax import data, evaluate, store
+from fgvce_jax import data, evaluate, results, store
 from fgvce_jax.cli import main
 from fgvce_jax.metrics import rise
 
@@ -82,7 +82,7 @@ def _write_run(directory, method, e, shard_size=1, rows=None, summary=True):
     write_run(directory / method, {"method": method, "region_size": e.region_size, "dataset": "digits",
                                    "split": "test", "model": None},
               id_table(e, data.load("digits", "test").ids, data.load("digits", "test").ids),  # references: test too
-              {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS},
+              {k: getattr(e, k) for k in results.EXPLANATION_ARRAYS},
               [(start, min(q, start + shard_size)) for start in range(0, q, shard_size)], summary=summary)
 
 
@@ -90,7 +90,7 @@ def test_directory_gives_the_in_memory_table(tmp_path):
     runs = two_methods()
     for m, e in runs.items():
         _write_run(tmp_path, m, e)
-    assert set(evaluate.find_runs(tmp_path)) == {"fgvce", "random"}
+    assert set(results.find_runs(tmp_path)) == {"fgvce", "random"}
     rows, files = evaluate.evaluate_directory(tmp_path, use_rise=False, parts=False)
     assert rows == evaluate.summarise(runs)
     assert (tmp_path / "evaluation" / "table.md").read_text() == evaluate.to_markdown(rows)
@@ -198,7 +198,7 @@ def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
     w = store.ShardWriter(tmp_path / "run" / "fgvce", {"method": "fgvce", "region_size": 1, "dataset": name,
                                                         "split": "test", "reference_split": "train",
                                                         "image_size": 32, "model": None})
-    w.write_shard(0, 0, 2, id_table(e, test.ids, train.ids), {k: getattr(e, k) for k in evaluate.EXPLANATION_ARRAYS})
+    w.write_shard(0, 0, 2, id_table(e, test.ids, train.ids), {k: getattr(e, k) for k in results.EXPLANATION_ARRAYS})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, _ = evaluate.evaluate_directory(tmp_path / "run", use_rise=False)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from fgvce_jax import saliency
+from fgvce_jax.keys import row_keys
 from fgvce_jax.counterfactual.config import CounterfactualConfig
-from fgvce_jax.counterfactual.explain import saliency_settings, screened
+from fgvce_jax.counterfactual.config import screened
+from fgvce_jax.counterfactual.explain import saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models import create, split
 from fgvce_jax.shapley import local_screening as ls
@@ -51,7 +53,8 @@ def test_screened_map_is_the_full_map_at_the_kept_windows_and_the_cheap_map_else
     classes = jnp.array([0, 3, 1])
     kw = dict(kernel=3, key=KEY)
     full = np.asarray(saliency.compute(sm, params, z, {}, classes, samples=16, **kw))
-    cheap = np.asarray(saliency.compute(sm, params, z, {}, classes, samples=2, kernel=3, key=ls.screen_key(KEY)))
+    screen_keys = jax.vmap(ls.screen_key)(row_keys(KEY, 3))  # image i's first pass: screen_key of its key
+    cheap = np.asarray(saliency.compute(sm, params, z, {}, classes, samples=2, kernel=3, keys=screen_keys))
     got = np.asarray(saliency.compute(sm, params, z, {}, classes, samples=16, screen_samples=2, screen_keep=4, **kw))
     n, h, w = full.shape
     for i in range(n):
@@ -124,9 +127,9 @@ def test_the_command_line_screens_by_default_except_under_a_tolerance_and_0_turn
 
     from fgvce_jax.commands.explain import screen_from_args
 
-    assert screen_from_args(Namespace(screen=None, phi_tolerance=None)) == 4
-    assert screen_from_args(Namespace(screen=None, phi_tolerance=0.1)) is None
-    assert screen_from_args(Namespace(screen=0, phi_tolerance=None)) is None
-    assert screen_from_args(Namespace(screen=8, phi_tolerance=None)) == 8
+    assert screen_from_args(Namespace(screen_samples=None, phi_tolerance=None)) == 4
+    assert screen_from_args(Namespace(screen_samples=None, phi_tolerance=0.1)) is None
+    assert screen_from_args(Namespace(screen_samples=0, phi_tolerance=None)) is None
+    assert screen_from_args(Namespace(screen_samples=8, phi_tolerance=None)) == 8
     with pytest.raises(FgvceError, match="--screen and --phi-tolerance cannot be combined"):
-        screen_from_args(Namespace(screen=4, phi_tolerance=0.1))
+        screen_from_args(Namespace(screen_samples=4, phi_tolerance=0.1))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from fgvce_jax import models, pipeline, saliency, store
+from fgvce_jax import keys, models, pipeline, saliency, store
 from fgvce_jax.counterfactual import FeatureBatch
 from test_pipeline import CONFIG, _patch, _run, toy  # noqa: F401  (toy is a fixture)
 
@@ -41,7 +41,7 @@ def phi_of(refs, cache_dir, config=CONFIG, *, batch=None, ids=None, params=None)
     p = p if params is None else params
     cache_dir.mkdir(parents=True, exist_ok=True)
     return pipeline.reference_phi(sm, p, b if batch is None else batch, i if ids is None else ids, config,
-                                  cache_dir=cache_dir, weights=pipeline.fingerprint(p), mesh=None)
+                                  split="train", cache_dir=cache_dir, weights=pipeline.fingerprint(p), mesh=None)
 
 
 def cache_file(d):
@@ -60,7 +60,7 @@ def test_hit_is_byte_identical_and_computes_nothing(refs, tmp_path, calls):
 
 
 def test_phi_depends_on_seed_and_id_only(refs, tmp_path):
-    """Each row is saliency.compute on that reference alone with reference_key(seed, id), whatever else is
+    """Each row is saliency.compute on that reference alone with its key (seed, Phi stream, split, id), whatever else is
     in the batch: a subset in another order, in a fresh cache, gives the same rows."""
     sm, params, batch, ids = refs
     full = phi_of(refs, tmp_path / "a")
@@ -69,7 +69,7 @@ def test_phi_depends_on_seed_and_id_only(refs, tmp_path):
     part = phi_of(refs, tmp_path / "b", batch=sub, ids=ids[order])
     assert part.tobytes() == full[order].tobytes()
     alone = saliency.compute(sm, params, batch.z[3:4], {}, batch.labels[3:4], method="local", kernel=CONFIG.kernel,
-                             samples=CONFIG.samples, key=pipeline.reference_key(CONFIG.seed, ids[3]))
+                             samples=CONFIG.samples, keys=keys.image_keys(CONFIG.seed, keys.PHI, "train", ids[3:4]))
     np.testing.assert_array_equal(np.asarray(alone)[0], full[3])
     assert not np.array_equal(full, phi_of(refs, tmp_path / "c", ids=[f"x{i}" for i in ids]))
 

@@ -1,4 +1,4 @@
-"""Result rows (pipeline.results_table), run completeness, the report's figures and its HTML, on
+"""Result rows (results.results_table), run completeness, the report's figures and its HTML, on
 hand-built explanations."""
 import collections
 import html.parser
@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from fgvce_jax import completeness, figures, pipeline, report
+from fgvce_jax import completeness, figures, report, results
 from fgvce_jax.cli import main
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import edited_cells
@@ -59,7 +59,7 @@ def _explanations(seed=1):
 def test_results_table_rows_match_the_explanations():
     ex, qds, rds = _explanations(), _dataset("test", 10, 2), _dataset("train", 8, 3)
     query_idx, ref_idx = np.array([7, 2, 5]), np.array([4, 6])
-    table, arrays = pipeline.results_table(ex, query_idx, qds, ref_idx, rds)
+    table, arrays = results.results_table(ex, query_idx, qds, ref_idx, rds)
     rows = table.to_pylist()
     for q, row in enumerate(rows):
         n = int(ex.n_edits[q])
@@ -128,7 +128,7 @@ def test_phi_norm_is_centred_at_zero():
 
 def _stored(tmp_path, config=None, shards=((0, 2), (2, 3)), **kwargs):
     ex, qds, rds = _explanations(), _dataset("test", 10, 2), _dataset("train", 8, 3)
-    table, arrays = pipeline.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
+    table, arrays = results.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
     return write_run(tmp_path / "run", {"method": "fgvce", **(config or {})}, table, arrays, list(shards), **kwargs)
 
 
@@ -209,7 +209,7 @@ def _write_methods(root, partial_random=True):
         if method == "cve":
             ex.query_phi, ex.region_size = np.full_like(ex.query_phi, np.nan), 1
             ex.edit_mask = _written(ex.query_region, ex.ref_region, ex.n_edits, 1)
-        table, arrays = pipeline.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
+        table, arrays = results.results_table(ex, np.array([7, 2, 5]), qds, np.array([4, 6]), rds)
         partial = partial_random and method == "random"
         write_run(root / method, {**config, "method": method, "region_size": ex.region_size}, table, arrays,
                   [(0, 2)] if partial else [(0, 2), (2, 3)], summary=not partial)
@@ -346,7 +346,7 @@ def test_report_and_evaluate_find_images_by_id_when_the_dataset_changed(tmp_path
         np.testing.assert_array_equal(image, qds.raw_image(int(qid.removeprefix("test"))))  # its own image
         for r, img in refs.items():
             np.testing.assert_array_equal(img, rds.raw_image(r))  # edit_ref_index is the old position
-    e, _ = evaluate.load_run(tmp_path / "out" / "fgvce")
+    e, _ = results.load_run(tmp_path / "out" / "fgvce")
     moved = evaluate.by_id(e, new_q, new_r)
     np.testing.assert_array_equal(moved.query_index, e.query_index + 2)
     np.testing.assert_array_equal(moved.ref_index, np.where(e.ref_index >= 0, e.ref_index + 2, -1))

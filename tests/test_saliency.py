@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgvce_jax import saliency, shapley
+from fgvce_jax.keys import row_keys
+from fgvce_jax import saliency, shapley, sharding
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models import create, split
 from fgvce_jax.shapley.game import GenericHead, LastBlockAttention, LinearHead
@@ -210,10 +211,10 @@ def test_batched_games_share_the_model_parameters():
     fn, args, shared, _ = saliency.batch_games(sm, params, z, {}, jnp.array([0, 1, 2]), "zero", "prob")
     assert "params" not in args and shared["params"] is params
     assert all(a.shape[0] == 3 for a in jax.tree.leaves(args))  # every per-image argument has the image axis
-    mesh = shapley.sharding.device_mesh(None)
+    mesh = sharding.device_mesh(None)
 
     def hlo(args, shared):
-        return run_local.lower(fn, args, saliency.image_keys(KEY, 3), grid=(4, 4), kernel=3, draws=2,
+        return run_local.lower(fn, args, row_keys(KEY, 3), grid=(4, 4), kernel=3, draws=2,
                                outside="absent", paired=True, u=8, n_chunks=1, mesh=mesh, shared=shared).as_text()
 
     def groups(text):
@@ -235,9 +236,9 @@ def test_bf16_head_runs_the_convolutions_in_bf16_and_stays_close_to_float32():
     def conv_types(dtype):
         p, zz, ctx, base = saliency.in_dtype(params, z, {}, "zero", dtype)
         fn, args, shared, _ = saliency.batch_games(sm, p, zz, ctx, classes, base, "prob")
-        text = run_local.lower(fn, args, saliency.image_keys(KEY, 2), grid=(4, 4), kernel=3, draws=2,
+        text = run_local.lower(fn, args, row_keys(KEY, 2), grid=(4, 4), kernel=3, draws=2,
                                outside="absent", paired=True, u=8, n_chunks=1,
-                               mesh=shapley.sharding.device_mesh(None), shared=shared).as_text()
+                               mesh=sharding.device_mesh(None), shared=shared).as_text()
         return set(re.findall(r"stablehlo.convolution.*-> tensor<[^>]*x(\w+)>", text))
 
     assert conv_types("float32") == {"f32"} and conv_types("bfloat16") == {"bf16"}

@@ -12,7 +12,7 @@ from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
 from fgvce_jax.shapley.game import Game, LinearHead, as_game
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 MC = ("permutation", "antithetic", "kernel", "leverage")
 KEY = jax.random.key(0)

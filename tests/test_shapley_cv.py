@@ -18,7 +18,7 @@ from fgvce_jax.shapley.game import Game, as_game, is_affine
 from fgvce_jax.shapley.local import layout as local_layout
 from fgvce_jax.shapley.local import run_batch as run_local
 from fgvce_jax.shapley.permutation_cv import pooled, rank_counts
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 CV = ("permutation_cv", "antithetic_cv")
 PLAIN = {"permutation_cv": "permutation", "antithetic_cv": "antithetic"}

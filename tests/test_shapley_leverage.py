@@ -16,7 +16,7 @@ from fgvce_jax.shapley.estimate import estimator, plan, run_batch
 from fgvce_jax.shapley.game import as_game
 from fgvce_jax.shapley.kernel import kernel_mass, size_cdf
 from fgvce_jax.shapley.leverage import Leverage, leverage_size_weights
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 KEY = jax.random.key(0)
 REGRESSION = ("kernel", "leverage")

@@ -11,7 +11,7 @@ from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.game import Game, LinearHead, is_affine
 from fgvce_jax.shapley.local import layout, run_batch
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 
 KEY = jax.random.key(0)
 

@@ -23,7 +23,7 @@ from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
 from fgvce_jax.shapley.game import Game, as_game
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 from fgvce_jax.shapley.stratified_svarm import size_distribution, slots
 from fgvce_jax.shapley.svarm import size_distributions
 

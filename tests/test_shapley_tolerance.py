@@ -4,12 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fgvce_jax.keys import row_keys
 from fgvce_jax import saliency
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models import create, split
 from fgvce_jax.shapley import local
 from fgvce_jax.shapley.local_tolerance import local_to_tolerance
-from fgvce_jax.shapley.sharding import device_mesh
+from fgvce_jax.sharding import device_mesh
 from test_shapley_local import per_window_reference, sigmoid_game
 
 GRID = (3, 4)
@@ -78,7 +79,7 @@ def test_batched_maps_bit_identical_on_1_and_4_devices_and_equal_to_single_games
     np.testing.assert_array_equal(np.asarray(runs[0].samples), np.asarray(runs[1].samples))
     game = saliency.batch_games(sm, params, z[1:2], {}, classes[1:2], "zero", "prob")
     one = local_to_tolerance(lambda m: game[0]({**game[2], **jax.tree.map(lambda a: a[0], game[1])}, m), (4, 4),
-                             kernel=3, tolerance=5e-3, key=saliency.image_keys(jax.random.key(7), 3)[1],
+                             kernel=3, tolerance=5e-3, key=row_keys(jax.random.key(7), 3)[1],
                              max_samples=32, round_samples=4)
     np.testing.assert_allclose(np.asarray(one.phi), np.asarray(runs[0].phi[1]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(one.samples), np.asarray(runs[0].samples[1]))

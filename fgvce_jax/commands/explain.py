@@ -11,22 +11,44 @@ A second run writing the same method directory at the same time fails at once.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
+from fgvce_jax.counterfactual.config import CounterfactualConfig, flag, param_flag
+
 HELP = "explain the misclassified images of a dataset split (resumable, sharded output)"
 
-def _config_defaults():
-    from fgvce_jax.counterfactual.config import CounterfactualConfig
 
-    return CounterfactualConfig()
+def _config_fields():
+    """The config fields that have an option (those with help metadata)."""
+    return [f for f in dataclasses.fields(CounterfactualConfig) if "help" in f.metadata]
 
+
+def _param_dest(method: str, name: str) -> str:
+    return f"param__{method}__{name}"
+
+
+def _add_field(group, option: str, dest: str, field, default) -> None:
+    """One option for a dataclass field: type from its metadata or its default, choices and metavar from its
+    metadata, the default shown in the help unless the help says it."""
+    meta = field.metadata
+    kind = meta.get("type", type(field.default))
+    text = meta.get("help", "")
+    if "default" not in text:
+        text += f" (default: {field.default})"
+    extra = {k: meta[k] for k in ("choices", "metavar") if k in meta}
+    if kind is bool:
+        group.add_argument(option, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
+    else:
+        group.add_argument(option, dest=dest, type=kind, default=default, help=text, **extra)
 
 def add_arguments(parser) -> None:
-    """Options of ``fgvce explain``; method options default to ``CounterfactualConfig``'s."""
-    from fgvce_jax.counterfactual.config import HEAD_DTYPES, METHODS, REFERENCE_MODES, SELECTIONS, STOPS
+    """Options of ``fgvce explain``. The method options are built from ``CounterfactualConfig``'s fields (their
+    metadata gives help and choices, the field its default) and from each registered method's ``Params``
+    (``--<method>-<name>``), so they never need copying by hand."""
+    from fgvce_jax.counterfactual import methods
 
-    d = _config_defaults()
     parser.add_argument("--model", required=True, help="checkpoint directory (from `fgvce train` or `fgvce convert`)")
     parser.add_argument("--dataset", required=True, help="digits | tfds:NAME | cub:DIR | folder:DIR")
     parser.add_argument("--split", default="test", help="split whose mistakes are explained (default: test)")
@@ -35,44 +57,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--at", default=None,
                         help="split point of the model (default: the checkpoint's): ResNet layer4.0 | layer4 | "
                              "layer3, VGG features, ViT block0..block{L-1}")
-    parser.add_argument("--method", nargs="+", default=[d.method], choices=METHODS,
-                        help="one or more methods")
+    parser.add_argument("--method", nargs="+", default=["fgvce"], choices=methods.names(),
+                        help="one or more methods (default: fgvce; docs/methods.md)")
     parser.add_argument("--queries", nargs="+", default=None, metavar="ID",
                         help="explain these image ids instead of all misclassified ones")
     parser.add_argument("--limit", type=int, default=None,
                         help="explain at most this many queries (a larger one later reuses the results)")
     g = parser.add_argument_group("method options")
-    g.add_argument("--kernel", type=int, default=d.kernel, help="local Shapley window k")
-    g.add_argument("--samples", type=int, default=d.samples, help="Shapley samples per window M")
-    g.add_argument("--region-size", type=int, default=d.region_size, help="region side r")
-    g.add_argument("--max-regions", type=int, default=d.max_regions, help="regions per query K")
-    g.add_argument("--references", type=int, default=d.n_references, help="references per query N")
-    g.add_argument("--reference-mode", default=d.reference_mode, choices=REFERENCE_MODES,
-                   help="references per query: the nearest by pooled features, or seeded random ones")
-    g.add_argument("--candidates", type=int, default=d.candidates_per_reference,
-                   help="candidate regions per reference")
-    g.add_argument("--selection", default=d.selection, choices=SELECTIONS,
-                   help="candidate choice: feature similarity, or joint = log p(true) + lam * similarity")
-    g.add_argument("--lam", type=float, default=d.lam, help="lambda of --selection joint")
-    g.add_argument("--stop", default=d.stop, choices=STOPS,
-                   help="stop when the true class is predicted (target) or the prediction changes (flip)")
-    g.add_argument("--t-max", type=int, default=d.t_max, help="most edits per query")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds every random choice of the run")
-    g.add_argument("--phi-tolerance", type=float, default=d.phi_tolerance,
-                   help="sample each Shapley window until its standard error is at most this, --samples at most "
-                        "(default: off, exactly --samples per window)")
-    g.add_argument("--screen", type=int, default=None, metavar="M0",
-                   help=f"screen each Shapley map: M0 samples per window first, then --samples only at the windows "
-                        f"its regions can come from, where that saves evaluations; 0: off (default: {d.screen_samples}, "
-                        f"off under --phi-tolerance; agreement with unscreened maps: "
-                        f"benchmarks/results/screening.json)")
-    g.add_argument("--screen-margin", type=int, default=d.screen_margin,
-                   help="with --screen, keep the full estimate at this many times the windows the search reads")
-    g.add_argument("--head-dtype", default=d.head_dtype, choices=HEAD_DTYPES,
-                   help="dtype of the head's evaluations for Phi: bfloat16 for GPU/TPU bf16 units "
-                        "(its effect on Phi and edits: benchmarks/results/bf16_head.json)")
+    for f in _config_fields():
+        _add_field(g, flag(f.name), f.name, f, f.metadata.get("cli_default", f.default))
+    for name in methods.names():
+        fields = dataclasses.fields(methods.get(name).Params)
+        if fields:
+            m = parser.add_argument_group(f"options of --method {name}")
+            for f in fields:
+                _add_field(m, param_flag(name, f.name), _param_dest(name, f.name), f, f.default)
     r = parser.add_argument_group("run options (no effect on the results, except --shard-size)")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
+    r.add_argument("--batch-size", type=int, default=64, help="images per device in each forward batch")
     r.add_argument("--shard-size", type=int, default=64, help="queries per result shard")
     r.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
     m = parser.add_argument_group(
@@ -93,24 +94,25 @@ def screen_from_args(args) -> int | None:
     from fgvce_jax.counterfactual.config import SCREEN_SAMPLES
     from fgvce_jax.errors import FgvceError
 
-    if args.screen is None:
+    if args.screen_samples is None:
         return None if args.phi_tolerance is not None else SCREEN_SAMPLES
-    if args.screen and args.phi_tolerance is not None:
+    if args.screen_samples and args.phi_tolerance is not None:
         raise FgvceError("--screen and --phi-tolerance cannot be combined (tolerance sampling is not screened)")
-    return args.screen or None
+    return args.screen_samples or None
 
 
 def configs_from_args(args) -> list:
-    """One ``CounterfactualConfig`` per ``--method``."""
-    from fgvce_jax.counterfactual.config import CounterfactualConfig
+    """One ``CounterfactualConfig`` per ``--method``, with that method's own options."""
+    from fgvce_jax.counterfactual import methods
 
-    base = CounterfactualConfig(
-        kernel=args.kernel, samples=args.samples, region_size=args.region_size, max_regions=args.max_regions,
-        n_references=args.references, reference_mode=args.reference_mode,
-        candidates_per_reference=args.candidates, selection=args.selection, lam=args.lam, stop=args.stop,
-        t_max=args.t_max, seed=args.seed, phi_tolerance=args.phi_tolerance, screen_samples=screen_from_args(args),
-        screen_margin=args.screen_margin, head_dtype=args.head_dtype)
-    return [dataclasses.replace(base, method=m) for m in dict.fromkeys(args.method)]
+    shared = {f.name: getattr(args, f.name) for f in _config_fields()}
+    shared["screen_samples"] = screen_from_args(args)
+    out = []
+    for m in dict.fromkeys(args.method):
+        cls = methods.get(m).Params
+        params = cls(**{f.name: getattr(args, _param_dest(m, f.name)) for f in dataclasses.fields(cls)})
+        out.append(CounterfactualConfig(method=m, params=params, **shared))
+    return out
 
 
 def confusions_line(directory, most: int = 10) -> str:

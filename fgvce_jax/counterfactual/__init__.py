@@ -1,5 +1,5 @@
-"""Counterfactual engine (SPEC 4-5): saliency partition, references and candidates,
-the batched ``lax.while_loop`` search and its baselines."""
+"""Counterfactual engine (SPEC 4-5): saliency partition, references and candidates, the batched
+``lax.while_loop`` search, and the methods that drive it (one file each in :mod:`.methods`)."""
 from fgvce_jax.counterfactual.config import CounterfactualConfig
 from fgvce_jax.counterfactual.explain import Explanations, FeatureBatch, explain
 from fgvce_jax.counterfactual.partition import Regions, partition

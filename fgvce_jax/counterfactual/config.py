@@ -1,16 +1,22 @@
-"""Configuration of one counterfactual run (SPEC 5), validated on construction."""
+"""Configuration of one counterfactual run (SPEC 5), validated on construction.
+
+The fields are shared by the methods (``fgvce_jax.counterfactual.methods``); each method says which of them
+decide its results (``Method.uses``) and keeps its own parameters in ``params``. ``fgvce explain`` builds its
+options from the fields' metadata (``help``, ``choices``), so a new field needs no hand-written option.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
+from fgvce_jax.counterfactual import methods
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.saliency import HEAD_DTYPES
 
-METHODS = ("fgvce", "cve", "global", "gradient", "single-step", "random")
 SELECTIONS = ("similarity", "joint")
 STOPS = ("target", "flip")
 REFERENCE_MODES = ("nearest", "random")
-HEAD_DTYPES = ("float32", "bfloat16")
 SCREEN_SAMPLES = 4  # the default first pass of screening: benchmarks/results/screening.json
 
 
@@ -20,9 +26,20 @@ NO_FLAG = ("baseline", "output", "chunk_size")
 
 
 def flag(field: str) -> str:
-    """How messages name a setting: the command-line flag that sets it (``t_max`` -> ``--t-max``), or the field
-    itself where no flag does."""
+    """How messages name a setting: the command-line flag that sets it (``t_max`` -> ``--t-max``; a method
+    parameter ``params.<name>`` of method m -> ``--m-<name>``, see :func:`param_flag`), or the field itself
+    where no flag does."""
     return field if field in NO_FLAG else FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def param_flag(method: str, name: str) -> str:
+    """The flag of method ``method``'s own parameter ``name``: ``--<method>-<name with dashes>``."""
+    return f"--{method}-{name.replace('_', '-')}"
+
+
+def _opt(default, help: str, **cli):
+    """A config field with its command-line help (and ``choices``, ``type``, ``metavar`` where needed)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +57,7 @@ class CounterfactualConfig:
       lam: the weight lambda of ``joint``.
       stop: ``"target"`` (prediction becomes y) or ``"flip"`` (prediction leaves y_hat).
       t_max: the most edits per query.
-      method: ``"fgvce"`` or one of the baselines of SPEC 5.
+      method: a registered method (``fgvce_jax.counterfactual.methods``): ``"fgvce"`` or a baseline of SPEC 5.
       baseline, output: the game's absent-feature fill and output read (SPEC 2).
       seed: seeds the random reference mode and the ``random`` baseline.
       phi_tolerance: None, or sample each local-Shapley window until the standard error of its Phi is at
@@ -54,32 +71,49 @@ class CounterfactualConfig:
         games' head evaluations; the search's stay float32). For GPUs and TPUs; see ``saliency``.
       chunk_size: head evaluations per batch when scoring candidates (None = sized from the memory budget,
         see ``explain.default_chunk_size``); never changes the result.
+      params: the method's own parameters (an instance of its ``Params``; None = its defaults).
     """
 
-    kernel: int = 3
-    samples: int = 32
-    region_size: int = 1
-    max_regions: int = 8
-    n_references: int = 10
-    reference_mode: str = "nearest"
-    candidates_per_reference: int = 4
-    selection: str = "similarity"
-    lam: float = 1.0
-    stop: str = "target"
-    t_max: int = 8
+    kernel: int = _opt(3, "local Shapley window k")
+    samples: int = _opt(32, "Shapley samples per window M")
+    region_size: int = _opt(1, "region side r")
+    max_regions: int = _opt(8, "regions per query K")
+    n_references: int = _opt(10, "references per query N")
+    reference_mode: str = _opt("nearest", "references per query: the nearest by pooled features, or seeded "
+                               "random ones", choices=REFERENCE_MODES)
+    candidates_per_reference: int = _opt(4, "candidate regions per reference")
+    selection: str = _opt("similarity", "candidate choice: feature similarity, or joint = log p(true) + lam * "
+                          "similarity", choices=SELECTIONS)
+    lam: float = _opt(1.0, "lambda of --selection joint")
+    stop: str = _opt("target", "stop when the true class is predicted (target) or the prediction changes (flip)",
+                     choices=STOPS)
+    t_max: int = _opt(8, "most edits per query")
     method: str = "fgvce"
     baseline: str = "zero"
     output: str = "prob"
-    seed: int = 0
+    seed: int = _opt(0, "seeds every random choice of the run")
     chunk_size: int | None = None
-    phi_tolerance: float | None = None
-    screen_samples: int | None = SCREEN_SAMPLES
-    screen_margin: int = 3
-    head_dtype: str = "float32"
+    phi_tolerance: float | None = _opt(
+        None, "sample each Shapley window until its standard error is at most this, --samples at most "
+              "(default: off, exactly --samples per window)", type=float)
+    screen_samples: int | None = _opt(
+        SCREEN_SAMPLES, f"screen each Shapley map: M0 samples per window first, then --samples only at the windows "
+                        f"its regions can come from, where that saves evaluations; 0: off (default: {SCREEN_SAMPLES}, "
+                        f"off under --phi-tolerance; agreement with unscreened maps: "
+                        f"benchmarks/results/screening.json)", type=int, metavar="M0", cli_default=None)
+    screen_margin: int = _opt(3, "with --screen, keep the full estimate at this many times the windows the search "
+                                 "reads")
+    head_dtype: str = _opt("float32", "dtype of the head's evaluations for Phi: bfloat16 for GPU/TPU bf16 units "
+                                      "(its effect on Phi and edits: benchmarks/results/bf16_head.json)",
+                           choices=HEAD_DTYPES)
+    params: Any = None
 
     def __post_init__(self):
-        for name, value, allowed in (("method", self.method, METHODS),
-                                     ("selection", self.selection, SELECTIONS),
+        method = methods.get(self.method)  # FgvceError for an unknown one
+        if type(self.params) is methods.NoParams:  # e.g. dataclasses.replace(config, method=...): holds nothing
+            object.__setattr__(self, "params", None)
+        object.__setattr__(self, "params", method(self.params).params)  # defaults filled in, validated
+        for name, value, allowed in (("selection", self.selection, SELECTIONS),
                                      ("stop", self.stop, STOPS),
                                      ("reference_mode", self.reference_mode, REFERENCE_MODES),
                                      ("head_dtype", self.head_dtype, HEAD_DTYPES)):
@@ -102,3 +136,37 @@ class CounterfactualConfig:
                              f"line: off); got {self.screen_samples!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise FgvceError(f"chunk_size must be a positive integer or None; got {self.chunk_size!r}")
+
+
+def resolved(config: CounterfactualConfig) -> CounterfactualConfig:
+    """``config`` with the shared fields its method fixes set to the values it runs with (``cve``: region
+    size 1, joint selection, lambda 0)."""
+    return dataclasses.replace(config, **methods.get(config.method).fixed)
+
+
+def screened(config: CounterfactualConfig) -> bool:
+    """Whether ``config``'s Phi maps are screened: local Shapley with ``screen_samples`` and no ``phi_tolerance``
+    (whether a map's screen saves evaluations is decided per map size, ``local_screening.saves``)."""
+    return (methods.get(config.method).saliency == "local" and config.screen_samples is not None
+            and config.phi_tolerance is None)
+
+
+def settings(config: CounterfactualConfig) -> dict:
+    """What decides ``config``'s results, as stored with them: the method, the shared fields it uses (those it
+    fixes with the values it runs with) and its own parameters as ``params.<name>``. An unset ``phi_tolerance``,
+    a float32 ``head_dtype`` and screening where it does not apply are left out (directories written before
+    they existed still match); chunking never changes a result and is never stored."""
+    method, c = methods.get(config.method), resolved(config)
+    keys = dict.fromkeys((*method.uses, *method.fixed))
+    off = {"phi_tolerance": None, "head_dtype": "float32"}
+    out = {"method": c.method, **{k: getattr(c, k) for k in keys if not (k in off and getattr(c, k) == off[k])}}
+    if not screened(c):
+        for k in ("screen_samples", "screen_margin"):
+            out.pop(k, None)
+    out.update({f"params.{f.name}": getattr(c.params, f.name) for f in dataclasses.fields(c.params)})
+    return out
+
+
+def setting_flag(config: CounterfactualConfig, key: str) -> str:
+    """The flag of a key of :func:`settings` (``params.<name>`` -> :func:`param_flag`)."""
+    return param_flag(config.method, key[len("params."):]) if key.startswith("params.") else flag(key)

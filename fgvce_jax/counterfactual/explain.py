@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgvce_jax.counterfactual import baselines
-from fgvce_jax.counterfactual.config import CounterfactualConfig
-from fgvce_jax.counterfactual.partition import partition
-from fgvce_jax.counterfactual.references import build_bank, query_candidates, select_references, top_regions
-from fgvce_jax.counterfactual.search import run_search
+from fgvce_jax import keys as run_keys
+from fgvce_jax import saliency, sharding
+from fgvce_jax.counterfactual import methods
+from fgvce_jax.counterfactual.config import CounterfactualConfig, resolved, screened
+from fgvce_jax.counterfactual.references import build_bank, query_candidates, select_references
+from fgvce_jax.counterfactual.search import SEARCH_GROUP, run_search
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley import sharding
 
 
 class FeatureBatch(NamedTuple):
@@ -61,6 +61,13 @@ class Explanations:
     query_phi: np.ndarray
     region_size: int
     method: str
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    def rows(self, n: int) -> "Explanations":
+        """The first ``n`` rows (drops a padded batch's padding)."""
+        return dataclasses.replace(self, extras={k: v[:n] for k, v in self.extras.items()},
+                                   **{f.name: getattr(self, f.name)[:n] for f in dataclasses.fields(self)
+                                      if isinstance(getattr(self, f.name), np.ndarray)})
 
 
 def _check(queries: FeatureBatch, references: FeatureBatch, query_phi, reference_phi, num_classes) -> None:
@@ -105,13 +112,6 @@ def regions_read(config: CounterfactualConfig, role: str) -> int:
     return config.max_regions if role == "query" else config.candidates_per_reference
 
 
-def screened(config: CounterfactualConfig) -> bool:
-    """Whether ``config``'s Phi maps are screened: local Shapley with ``screen_samples`` and no ``phi_tolerance``
-    (whether a map's screen saves evaluations is decided per map size, ``local_screening.saves``)."""
-    return (baselines.SALIENCY_METHOD.get(config.method) == "local" and config.screen_samples is not None
-            and config.phi_tolerance is None)
-
-
 def saliency_settings(config: CounterfactualConfig, role: str = "reference") -> dict | None:
     """The keyword settings of ``saliency.compute`` for ``config.method`` and a ``role`` map (None: the method
     has no saliency).
@@ -121,7 +121,7 @@ def saliency_settings(config: CounterfactualConfig, role: str = "reference") -> 
     explicitly for that reason. Under ``screen_samples`` a map keeps the full estimate at
     ``screen_margin x K x r^2`` windows, K = :func:`regions_read` (``fgvce_jax.shapley.local_screening``).
     """
-    method = baselines.SALIENCY_METHOD.get(config.method)
+    method = methods.get(config.method).saliency
     if method is None:
         return None
     settings = dict(method=method, kernel=config.kernel, samples=config.samples, baseline=config.baseline,
@@ -139,49 +139,59 @@ def saliency_settings(config: CounterfactualConfig, role: str = "reference") -> 
 TOLERANCE_ROUND = 8  # samples per window and round of tolerance sampling (capped at ``samples``)
 
 
-def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh, role="reference"):
-    """Phi (N, H, W) of ``batch`` on ``classes`` with the saliency of ``config.method`` (None if it has none),
-    for maps of ``role`` (``"query"`` or ``"reference"``: what screening keeps, :func:`saliency_settings`)."""
-    return phi_and_samples(split_model, params, batch, classes, config, key=key, mesh=mesh, role=role)[0]
+def phi_stream(config: CounterfactualConfig) -> str:
+    """The key stream (``fgvce_jax.keys``) of ``config``'s Phi: ``keys.PHI`` for a saliency, shared by every
+    method with the same settings, or the method's own name for maps it draws itself."""
+    return run_keys.PHI if methods.get(config.method).saliency else config.method
 
 
-def phi_and_samples(split_model, params, batch: FeatureBatch, classes, config, *, key, mesh, role="reference"):
-    """(:func:`compute_phi`'s Phi, the samples each window used (N, H, W) int under ``phi_tolerance``, else None)."""
-    from fgvce_jax import saliency  # imported late: only needed when Phi is not given
+def compute_phi(split_model, params, batch: FeatureBatch, classes, config, *, keys, mesh, role="reference"):
+    """Phi (N, H, W) of ``batch`` on ``classes`` for ``config.method`` (None if it has none), image i drawing
+    from ``keys[i]``, for maps of ``role`` (``"query"`` or ``"reference"``: what screening keeps,
+    :func:`saliency_settings`)."""
+    return phi_and_samples(split_model, params, batch, classes, config, keys=keys, mesh=mesh, role=role)[0]
 
+
+def phi_and_samples(split_model, params, batch: FeatureBatch, classes, config, *, keys, mesh, role="reference"):
+    """(:func:`compute_phi`'s Phi, the samples each window used (N, H, W) int under ``phi_tolerance``, else None).
+
+    The one function that computes Phi for a batch: the method's own maps (``Method.own_phi``) or its saliency
+    with :func:`saliency_settings`."""
+    own = methods.of(config).own_phi(keys, tuple(np.shape(batch.z)[1:3]))
     settings = saliency_settings(config, role)
-    if settings is None:
-        return None, None
+    if own is not None or settings is None:
+        return own, None
     z, ctx, classes = jnp.asarray(batch.z), _take(batch.ctx, slice(None)), jnp.asarray(classes)
     if "tolerance" in settings:
         out = saliency.compute_to_tolerance(
             split_model, params, z, ctx, classes, kernel=settings["kernel"], tolerance=settings["tolerance"],
-            key=key, max_samples=settings["samples"], round_samples=min(TOLERANCE_ROUND, settings["samples"]),
+            keys=keys, max_samples=settings["samples"], round_samples=min(TOLERANCE_ROUND, settings["samples"]),
             baseline=settings["baseline"], output=settings["output"], dtype=settings.get("dtype", "float32"),
             mesh=mesh)
         return out.phi, out.samples
-    return saliency.compute(split_model, params, z, ctx, classes, key=key, mesh=mesh, **settings), None
+    return saliency.compute(split_model, params, z, ctx, classes, keys=keys, mesh=mesh, **settings), None
 
 
 def _phis(split_model, params, queries, references, config, key, query_phi, reference_phi, mesh):
-    """Query Phi (Q, H, W) on the predicted class and reference Phi (R, H, W) on each
-    reference's own class. Computed for the whole reference bank, so that (with
-    ``saliency.compute``'s per-row keys) a reference's Phi depends only on its row."""
-    n_q, h, w = np.shape(queries.z)[:3]
-    n_r = np.shape(references.z)[0]
-    if config.method == "random":
-        k_query, k_ref = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-        q = baselines.random_phi(k_query, (n_q, h, w)) if query_phi is None else query_phi
-        r = baselines.random_phi(k_ref, (n_r, h, w)) if reference_phi is None else reference_phi
-        return jnp.asarray(q, jnp.float32), jnp.asarray(r, jnp.float32)
-    k_query, k_ref = jax.random.split(key)
-    if query_phi is None:
-        query_phi = compute_phi(split_model, params, queries, queries.preds, config, key=k_query, mesh=mesh,
-                                role="query")
-    if reference_phi is None:
-        reference_phi = compute_phi(split_model, params, references, references.labels, config, key=k_ref,
-                                    mesh=mesh)
-    return jnp.asarray(query_phi, jnp.float32), jnp.asarray(reference_phi, jnp.float32)
+    """Query Phi (Q, H, W) on the predicted class and reference Phi (R, H, W) on each reference's own class,
+    NaN for a method without Phi. Row i of each batch draws from ``fold_in(k, i)``, k one half of ``key`` (of
+    ``keys.stream_key(seed, method)`` for a method that draws its own maps, so they follow ``config.seed``);
+    computed for the whole reference bank, so a reference's Phi depends only on its row."""
+    grid = tuple(np.shape(queries.z)[1:3])
+    own = methods.get(config.method).saliency is None
+    base = run_keys.stream_key(config.seed, config.method) if own else key
+    if base is None and (query_phi is None or reference_phi is None):
+        raise FgvceError(f"{config.method} needs a PRNG key (key) to compute the Phi that was not given")
+    k_query, k_ref = jax.random.split(base) if base is not None else (None, None)
+    out = []
+    for phi, batch, classes, k, role in ((query_phi, queries, queries.preds, k_query, "query"),
+                                          (reference_phi, references, references.labels, k_ref, "reference")):
+        n = np.shape(batch.z)[0]
+        if phi is None:
+            phi = compute_phi(split_model, params, batch, classes, config, keys=run_keys.row_keys(k, n), mesh=mesh,
+                              role=role)
+        out.append(jnp.full((n, *grid), jnp.nan, jnp.float32) if phi is None else jnp.asarray(phi, jnp.float32))
+    return tuple(out)
 
 
 def _with_placeholder(references: FeatureBatch, queries: FeatureBatch) -> FeatureBatch:
@@ -201,12 +211,10 @@ def default_chunk_size(map_shape: tuple[int, int, int], n_queries: int) -> int:
 
     The candidates of a group of queries searched together (``min(SEARCH_GROUP, Q)``, see
     ``search._search_sharded``) are scored together, so the memory budget of
-    :func:`fgvce_jax.shapley.sharding.memory_budget` is split over them:
+    :func:`fgvce_jax.sharding.memory_budget` is split over them:
     budget / (group * 4 bytes * H * W * D * HEAD_ACTIVATION_FACTOR). It does not depend on the device
     count, so neither do the results.
     """
-    from fgvce_jax.counterfactual.search import SEARCH_GROUP
-
     per_call = 4 * int(np.prod(map_shape)) * HEAD_ACTIVATION_FACTOR
     group = min(SEARCH_GROUP, max(1, n_queries))
     return max(1, sharding.memory_budget() // (per_call * group))
@@ -225,8 +233,9 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
     Args:
       split_model, params: from ``fgvce_jax.models.split``.
       queries, references: :class:`FeatureBatch`; ``references`` may be empty.
-      config: :class:`CounterfactualConfig` (``method`` picks FG-VCE or a baseline).
-      key: PRNG key for the Shapley estimates (``config.seed`` seeds the random choices).
+      config: :class:`CounterfactualConfig` (``method`` picks FG-VCE, a baseline or any registered method).
+      key: PRNG key for the Phi not given (row i of a batch uses ``fold_in(k, i)``, k derived from it);
+        ``config.seed`` seeds the random choices.
       query_phi: optional (Q, H, W) precomputed Phi of the queries on their predicted class.
       reference_phi: optional (R, H, W) Phi of every reference on its own class
         (computed for every row of ``references`` when not given).
@@ -236,30 +245,22 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
       :class:`Explanations` (numpy arrays; see docs/counterfactual.md).
     """
     _check(queries, references, query_phi, reference_phi, getattr(split_model, "num_classes", None))
+    method, config = methods.of(config), resolved(config)
     has_bank = np.shape(references.z)[0] > 0
     bank_src = _with_placeholder(references, queries)
-    grid = tuple(np.shape(queries.z)[1:3])
     n_q = np.shape(queries.z)[0]
     ref_index, ref_valid = select_references(
         jnp.asarray(queries.pooled), jnp.asarray(queries.labels), jnp.asarray(bank_src.pooled),
         jnp.asarray(bank_src.labels), jnp.asarray(bank_src.preds), n=config.n_references,
         mode=config.reference_mode, key=jax.random.key(config.seed))
-    options = baselines.search_options(config)
+    options = method.search_options(config)
     if options.chunk_size is None:
         options = options._replace(chunk_size=default_chunk_size(np.shape(queries.z)[1:], n_q))
 
-    if config.method == "cve":
-        q_phi = jnp.full((n_q,) + grid, jnp.nan, jnp.float32)
-        regions = baselines.cell_regions(n_q, grid)
-        cells = baselines.cell_regions(np.shape(bank_src.z)[0], grid)
-        center, valid = cells.center, cells.valid
-    else:
-        r_given = reference_phi if has_bank else np.zeros(np.shape(bank_src.z)[:3], np.float32)
-        q_phi, r_phi = _phis(split_model, params, queries, bank_src, config, key, query_phi, r_given, mesh)
-        regions = partition(q_phi, region_size=config.region_size, max_regions=config.max_regions)
-        ref_regions = partition(r_phi, region_size=config.region_size,
-                                max_regions=max(config.max_regions, config.candidates_per_reference))
-        center, valid = top_regions(ref_regions, config.candidates_per_reference)
+    r_given = reference_phi if has_bank else np.zeros(np.shape(bank_src.z)[:3], np.float32)
+    q_phi, r_phi = _phis(split_model, params, queries, bank_src, config, key, query_phi, r_given, mesh)
+    regions = method.query_regions(config, q_phi)
+    center, valid = method.reference_candidates(config, r_phi)
     bank = build_bank(jnp.asarray(bank_src.z), center, valid, region_size=options.region_size)
     cand_index, cand_valid = query_candidates(ref_index, ref_valid, bank.valid, center.shape[1])
 
@@ -280,4 +281,5 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
         ref_index=np.where(used, np.asarray(bank.ref)[row], -1).astype(np.int32),
         ref_region=np.where(used[..., None], np.asarray(bank.center)[row], -1).astype(np.int32),
         similarity=out.similarity, probs=out.probs, probs_before=out.probs_before, edit_mask=out.edit_mask,
-        query_phi=np.asarray(q_phi), region_size=options.region_size, method=config.method)
+        query_phi=np.asarray(q_phi), region_size=options.region_size, method=config.method,
+        extras={k: np.asarray(v) for k, v in method.per_query(config, np.asarray(q_phi), regions).items()})

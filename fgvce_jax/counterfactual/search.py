@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.counterfactual.references import CandidateBank, masked_mean
-from fgvce_jax.shapley import sharding
+from fgvce_jax import sharding
 
 # Reason codes (Explanations.reason).
 SUCCESS, T_MAX_REACHED, NO_QUERY_REGIONS, NO_REFERENCES, CANDIDATES_EXHAUSTED = 0, 1, 2, 3, 4
@@ -247,13 +247,12 @@ def run_search(split_model, params, bank: CandidateBank, per_query: dict, option
         cand_index (Q, M) bank rows, cand_valid (Q, M), has_refs (Q,) bool.
       options: :class:`SearchOptions`.
       mesh: 1-D mesh (None = all devices). Q is padded to a multiple of its size times the group
-        (``min(SEARCH_GROUP, Q)`` queries, see ``_search_sharded``) with copies of query 0; the padding
+        (``min(SEARCH_GROUP, Q)`` queries, see ``_search_sharded``) with copies of the last query; the padding
         is dropped from the result.
     """
     mesh = sharding.device_mesh(mesh)
     n_queries = per_query["z"].shape[0]
     group = min(SEARCH_GROUP, n_queries)
-    pad = -n_queries % (mesh.size * group)
-    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), per_query)
+    padded = sharding.pad_to(per_query, sharding.padded_length(n_queries, mesh.size * group))
     out = _search_sharded(split_model, options, mesh, group, params, bank, padded)
     return SearchResult(*(np.asarray(a)[:n_queries] for a in out))

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley import exact, registry, sharding
+from fgvce_jax import sharding
+from fgvce_jax.shapley import exact, registry
 from fgvce_jax.shapley.game import as_game, check_game, is_affine, with_shared
 
 MAX_BLOCK_EVALUATIONS = 2 ** 14  # evaluations of one game per game call (an evaluation block)

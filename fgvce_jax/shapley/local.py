@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley import sharding
+from fgvce_jax import sharding
 from fgvce_jax.shapley.game import as_game, check_game, is_affine, is_croppable, with_shared
 from fgvce_jax.shapley.permutation import uniform_ranks
 

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley import sharding
+from fgvce_jax import sharding
 from fgvce_jax.shapley.game import as_game, check_game, with_shared
 from fgvce_jax.shapley.local import check_local, generic_items
 

@@ -1,14 +1,17 @@
-"""Device mesh and chunk sizing shared by the Shapley engines.
+"""The one owner of devices: the 1-D mesh, the memory budget, chunk sizing and padding to the mesh.
 
 Work is split over a 1-D device mesh; each device walks its share in chunks
-whose size comes from a memory budget (``chunk_size`` overrides it). Padding
-to whole chunks on every device is masked out by the engines.
+whose size comes from a memory budget (``chunk_size`` overrides it). Batches
+are padded to the mesh (or to whole chunks) with :func:`pad_to`, and the padding
+is dropped or masked out by the caller.
 """
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from fgvce_jax.errors import FgvceError
@@ -58,3 +61,22 @@ def layout(n_items: int, items_per_chunk: int, n_devices: int) -> tuple[int, int
     """
     u = max(1, min(items_per_chunk, math.ceil(n_items / MIN_CHUNKS)))
     return u, math.ceil(math.ceil(n_items / u) / n_devices)
+
+
+def padded_length(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of ``multiple`` (>= 1)."""
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
+def pad_to(tree, n: int):
+    """Every array of ``tree`` with its leading axis padded to length ``n`` by repeating its last row (numpy
+    arrays stay numpy, others become jax arrays); a leaf already of length ``n`` is returned as it is. Callers
+    drop the padding rows, which never change the others (each row is computed on its own)."""
+    def pad(a):
+        if len(a) == n:
+            return a
+        if len(a) > n or not len(a):
+            raise ValueError(f"cannot pad {len(a)} rows to {n}")
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.concatenate([a, xp.repeat(a[-1:], n - len(a), axis=0)])
+    return jax.tree.map(pad, tree)

@@ -1,0 +1,164 @@
+"""The explain-output schema's one owner: ``Explanations`` -> Parquet/npz shard rows, reading a run back, finding
+the runs of a directory, and the schema version (``docs/output_format.md``).
+
+Schema versions (``config.schema`` of ``manifest.json``; absent = 1):
+
+- 1: query Phi keys per shard; every config field stored for every method.
+- 2: every image's key from (seed, stream, split, id) (:mod:`fgvce_jax.keys`); each method stores only the
+  settings that decide its results, with the values it ran with (``cve``: ``region_size`` 1); a method's
+  own per-query arrays after the common columns.
+
+Both read; only version 2 is written, and a run never adds to a directory of another version.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+
+from fgvce_jax import store
+from fgvce_jax.counterfactual.search import REASONS
+from fgvce_jax.errors import FgvceError
+
+SCHEMA = 2
+READABLE = (1, 2)
+
+
+def schema_of(manifest: dict) -> int:
+    """The schema version of a parsed manifest (1 when it names none)."""
+    return manifest.get("config", {}).get("schema", 1)
+
+
+def check_readable(run_dir) -> dict:
+    """The stored config of ``run_dir``; FgvceError (one line) for a schema this version cannot read."""
+    manifest = store.read_manifest(run_dir)
+    version = schema_of(manifest)
+    if version not in READABLE:
+        raise FgvceError(f"{run_dir} holds explain-output schema {version}; this fgvce reads schemas "
+                         f"{', '.join(map(str, READABLE))}: read it with the fgvce that wrote it")
+    return manifest["config"]
+
+
+def check_writable(run_dir: Path) -> None:
+    """FgvceError (one line) if ``run_dir`` holds results of another schema than :data:`SCHEMA`: this version
+    cannot add to them."""
+    path = Path(run_dir) / store.MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+        version, shards = schema_of(manifest), manifest["shards"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # the writer names the damaged manifest
+    if version != SCHEMA and shards:
+        raise FgvceError(f"{run_dir} holds results of explain-output schema {version}; this fgvce writes schema "
+                         f"{SCHEMA} and cannot add to them: pass --overwrite to replace them or choose another "
+                         "output directory")
+
+
+def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, dict]:
+    """Explanations of one shard -> (Parquet table, arrays) in the layout of ``docs/output_format.md``: the
+    common columns, then the method's own per-query arrays (``ex.extras``; 1-D ones also as Parquet columns).
+
+    ``ref_idx`` maps ``ex.ref_index`` (rows of the references batch) to reference-split indices.
+    """
+    q, t_max = len(query_idx), ex.ref_index.shape[1]
+    true, pred = np.asarray(ex.true, np.int64), np.asarray(ex.pred, np.int64)
+    n_edits = np.asarray(ex.n_edits, np.int32)
+    ref_index = np.where(ex.ref_index >= 0, ref_idx[np.maximum(ex.ref_index, 0)], -1).astype(np.int64)
+    rows = np.arange(q)[:, None]
+    p_true = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], true[:, None]]
+    p_pred = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], pred[:, None]]
+    before = np.asarray(ex.probs_before, np.float32)
+    names = np.asarray(query_ds.class_names)
+
+    def edits(a):  # (Q, T) -> list of the first n_edits entries per row
+        return [a[i, :n_edits[i]].tolist() for i in range(q)]
+
+    columns = {
+        "query_index": pa.array(query_idx, pa.int64()),
+        "query_id": pa.array(query_ds.ids[query_idx].tolist(), pa.string()),
+        "true": pa.array(true, pa.int32()), "true_name": pa.array(names[true].tolist(), pa.string()),
+        "pred": pa.array(pred, pa.int32()), "pred_name": pa.array(names[pred].tolist(), pa.string()),
+        "success": pa.array(np.asarray(ex.success, bool)),
+        "reason": pa.array([REASONS[int(r)] for r in ex.reason], pa.string()),
+        "n_edits": pa.array(n_edits, pa.int32()),
+        "region_size": pa.array(np.full(q, ex.region_size), pa.int32()),
+        "p_true_before": pa.array(before[np.arange(q), true], pa.float32()),
+        "p_pred_before": pa.array(before[np.arange(q), pred], pa.float32()),
+        "edit_query_row": pa.array(edits(ex.query_region[..., 0]), pa.list_(pa.int32())),
+        "edit_query_col": pa.array(edits(ex.query_region[..., 1]), pa.list_(pa.int32())),
+        "edit_ref_index": pa.array(edits(ref_index), pa.list_(pa.int64())),
+        "edit_ref_id": pa.array([ref_ds.ids[r].tolist() for r in edits(ref_index)], pa.list_(pa.string())),
+        "edit_ref_row": pa.array(edits(ex.ref_region[..., 0]), pa.list_(pa.int32())),
+        "edit_ref_col": pa.array(edits(ex.ref_region[..., 1]), pa.list_(pa.int32())),
+        "edit_similarity": pa.array(edits(np.asarray(ex.similarity, np.float32)), pa.list_(pa.float32())),
+        "edit_p_true": pa.array(edits(p_true), pa.list_(pa.float32())),
+        "edit_p_pred": pa.array(edits(p_pred), pa.list_(pa.float32())),
+    }
+    arrays = {"query_index": np.asarray(query_idx, np.int64), "success": np.asarray(ex.success, bool),
+              "n_edits": n_edits, "true": true, "pred": pred,
+              "query_region": np.asarray(ex.query_region, np.int32), "ref_index": ref_index,
+              "ref_region": np.asarray(ex.ref_region, np.int32),
+              "similarity": np.asarray(ex.similarity, np.float32),
+              "probs": np.asarray(ex.probs, np.float32), "probs_before": before,
+              "edit_mask": np.asarray(ex.edit_mask, bool), "query_phi": np.asarray(ex.query_phi, np.float32)}
+    for name, values in getattr(ex, "extras", {}).items():  # the method's own per-query arrays (Method.per_query)
+        if name in columns or name in arrays or np.shape(values)[:1] != (q,):
+            raise ValueError(f"method {ex.method!r}: per-query array {name!r} clashes with a common column or "
+                             f"does not have {q} rows")
+        arrays[name] = np.asarray(values)
+        if np.ndim(values) == 1:
+            columns[name] = pa.array(np.asarray(values))
+    return pa.table(columns), arrays
+
+
+EXPLANATION_ARRAYS = ("query_index", "success", "n_edits", "true", "pred", "query_region", "ref_index",
+                      "ref_region", "query_phi")
+
+
+def find_runs(directory) -> dict[str, Path]:
+    """method -> run directory: ``DIR`` itself if it holds a manifest, else every ``DIR/*/manifest.json``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FgvceError(f"{directory} is not a directory")
+    dirs = [directory] if (directory / store.MANIFEST).exists() else sorted(
+        p.parent for p in directory.glob(f"*/{store.MANIFEST}"))
+    if not dirs:
+        raise FgvceError(f"{directory} holds no explain results (no {store.MANIFEST}); run `fgvce explain` first")
+    runs = {}
+    for d in dirs:
+        method = store.read_manifest(d).get("config", {}).get("method", d.name)
+        if method in runs:
+            raise FgvceError(f"method {method!r} appears twice, in {runs[method]} and {d}")
+        runs[method] = d
+    return runs
+
+
+def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
+    """(Explanations-like, run config) of one ``DIR/<method>`` written by the pipeline.
+
+    The arrays are those of ``docs/output_format.md`` (``ref_index`` indexes the
+    reference split); ``edit_mask`` is used when the run stored it.
+    """
+    config = check_readable(run_dir)
+    table, arrays = store.read_results(run_dir)
+    missing = [k for k in EXPLANATION_ARRAYS if k not in arrays]
+    if missing:
+        raise FgvceError(f"{run_dir} has no completed shards or lacks arrays: {', '.join(missing)}")
+    e = SimpleNamespace(**{k: arrays[k] for k in (*EXPLANATION_ARRAYS, "edit_mask") if k in arrays},
+                        region_size=int(config.get("region_size", 1)), method=config.get("method", ""),
+                        query_id=np.asarray(table.column("query_id").to_pylist(), dtype=str),
+                        ref_id=_ref_ids(table, arrays["ref_index"]))
+    return e, config
+
+
+def _ref_ids(table, ref_index: np.ndarray) -> np.ndarray:
+    """str (Q, T): the reference id of each edit slot ("" where ``ref_index`` is -1), from the rows' lists."""
+    out = np.full(ref_index.shape, "", dtype=object)
+    for q, ids in enumerate(table.column("edit_ref_id").to_pylist()):
+        out[q, :len(ids)] = ids
+    return out.astype(str)

@@ -1,0 +1,188 @@
+"""Counterfactual methods as plug-ins: a toy method registered here runs through the pipeline, evaluate, report
+and the CLI without touching any other file; ``random`` draws one map per query from that query's own key;
+directories of another schema are refused in one line, and the package has no import cycles."""
+import ast
+import dataclasses
+import json
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_pipeline import CONFIG, MODEL_DIR, ToyData, patched, toy  # noqa: F401  (fixtures)
+
+from fgvce_jax import evaluate, pipeline, report, results, store
+from fgvce_jax.commands import explain as explain_command
+from fgvce_jax.counterfactual import CounterfactualConfig, methods
+from fgvce_jax.counterfactual.partition import partition
+from fgvce_jax.errors import FgvceError
+
+
+@dataclasses.dataclass(frozen=True)
+class TopCellParams:
+    cells: int = dataclasses.field(default=1, metadata={"help": "how many top-|Phi| cells may be replaced"})
+
+    def validate(self):
+        if self.cells < 1:
+            raise FgvceError(f"--top-cell-cells must be at least 1; got {self.cells}")
+
+
+class TopCell(methods.Method):
+    """Replace the highest-|Phi| cell (gradient x activation) with the most similar candidate."""
+
+    Params = TopCellParams
+    saliency = "gradient"
+
+    def query_regions(self, config, phi):
+        return partition(jnp.abs(phi), region_size=1, max_regions=self.params.cells)
+
+    def per_query(self, config, phi, regions):
+        return {"top_abs_phi": np.abs(phi).reshape(len(phi), -1).max(-1).astype(np.float32)}
+
+
+@pytest.fixture
+def top_cell():
+    methods.register("top-cell")(TopCell)
+    yield
+    methods.unregister("top-cell")
+
+
+def _explain(out, config, **kw):
+    return pipeline.explain_split(MODEL_DIR, "toy", "test", out, config, shard_size=3, **kw)
+
+
+def test_a_method_registered_in_a_test_runs_through_explain_evaluate_report_and_the_cli(
+        top_cell, patched, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(ToyData, "raw_image", lambda self, i: np.clip(self._x[i] * 0.2 + 0.5, 0, 1), raising=False)
+    config = dataclasses.replace(CONFIG, method="top-cell", params=TopCellParams(cells=1))
+    (summary,) = _explain(tmp_path / "out", config)
+    assert summary.method == "top-cell" and summary.queries == 8
+    table, arrays = store.read_results(tmp_path / "out" / "top-cell")
+    assert (np.asarray(table.column("n_edits").to_pylist()) <= 1).all()  # one region: at most one edit
+    phi = arrays["query_phi"]
+    np.testing.assert_allclose(table.column("top_abs_phi").to_numpy(), np.abs(phi).reshape(8, -1).max(-1),
+                               rtol=1e-6)
+    for q, n in enumerate(arrays["n_edits"]):  # the edited cell is the top-|Phi| one
+        if n:
+            assert np.abs(phi[q])[tuple(arrays["query_region"][q, 0])] == np.abs(phi[q]).max()
+    stored = store.read_manifest(tmp_path / "out" / "top-cell")["config"]
+    assert stored["params.cells"] == 1 and stored["schema"] == results.SCHEMA
+    with pytest.raises(FgvceError, match=r"--top-cell-cells: 1 -> 2"):
+        _explain(tmp_path / "out", dataclasses.replace(config, params=TopCellParams(cells=2)))
+    rows, _ = evaluate.evaluate_directory(tmp_path / "out", use_rise=False, parts=False)
+    assert [r["method"] for r in rows] == ["top-cell"] and rows[0]["queries"] == 8
+    page = report.write_report(tmp_path / "out", max_queries=2).read_text()
+    assert "id='m-top-cell'" in page and "params.cells" in page
+
+    parser = argparse.ArgumentParser()
+    explain_command.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--dataset", "d", "--out", "o", "--method", "top-cell", "fgvce",
+                              "--top-cell-cells", "3", "--t-max", "2"])
+    got = explain_command.configs_from_args(args)
+    assert [c.method for c in got] == ["top-cell", "fgvce"] and got[0].params == TopCellParams(cells=3)
+    assert got[0].t_max == got[1].t_max == 2
+    with pytest.raises(FgvceError, match="--top-cell-cells must be at least 1"):
+        CounterfactualConfig(method="top-cell", params=TopCellParams(cells=0))
+
+
+def test_cve_stores_the_region_size_it_ran_with_and_no_setting_it_ignores(patched, tmp_path):  # noqa: F811
+    config = dataclasses.replace(CONFIG, method="cve", region_size=2, samples=7)
+    _explain(tmp_path / "out", config, limit=3)
+    stored = store.read_manifest(tmp_path / "out" / "cve")["config"]
+    table, _ = store.read_results(tmp_path / "out" / "cve")
+    assert stored["region_size"] == 1 and set(table.column("region_size").to_pylist()) == {1}
+    assert stored["selection"] == "joint" and stored["lam"] == 0.0
+    assert "samples" not in stored and "kernel" not in stored
+    (summary,) = _explain(tmp_path / "out", dataclasses.replace(config, samples=9), limit=3)  # ignored: reused
+    assert summary.queries == 3
+
+
+def _random_maps(out, **kw):
+    _explain(out, dataclasses.replace(CONFIG, method="random", seed=5), **kw)
+    table, arrays = store.read_results(out / "random")
+    return dict(zip(table.column("query_id").to_pylist(), arrays["query_phi"]))
+
+
+def test_random_draws_one_map_per_query_whatever_the_shards_or_the_limit(patched, tmp_path):  # noqa: F811
+    base = _random_maps(tmp_path / "a")
+    assert len(base) == 8
+    maps = np.stack(list(base.values()))
+    assert len({m.tobytes() for m in maps}) == 8  # every query its own map, also across shards
+    assert (maps > 0).all() and (maps <= 1).all()
+    for name, kw in (("again", {}), ("shards", {"shard_size": 2}), ("limit", {"limit": 5})):
+        if "shard_size" in kw:
+            pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / name,
+                                   dataclasses.replace(CONFIG, method="random", seed=5), shard_size=2)
+            table, arrays = store.read_results(tmp_path / name / "random")
+            other = dict(zip(table.column("query_id").to_pylist(), arrays["query_phi"]))
+        else:
+            other = _random_maps(tmp_path / name, **kw)
+        assert other and all(other[q].tobytes() == base[q].tobytes() for q in other), name
+    _explain(tmp_path / "seed", dataclasses.replace(CONFIG, method="random", seed=6))
+    table, arrays = store.read_results(tmp_path / "seed" / "random")
+    assert not np.array_equal(arrays["query_phi"], maps)
+
+
+def test_a_directory_of_another_schema_reads_or_is_refused_in_one_line(patched, tmp_path):  # noqa: F811
+    _explain(tmp_path / "out", CONFIG, limit=3)
+    run = tmp_path / "out" / "fgvce"
+    manifest = json.loads((run / store.MANIFEST).read_text())
+    del manifest["config"]["schema"]  # as written before schema versions: 1
+    (run / store.MANIFEST).write_text(json.dumps(manifest))
+    e, config = results.load_run(run)  # schema 1 still reads
+    assert len(e.success) == 3
+    with pytest.raises(FgvceError, match=r"holds results of explain-output schema 1; this fgvce writes schema 2") as err:
+        _explain(tmp_path / "out", CONFIG, limit=3)
+    assert "\n" not in str(err.value)
+    manifest["config"]["schema"] = 99
+    (run / store.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(FgvceError, match="holds explain-output schema 99; this fgvce reads schemas 1, 2"):
+        results.load_run(run)
+
+
+def _imports(path: Path, modules, top_level_only: bool) -> set[str]:
+    """The package modules a file imports (at module level only, or anywhere): ``from p import x`` imports the
+    module ``p.x`` where there is one, else ``p``."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                      for a in node.names}
+    return found & set(modules)
+
+
+def _modules():
+    root = Path(__file__).parents[1] / "fgvce_jax"
+    out = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def test_the_package_has_no_import_cycles_and_evaluate_and_report_do_not_import_the_pipeline():
+    modules = _modules()
+    graph = {m: _imports(p, modules, True) - {m} for m, p in modules.items()}
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+    for m in ("fgvce_jax.evaluate", "fgvce_jax.report", "fgvce_jax.results"):
+        assert "fgvce_jax.pipeline" not in _imports(modules[m], modules, False), m
