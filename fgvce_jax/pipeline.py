@@ -84,14 +84,15 @@ def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, 
              show=True):
     """Apply ``fn(split_model, params, images)`` over ``dataset.images(indices)`` in sharded batches.
 
-    Each device gets ``batch_size`` images per batch (so a batch holds batch_size x devices), whatever the
-    device count: XLA may round a row differently in a batch of another shape, and this keeps the features
+    Each device gets ``min(batch_size, len(indices))`` images per batch (a batch holds that times the
+    devices), whatever the device count: XLA may round a row differently in a batch of another shape, and this keeps the features
     of 1, D devices or P processes bit-identical. The last batch is padded and the padding dropped. With ``across_processes`` (every process calls it with the same
     arguments) batch j is computed by process j % P and the outputs gathered, so every process returns
     what one process would. ``show=False`` hides the progress bar (inside another pass's bar). Returns the
     outputs' pytree, concatenated (numpy).
     """
-    batch = batch_size * mesh.devices.size  # every device gets batch_size rows, whatever the device count
+    # every device gets the same rows whatever the device count: min(batch_size, images), no more padding
+    batch = min(batch_size, len(indices)) * mesh.devices.size
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
     starts = np.arange(0, len(indices), batch)
     if not len(starts):
