@@ -92,7 +92,7 @@ def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, 
     outputs' pytree, concatenated (numpy).
     """
     # every device gets the same rows whatever the device count: min(batch_size, images), no more padding
-    batch = min(batch_size, len(indices)) * mesh.devices.size
+    batch = max(1, min(batch_size, len(indices))) * mesh.devices.size
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
     starts = np.arange(0, len(indices), batch)
     if not len(starts):
