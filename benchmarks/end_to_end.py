@@ -158,7 +158,7 @@ def digits_workload(args) -> dict:
 
     def run_into(out):
         summary, = explain_split(model_dir, "digits", "test", out, config, reference_split="train",
-                                 limit=args.limit, batch_size=128, shard_size=32)
+                                 limit=args.limit, batch_size=32, shard_size=32)
         return summary.queries
 
     print(f"digits: resnet_tiny ({args.epochs} epochs), demo explain config {DEMO_EXPLAIN}", flush=True)

@@ -84,15 +84,15 @@ def _batched(fn, split_model, params, dataset, indices, batch_size, mesh, desc, 
              show=True):
     """Apply ``fn(split_model, params, images)`` over ``dataset.images(indices)`` in sharded batches.
 
-    Each device gets ``min(batch_size, len(indices))`` images per batch (a batch holds that times the
-    devices), whatever the device count: XLA may round a row differently in a batch of another shape, and this keeps the features
-    of 1, D devices or P processes bit-identical. The last batch is padded and the padding dropped. With ``across_processes`` (every process calls it with the same
+    Each device gets ``batch_size`` images per batch (a batch holds batch_size x devices), whatever the
+    device count or the number of images: XLA may round a row differently in a batch of another shape, and
+    this keeps the features of 1, D devices or P processes, and of any shard size, bit-identical. The last
+    batch is padded and the padding dropped. With ``across_processes`` (every process calls it with the same
     arguments) batch j is computed by process j % P and the outputs gathered, so every process returns
     what one process would. ``show=False`` hides the progress bar (inside another pass's bar). Returns the
     outputs' pytree, concatenated (numpy).
     """
-    # every device gets the same rows whatever the device count: min(batch_size, images), no more padding
-    batch = max(1, min(batch_size, len(indices))) * mesh.devices.size
+    batch = batch_size * mesh.devices.size  # every device gets batch_size rows, whatever the device count
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
     starts = np.arange(0, len(indices), batch)
     if not len(starts):
@@ -376,7 +376,9 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         a larger limit reuses the shards whose queries are unchanged, a smaller one than ``out_dir`` holds is
         refused.
       at: split point (default: the checkpoint's).
-      batch_size: images per device in each forward batch; no effect on results.
+      batch_size: images per device in each forward batch (the last batch is padded to it). Results are
+        bit-identical across device and process counts at one batch size; another batch size is another batch
+        shape, which can change the features' last bits on some CPUs.
       shard_size: queries per result shard (part of the stored config).
       overwrite: replace results of a different config instead of refusing.
 

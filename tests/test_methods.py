@@ -4,6 +4,8 @@ directories of another schema are refused in one line, and the package has no im
 import ast
 import dataclasses
 import json
+import subprocess
+import sys
 import argparse
 from pathlib import Path
 
@@ -186,3 +188,12 @@ def test_the_package_has_no_import_cycles_and_evaluate_and_report_do_not_import_
     assert not cycles, cycles
     for m in ("fgvce_jax.evaluate", "fgvce_jax.report", "fgvce_jax.results"):
         assert "fgvce_jax.pipeline" not in _imports(modules[m], modules, False), m
+
+
+def test_methods_are_listed_fgvce_first_whichever_method_module_is_imported_first():
+    """The registry's order is the order of tables and reports; importing one method's module first (here
+    ``cve``, first in sorted order) must not change it. A fresh interpreter, so that nothing is imported yet."""
+    code = ("import fgvce_jax.counterfactual.methods.cve, fgvce_jax.evaluate as e; "
+            "print(','.join(e.method_order()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "fgvce,cve,global,gradient,single-step,random,gradcam"

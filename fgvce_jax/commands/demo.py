@@ -58,7 +58,7 @@ def run(args) -> int:
     out = Path(args.out).absolute()
     model = _model(out, args.epochs)
     explain_split(model, "digits", "test", out / "explanations", CounterfactualConfig(**DEMO_EXPLAIN),
-                  reference_split="train", limit=args.limit, at=DEMO_SPLIT, batch_size=128, shard_size=32,
+                  reference_split="train", limit=args.limit, at=DEMO_SPLIT, batch_size=32, shard_size=32,
                   overwrite=args.overwrite)
     page = write_report(out / "explanations", out / "report.html")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; open {page}")
