@@ -43,7 +43,7 @@ def same_explanations(a: dict, b: dict) -> np.ndarray:
     same = a["n_edits"] == b["n_edits"]
     for q in range(len(same)):
         k = a["n_edits"][q]
-        for name in ("query_region", "ref_index", "ref_region"):
+        for name in ("query_region", "ref_split_index", "ref_region"):
             same[q] &= bool(np.array_equal(a[name][q, :k], b[name][q, :k]))
     return same
 

@@ -50,6 +50,8 @@ import numpy as np
 
 import common
 
+from fgvce_jax.counterfactual import methods
+
 PASSES = ("features", "selection", "shapley", "search", "writing")
 CUB_CLASSES = 200
 LOGIT_SPREAD = 2.0
@@ -153,8 +155,9 @@ def digits_workload(args) -> dict:
     from fgvce_jax.pipeline import explain_split
 
     model_dir = digits_model(Path(args.cache), args.epochs)
-    config = CounterfactualConfig(**{**DEMO_EXPLAIN, **({"samples": args.samples, "n_references": args.references}
-                                                        if args.quick else {})})
+    config = CounterfactualConfig(**{**DEMO_EXPLAIN, "method": args.method,
+                                     **({"samples": args.samples, "n_references": args.references}
+                                        if args.quick else {})})
 
     def run_into(out):
         summary, = explain_split(model_dir, "digits", "test", out, config, reference_split="train",
@@ -162,7 +165,7 @@ def digits_workload(args) -> dict:
         return summary.queries
 
     print(f"digits: resnet_tiny ({args.epochs} epochs), demo explain config {DEMO_EXPLAIN}", flush=True)
-    return {"workload": "digits", "arch": "resnet_tiny", "image_size": 32, "epochs": args.epochs,
+    return {"workload": "digits", "method": args.method, "arch": "resnet_tiny", "image_size": 32, "epochs": args.epochs,
             "limit": args.limit, "config": dataclasses.asdict(config), "runs": timed_runs(run_into, args.repeats)}
 
 
@@ -269,8 +272,8 @@ def cub_workload(args) -> dict:
     t0 = time.perf_counter()
     model_dir, data_dir, facts = cub_synthetic(Path(args.cache), args.arch, args.image_size, args.images, args.seed)
     print(f"cub: synthetic data ready in {time.perf_counter() - t0:.0f} s: {facts}", flush=True)
-    config = CounterfactualConfig(kernel=3, samples=args.samples, max_regions=8, n_references=args.references,
-                                  t_max=8)
+    config = CounterfactualConfig(method=args.method, kernel=3, samples=args.samples, max_regions=8,
+                                  n_references=args.references, t_max=8)
 
     def run_into(out):
         summary, = explain_split(model_dir, f"folder:{data_dir}", "test", out, config, reference_split="test",
@@ -279,7 +282,7 @@ def cub_workload(args) -> dict:
 
     print(f"cub: {args.arch} {args.image_size} px, {CUB_CLASSES} classes, {args.images} images, at {args.at}, "
           f"samples {args.samples}", flush=True)
-    return {"workload": "cub-synthetic", "arch": args.arch, "image_size": args.image_size, "classes": CUB_CLASSES,
+    return {"workload": "cub-synthetic", "method": args.method, "arch": args.arch, "image_size": args.image_size, "classes": CUB_CLASSES,
             "images": args.images, "at": args.at, "data": facts,
             "config": dataclasses.asdict(config), "runs": timed_runs(run_into, args.repeats)}
 
@@ -289,7 +292,8 @@ def summarise(results: list[dict]) -> dict:
     summary = {}
     for r in results:
         run = r["runs"][-1]
-        name = r["workload"] + (f" ({r['images']} img, {r['at']})" if "at" in r else "")
+        name = r["workload"] + (f" ({r['images']} img, {r['at']})" if "at" in r else "") + (
+            f" [{r['method']}]" if r.get("method", "fgvce") != "fgvce" else "")
         summary[f"{name}: explanations/s ({run['run']})"] = round(run["explanations_per_s"], 4)
         summary[f"{name}: queries"] = run["queries"]
         shares = ", ".join(f"{p} {100 * s:.0f}%" for p, s in run["pass_share"].items())
@@ -324,6 +328,8 @@ def main(argv=None) -> None:
     accel = common.on_accelerator()
     p = common.parser(__doc__, "end_to_end")
     p.add_argument("--workloads", nargs="+", choices=("digits", "cub"), default=["digits", "cub"])
+    p.add_argument("--method", default="fgvce", choices=methods.names(),
+                   help="the counterfactual method to time (any registered one; default fgvce)")
     p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "runs" / "benchmarks"),
                    help="where the trained digits model and the synthetic CUB data are kept between runs")
     p.add_argument("--epochs", type=int, default=None, help="digits: demo training epochs (0 = random weights)")

@@ -42,7 +42,7 @@ import numpy as np
 
 import common
 
-SEARCH_OUTPUTS = ("success", "n_edits", "query_region", "ref_index", "ref_region", "probs")
+SEARCH_OUTPUTS = ("success", "n_edits", "query_region", "ref_row", "ref_region", "probs")
 PROBS_ATOL = 1e-5
 
 

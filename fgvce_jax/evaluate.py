@@ -16,22 +16,27 @@ Metric definitions: ``docs/metrics.md``.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import io
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from fgvce_jax import progress, store
+from fgvce_jax import data, models, progress, saliency, store
 from fgvce_jax.completeness import warn_partial
 from fgvce_jax.counterfactual import methods
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import counterfactual as cf_metrics
 from fgvce_jax.metrics import parts as part_metrics
 from fgvce_jax.metrics import rise
-from fgvce_jax.results import find_runs, load_run
+from fgvce_jax.data.dataset import positions_of
+from fgvce_jax.results import StoredExplanations, find_runs, load_run
 from fgvce_jax.sharding import device_mesh, pad_to
 
 COLUMNS = {  # key -> header (arrows: which direction is better)
@@ -162,8 +167,8 @@ def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path
     files = {"table.md": to_markdown(rows).encode(), "table.csv": to_csv(rows).encode()}
     if curves_by_method:
         files["curves.png"] = plot_curves(curves_by_method)
-    for name, data in files.items():
-        store.atomic_write(out_dir / name, lambda f, d=data: f.write(d))
+    for name, content in files.items():
+        store.atomic_write(out_dir / name, lambda f, d=content: f.write(d))
     store.atomic_write_json(out_dir / "metrics.json",
                             [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                              for r in rows])
@@ -171,18 +176,16 @@ def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path
 
 
 # --------------------------------------------------------------------------- explain directories
-def by_id(e, ds, ref_ds=None) -> SimpleNamespace:
-    """``e`` with ``query_index`` (and ``ref_index``, given ``ref_ds``) re-derived from the stored image ids in
-    today's datasets (``positions_of``): positions alone would point at other images once a dataset changes."""
-    from fgvce_jax.data.dataset import positions_of
-
-    out = SimpleNamespace(**vars(e))
-    out.query_index = positions_of(ds, e.query_id, "query images")
+def by_id(e: StoredExplanations, ds, ref_ds=None) -> StoredExplanations:
+    """``e`` with ``query_split_index`` (and ``ref_split_index``, given ``ref_ds``) re-derived from the stored
+    image ids in today's datasets (``positions_of``): positions alone would point at other images once a dataset
+    changes."""
+    out = dataclasses.replace(e, query_split_index=positions_of(ds, e.query_id, "query images"))
     if ref_ds is not None:
-        used = e.ref_index >= 0
-        ref_index = np.full(e.ref_index.shape, -1, np.int64)
-        ref_index[used] = positions_of(ref_ds, e.ref_id[used], "reference images")
-        out.ref_index = ref_index
+        used = e.ref_split_index >= 0
+        ref_split_index = np.full(e.ref_split_index.shape, -1, np.int64)
+        ref_split_index[used] = positions_of(ref_ds, e.ref_id[used], "reference images")
+        out = dataclasses.replace(out, ref_split_index=ref_split_index)
     return out
 
 
@@ -209,8 +212,6 @@ def _part_grids(annotations, n_types: int, grid) -> np.ndarray:
 
 def _predict(split_model, params, images):
     """Softmax probabilities of the full classifier: images (B, S, S, 3) -> (B, C)."""
-    import jax
-
     return jax.nn.softmax(split_model.logits(params, images), -1)
 
 
@@ -219,13 +220,9 @@ def _gradcam(split_model, params, images, classes, mesh):
 
     ``params`` must be replicated on ``mesh`` (saliency shards its work over it).
     """
-    import jax
-
-    from fgvce_jax import saliency
-
     z, ctx = split_model.encode(params, images)
     return np.asarray(saliency.compute(split_model, params, z, ctx, classes, method=GRADCAM,
-                                       key=jax.random.PRNGKey(0), mesh=mesh))
+                                       key=jax.random.key(0), mesh=mesh))
 
 
 def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps: int = 50,
@@ -236,18 +233,12 @@ def rise_for_runs(split_model, params, dataset, explanations_by_method, *, steps
     Grad-CAM uses the queries of the first method; it runs on a 1-D mesh of
     all devices (as :func:`fgvce_jax.sharding.device_mesh`), the curves on one.
     """
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
     predict = functools.partial(_predict, split_model)
-    jobs = {m: (e.query_index, np.asarray(e.query_phi), np.asarray(e.pred))
+    jobs = {m: (e.query_split_index, np.asarray(e.query_phi), np.asarray(e.pred))
             for m, e in explanations_by_method.items() if not np.isnan(np.asarray(e.query_phi)).any()}
     if gradcam and explanations_by_method:
         e = next(iter(explanations_by_method.values()))
-        jobs[GRADCAM] = (e.query_index, None, np.asarray(e.pred))
+        jobs[GRADCAM] = (e.query_split_index, None, np.asarray(e.pred))
         mesh = device_mesh()
         replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     out = {}
@@ -295,8 +286,6 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
     run = _shared_run({m: c for m, (_, c) in loaded.items()})
     curves, part_masks = None, None
     if use_rise or parts:
-        from fgvce_jax import data
-
         for key in ("dataset", "split"):
             if not run.get(key):
                 raise FgvceError(f"the explain manifest does not name the {key}; pass --no-rise --no-parts")
@@ -310,8 +299,6 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
         if parts:
             part_masks = _parts_for_runs(ds, ref_ds, explanations)
         if use_rise:
-            from fgvce_jax import models
-
             model_dir = Path(run.get("model") or "")
             if not (model_dir.is_absolute() and model_dir.exists()):
                 raise FgvceError(f"model checkpoint {model_dir} of the explain run is not there; pass --no-rise")
@@ -325,17 +312,17 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
 
 
 def _parts_for_runs(ds, ref_ds, explanations_by_method) -> dict | None:
-    """method -> (query part masks, reference part masks indexed by ref_index); None without parts.
+    """method -> (query part masks, reference part masks indexed by ref_split_index); None without parts.
 
     Only the referenced rows of the reference mask array are filled.
     """
     annotations = {}
     for method, e in explanations_by_method.items():
-        used = np.unique(e.ref_index[e.ref_index >= 0])
-        images = [(ds, i) for i in e.query_index] + [(ref_ds, i) for i in used]
+        used = np.unique(e.ref_split_index[e.ref_split_index >= 0])
+        images = [(ds, i) for i in e.query_split_index] + [(ref_ds, i) for i in used]
         found = [d.parts(int(i)) for d, i in progress.bar(images, desc=f"evaluate: {method} part annotations",
                                                           unit="image", leave=False)]
-        annotations[method] = (found[:len(e.query_index)], used, found[len(e.query_index):])
+        annotations[method] = (found[:len(e.query_split_index)], used, found[len(e.query_split_index):])
     named = [a for q, _, r in annotations.values() for a in (*q, *r) if a is not None]
     if not named:
         return None

@@ -58,14 +58,14 @@ def counterfactual_image(query_image: np.ndarray, reference_images: dict, row: d
 
     Args:
       query_image: uint8 (S, S, 3). reference_images: reference-split row -> uint8 (S, S, 3).
-      row: a result row with ``n_edits``, ``region_size``, ``edit_ref_index`` and the arrays
+      row: a result row with ``n_edits``, ``region_size``, ``edit_ref_split_index`` and the arrays
         ``query_region``, ``ref_region`` (T, 2) (and optionally ``edit_mask`` (T, H, W)).
       grid: (H, W) of the feature map.
     """
     out = np.array(query_image, copy=True)
     ey, ex = cell_edges(grid[0], out.shape[0]), cell_edges(grid[1], out.shape[1])
     qc, rc, valid = _cells(row, grid)
-    for t, ref in enumerate(row["edit_ref_index"]):
+    for t, ref in enumerate(row["edit_ref_split_index"]):
         src = reference_images[ref]
         for (qi, qj), (ri, rj) in zip(qc[t][valid[t]], rc[t][valid[t]]):
             rows = _spread(ey[ri], ey[ri + 1], ey[qi + 1] - ey[qi])
@@ -121,7 +121,7 @@ def query_figure(path, query_image, phi, row: dict, reference_images: dict) -> N
 
     Args:
       query_image: uint8 (S, S, 3); phi: (H, W) Phi on ŷ (NaN: the method has none).
-      row: a result row (``query_id``, ``true_name``, ``pred_name``, ``n_edits``, ``edit_ref_index``, ...)
+      row: a result row (``query_id``, ``true_name``, ``pred_name``, ``n_edits``, ``edit_ref_split_index``, ...)
         with the arrays of :func:`counterfactual_image`.
       reference_images: reference-split row -> uint8 (S, S, 3).
     """

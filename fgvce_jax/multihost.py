@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fgvce_jax.errors import FgvceError
 
@@ -63,8 +64,6 @@ def mine(items) -> list:
 def barrier(name: str) -> None:
     """Wait until every process has reached the barrier ``name`` (no-op for one process)."""
     if count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -80,8 +79,6 @@ def gather_rows(arrays: dict[str, np.ndarray], owner: np.ndarray, shapes: dict[s
     """
     if count() == 1:
         return arrays
-    from jax.experimental import multihost_utils
-
     counts = np.bincount(owner, minlength=count())
     m = max(1, int(counts.max()))
     padded = {}

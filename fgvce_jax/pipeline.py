@@ -39,13 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fgvce_jax import counterfactual, data, models, multihost, progress, store
 from fgvce_jax import keys as run_keys
-from fgvce_jax import multihost, progress, store
-from fgvce_jax.results import SCHEMA, check_writable, results_table
-from fgvce_jax.counterfactual import methods
+from fgvce_jax.counterfactual import CounterfactualConfig, references
 from fgvce_jax.counterfactual.config import flag, setting_flag, settings
 from fgvce_jax.counterfactual.explain import ROLES, FeatureBatch, phi_and_samples, phi_stream, saliency_settings
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.metrics import edits_in_regions, validity
+from fgvce_jax.results import SCHEMA, check_writable, results_table
 from fgvce_jax.shapley.local_screening import saves
 from fgvce_jax.sharding import device_mesh, pad_to
 
@@ -180,12 +181,10 @@ def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred
     engine, choosing the N nearest from this subset, chooses what it would
     choose from all of them; the references' Phi is then computed only for these.
     """
-    from fgvce_jax.counterfactual.references import select_references as pick
-
     label, pred = ref_pred["label"], ref_pred["pred"]
     if mode != "nearest":
         return np.flatnonzero((label == pred) & np.isin(label, np.unique(query_true)))
-    index, valid = pick(jnp.asarray(query_pooled), jnp.asarray(query_true), jnp.asarray(ref_pred["pooled"]),
+    index, valid = references.select_references(jnp.asarray(query_pooled), jnp.asarray(query_true), jnp.asarray(ref_pred["pooled"]),
                         jnp.asarray(label), jnp.asarray(pred), n=n_references, mode="nearest",
                         key=jax.random.key(0))
     return np.unique(np.asarray(index)[np.asarray(valid)])
@@ -351,8 +350,6 @@ class Summary:
 
 def summarise(directory: Path, method: str, seconds: float, computed: int) -> Summary:
     """Summary of the results in ``directory``; time per explanation counts this run's work only."""
-    from fgvce_jax.metrics import edits_in_regions, validity
-
     _, arrays = store.read_results(directory)
     n = len(arrays.get("success", ()))
     return Summary(method, n, validity(arrays["success"]) if n else 0.0,
@@ -386,9 +383,6 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
 
     Returns: one :class:`Summary` per config.
     """
-    from fgvce_jax import data, models
-    from fgvce_jax.counterfactual import CounterfactualConfig, explain
-
     configs = [configs] if isinstance(configs, CounterfactualConfig) else list(configs)
     methods = [c.method for c in configs]
     if len(set(methods)) != len(methods):
@@ -457,7 +451,7 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
                   f"{len(q_idx)} queries to explain ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
         return [_explain_method(split_model, params, ds, ref_ds, preds[split], preds[reference_split], q_idx,
-                                config, explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
+                                config, counterfactual.explain, writer, mesh=mesh, batch_size=batch_size, shard_size=shard_size,
                                 weights=run["weights"])
                 for config, writer in zip(configs, writers)]
 

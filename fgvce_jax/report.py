@@ -18,17 +18,16 @@ import json
 import os
 import shutil
 import tempfile
-import types
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from fgvce_jax import progress, store
+from fgvce_jax import data, metrics, progress, results, store
 from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
+from fgvce_jax.data.dataset import positions_of
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered
-from fgvce_jax.results import check_readable, find_runs
 from fgvce_jax.figures import query_figure
 
 _WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
@@ -187,8 +186,6 @@ class _Datasets:
         self._loaded = {}
 
     def __call__(self, cfg: dict):
-        from fgvce_jax import data
-
         key = (cfg["dataset"], cfg["split"], cfg["reference_split"], cfg["image_size"])
         if key not in self._loaded:
             q = data.load(cfg["dataset"], cfg["split"], image_size=cfg["image_size"])
@@ -200,8 +197,6 @@ class _Datasets:
 
 def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, prefix: str) -> list[str]:
     """Draw the figures of ``rows`` into ``out/<method>/`` and return their query sections."""
-    from fgvce_jax.data.dataset import positions_of
-
     qds, rds = datasets
     # images by id, not by the stored positions: a dataset that gained or lost images keeps them attached
     query_at = positions_of(qds, [row["query_id"] for row in rows], "query images")
@@ -213,7 +208,7 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
     for i, row in enumerate(progress.bar(rows, desc=f"report: {method} figures", unit="query", leave=False)):
         row = {**row, **{k: arrays[k][i] for k in per_row if k in arrays}}
         png = Path(method) / f"q{i:05d}.png"
-        refs = {r: rds.raw_image(ref_at[rid]) for r, rid in zip(row["edit_ref_index"], row["edit_ref_id"])}
+        refs = {r: rds.raw_image(ref_at[rid]) for r, rid in zip(row["edit_ref_split_index"], row["edit_ref_id"])}
         query_figure(out / png, qds.raw_image(query_at[i]), arrays["query_phi"][i], row, refs)
         sections.append(_query_section(method, i, row, f"{prefix}/{png.as_posix()}"))
     return sections
@@ -244,14 +239,12 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
     The figures are drawn into a temporary directory that replaces the old one only
     when complete, and the HTML is written last, atomically.
     """
-    from fgvce_jax import metrics
-
     directory = Path(directory)
     html_path = Path(html_path) if html_path else directory / "report.html"
     if html_path.is_dir():
         raise FgvceError(f"--html {html_path} is a directory; give the page's file name, "
                          f"e.g. {html_path / 'report.html'}")
-    found = find_runs(directory)
+    found = results.find_runs(directory)
     runs = {m: found[m] for m in _ordered(found)}
     states = warn_partial(runs, "the report")
     files = html_path.parent / f"{html_path.stem}_files"
@@ -261,11 +254,10 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
     try:
         summary_rows, sections, datasets = [], [], _Datasets()
         for method, d in runs.items():
-            cfg = check_readable(d)
-            table, arrays = store.read_results(d)
+            cfg, table, arrays = results.read(d)
             rows = table.to_pylist()
             timing = read_summary(d) or {}
-            ex = types.SimpleNamespace(**arrays, region_size=rows[0]["region_size"]) if rows else None
+            ex = results.stored_explanations(cfg, table, arrays, d) if rows else None
             summary_rows.append({"method": method, "queries": len(rows), "run": states[method].line(),
                                  **(metrics.summary(ex) if ex is not None else dict.fromkeys(CF_COLUMNS)),
                                  "seconds_per_query": timing.get("seconds_per_query")})

@@ -6,15 +6,18 @@ Schema versions (``config.schema`` of ``manifest.json``; absent = 1):
 - 1: query Phi keys per shard; every config field stored for every method.
 - 2: every image's key from (seed, stream, split, id) (:mod:`fgvce_jax.keys`); each method stores only the
   settings that decide its results, with the values it ran with (``cve``: ``region_size`` 1); a method's
-  own per-query arrays after the common columns.
+  own per-query arrays after the common columns; the fields that hold dataset positions are named for the
+  split they index (``query_split_index``, ``ref_split_index``, ``edit_ref_split_index``; version 1 called
+  them ``query_index``, ``ref_index``, ``edit_ref_index``).
 
-Both read; only version 2 is written, and a run never adds to a directory of another version.
+Both read (:func:`read` gives version 1's fields their version 2 names); only version 2 is written, and a run
+never adds to a directory of another version.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +28,8 @@ from fgvce_jax.errors import FgvceError
 
 SCHEMA = 2
 READABLE = (1, 2)
+RENAMED_IN_2 = {"query_index": "query_split_index", "ref_index": "ref_split_index",
+                "edit_ref_index": "edit_ref_split_index"}  # version 1 name -> version 2 name
 
 
 def schema_of(manifest: dict) -> int:
@@ -63,12 +68,13 @@ def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, d
     """Explanations of one shard -> (Parquet table, arrays) in the layout of ``docs/output_format.md``: the
     common columns, then the method's own per-query arrays (``ex.extras``; 1-D ones also as Parquet columns).
 
-    ``ref_idx`` maps ``ex.ref_index`` (rows of the references batch) to reference-split indices.
+    ``query_idx`` (Q,) are the queries' positions in their split, and ``ref_idx`` maps ``ex.ref_row`` (rows of
+    the references batch) to positions in the reference split.
     """
-    q, t_max = len(query_idx), ex.ref_index.shape[1]
+    q, t_max = len(query_idx), ex.ref_row.shape[1]
     true, pred = np.asarray(ex.true, np.int64), np.asarray(ex.pred, np.int64)
     n_edits = np.asarray(ex.n_edits, np.int32)
-    ref_index = np.where(ex.ref_index >= 0, ref_idx[np.maximum(ex.ref_index, 0)], -1).astype(np.int64)
+    ref_split = np.where(ex.ref_row >= 0, ref_idx[np.maximum(ex.ref_row, 0)], -1).astype(np.int64)
     rows = np.arange(q)[:, None]
     p_true = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], true[:, None]]
     p_pred = np.asarray(ex.probs, np.float32)[rows, np.arange(t_max)[None], pred[:, None]]
@@ -79,7 +85,7 @@ def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, d
         return [a[i, :n_edits[i]].tolist() for i in range(q)]
 
     columns = {
-        "query_index": pa.array(query_idx, pa.int64()),
+        "query_split_index": pa.array(query_idx, pa.int64()),
         "query_id": pa.array(query_ds.ids[query_idx].tolist(), pa.string()),
         "true": pa.array(true, pa.int32()), "true_name": pa.array(names[true].tolist(), pa.string()),
         "pred": pa.array(pred, pa.int32()), "pred_name": pa.array(names[pred].tolist(), pa.string()),
@@ -91,17 +97,17 @@ def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, d
         "p_pred_before": pa.array(before[np.arange(q), pred], pa.float32()),
         "edit_query_row": pa.array(edits(ex.query_region[..., 0]), pa.list_(pa.int32())),
         "edit_query_col": pa.array(edits(ex.query_region[..., 1]), pa.list_(pa.int32())),
-        "edit_ref_index": pa.array(edits(ref_index), pa.list_(pa.int64())),
-        "edit_ref_id": pa.array([ref_ds.ids[r].tolist() for r in edits(ref_index)], pa.list_(pa.string())),
+        "edit_ref_split_index": pa.array(edits(ref_split), pa.list_(pa.int64())),
+        "edit_ref_id": pa.array([ref_ds.ids[r].tolist() for r in edits(ref_split)], pa.list_(pa.string())),
         "edit_ref_row": pa.array(edits(ex.ref_region[..., 0]), pa.list_(pa.int32())),
         "edit_ref_col": pa.array(edits(ex.ref_region[..., 1]), pa.list_(pa.int32())),
         "edit_similarity": pa.array(edits(np.asarray(ex.similarity, np.float32)), pa.list_(pa.float32())),
         "edit_p_true": pa.array(edits(p_true), pa.list_(pa.float32())),
         "edit_p_pred": pa.array(edits(p_pred), pa.list_(pa.float32())),
     }
-    arrays = {"query_index": np.asarray(query_idx, np.int64), "success": np.asarray(ex.success, bool),
+    arrays = {"query_split_index": np.asarray(query_idx, np.int64), "success": np.asarray(ex.success, bool),
               "n_edits": n_edits, "true": true, "pred": pred,
-              "query_region": np.asarray(ex.query_region, np.int32), "ref_index": ref_index,
+              "query_region": np.asarray(ex.query_region, np.int32), "ref_split_index": ref_split,
               "ref_region": np.asarray(ex.ref_region, np.int32),
               "similarity": np.asarray(ex.similarity, np.float32),
               "probs": np.asarray(ex.probs, np.float32), "probs_before": before,
@@ -116,8 +122,46 @@ def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, d
     return pa.table(columns), arrays
 
 
-EXPLANATION_ARRAYS = ("query_index", "success", "n_edits", "true", "pred", "query_region", "ref_index",
-                      "ref_region", "query_phi")
+EXPLANATION_ARRAYS = ("query_split_index", "success", "n_edits", "true", "pred", "query_region",
+                      "ref_split_index", "ref_region", "query_phi")
+
+
+def read(run_dir) -> tuple[dict, pa.Table, dict[str, np.ndarray]]:
+    """(stored config, table, arrays) of one run directory in this schema's names, whichever readable version
+    wrote it: :func:`check_readable`, then the completed shards (``store.read_results``), version 1's fields
+    renamed (:data:`RENAMED_IN_2`)."""
+    config = check_readable(run_dir)
+    table, arrays = store.read_results(run_dir)
+    if schema_of({"config": config}) == 1:
+        table = table.rename_columns([RENAMED_IN_2.get(c, c) for c in table.column_names])
+        arrays = {RENAMED_IN_2.get(k, k): v for k, v in arrays.items()}
+    return config, table, arrays
+
+
+@dataclasses.dataclass
+class StoredExplanations:
+    """One method's explanations as stored (Q queries, T edit slots; unused slots -1 / NaN).
+
+    query_split_index (Q,) int64 and query_id (Q,) str: each query's position and id in its split.
+    success, n_edits, true, pred (Q,); query_region, ref_region (Q, T, 2) int32 centres of the edited regions;
+    ref_split_index (Q, T) int64 and ref_id (Q, T) str ("" in unused slots): the reference image of each edit,
+    by position and id in the reference split; query_phi (Q, H, W) float32 (NaN for methods without Phi);
+    edit_mask (Q, T, H, W) bool or None (older runs); region_size, method: the run's.
+    """
+    query_split_index: np.ndarray
+    success: np.ndarray
+    n_edits: np.ndarray
+    true: np.ndarray
+    pred: np.ndarray
+    query_region: np.ndarray
+    ref_split_index: np.ndarray
+    ref_region: np.ndarray
+    query_phi: np.ndarray
+    query_id: np.ndarray
+    ref_id: np.ndarray
+    region_size: int
+    method: str
+    edit_mask: np.ndarray | None = None
 
 
 def find_runs(directory) -> dict[str, Path]:
@@ -138,27 +182,33 @@ def find_runs(directory) -> dict[str, Path]:
     return runs
 
 
-def load_run(run_dir) -> tuple[SimpleNamespace, dict]:
-    """(Explanations-like, run config) of one ``DIR/<method>`` written by the pipeline.
+def load_run(run_dir) -> tuple[StoredExplanations, dict]:
+    """(explanations, stored config) of one ``DIR/<method>`` written by the pipeline (:func:`read`)."""
+    config, table, arrays = read(run_dir)
+    return stored_explanations(config, table, arrays, run_dir), config
 
-    The arrays are those of ``docs/output_format.md`` (``ref_index`` indexes the
-    reference split); ``edit_mask`` is used when the run stored it.
-    """
-    config = check_readable(run_dir)
-    table, arrays = store.read_results(run_dir)
+
+def stored_explanations(config: dict, table: pa.Table, arrays: dict, run_dir) -> StoredExplanations:
+    """The :class:`StoredExplanations` of what :func:`read` returned for ``run_dir`` (named in errors). The
+    region size is the one each row ran with (the ``region_size`` column), which version 1's config could
+    misstate (``cve`` stored the user's value)."""
     missing = [k for k in EXPLANATION_ARRAYS if k not in arrays]
     if missing:
         raise FgvceError(f"{run_dir} has no completed shards or lacks arrays: {', '.join(missing)}")
-    e = SimpleNamespace(**{k: arrays[k] for k in (*EXPLANATION_ARRAYS, "edit_mask") if k in arrays},
-                        region_size=int(config.get("region_size", 1)), method=config.get("method", ""),
-                        query_id=np.asarray(table.column("query_id").to_pylist(), dtype=str),
-                        ref_id=_ref_ids(table, arrays["ref_index"]))
-    return e, config
+    sizes = set(table.column("region_size").to_pylist() if "region_size" in table.column_names
+                else [config.get("region_size", 1)])
+    if len(sizes) != 1:
+        raise FgvceError(f"{run_dir}: the shards ran with different region sizes {sorted(sizes)}")
+    return StoredExplanations(**{k: arrays[k] for k in EXPLANATION_ARRAYS}, edit_mask=arrays.get("edit_mask"),
+                              region_size=int(sizes.pop()), method=config.get("method", ""),
+                              query_id=np.asarray(table.column("query_id").to_pylist(), dtype=str),
+                              ref_id=_ref_ids(table, arrays["ref_split_index"]))
 
 
-def _ref_ids(table, ref_index: np.ndarray) -> np.ndarray:
-    """str (Q, T): the reference id of each edit slot ("" where ``ref_index`` is -1), from the rows' lists."""
-    out = np.full(ref_index.shape, "", dtype=object)
+def _ref_ids(table, ref_split_index: np.ndarray) -> np.ndarray:
+    """str (Q, T): the reference id of each edit slot ("" where ``ref_split_index`` is -1), from the rows'
+    lists."""
+    out = np.full(ref_split_index.shape, "", dtype=object)
     for q, ids in enumerate(table.column("edit_ref_id").to_pylist()):
         out[q, :len(ids)] = ids
     return out.astype(str)

@@ -156,11 +156,11 @@ def assert_matches(got, expected):
         assert got.reason[qi] == exp["reason"], qi
         for t, e in enumerate(exp["edits"]):
             assert tuple(got.query_region[qi, t]) == tuple(e["region"]), (qi, t)
-            assert got.ref_index[qi, t] == e["ref"], (qi, t)
+            assert got.ref_row[qi, t] == e["ref"], (qi, t)
             assert tuple(got.ref_region[qi, t]) == tuple(e["ref_region"]), (qi, t)
             np.testing.assert_allclose(got.similarity[qi, t], e["sim"], atol=1e-5)
             np.testing.assert_allclose(got.probs[qi, t], e["probs"], atol=1e-5)
-        assert np.all(got.ref_index[qi, n:] == -1) and np.all(np.isnan(got.similarity[qi, n:]))
+        assert np.all(got.ref_row[qi, n:] == -1) and np.all(np.isnan(got.similarity[qi, n:]))
 
 
 # ----------------------------------------------------------------- tests
@@ -193,7 +193,7 @@ def test_constructed_case_target():
     np.testing.assert_allclose(got.probs[0, 0], _softmax(np.array([3.6, 7.0, 0.0]) / 16), rtol=1e-5)
     np.testing.assert_allclose(got.probs[0, 1], _softmax(np.array([4.6, 3.0, 0.0]) / 16), rtol=1e-5)
     assert got.edit_mask[0, 0].sum() == 1 and got.edit_mask[0, 0, 0, 0]
-    pairs = set(zip(got.ref_index[0, :2].tolist(), map(tuple, got.ref_region[0, :2].tolist())))
+    pairs = set(zip(got.ref_row[0, :2].tolist(), map(tuple, got.ref_region[0, :2].tolist())))
     assert len(pairs) == 2  # a candidate is used at most once
 
 
@@ -239,7 +239,7 @@ def test_batch_and_device_invariance():
     one = explain(model, params, queries, refs, cfg, query_phi=q_phi, mesh=mesh1, **run)
     unchunked = explain(model, params, queries, refs, dataclasses.replace(cfg, chunk_size=None),
                         query_phi=q_phi, mesh=mesh4, **run)
-    for name in ("success", "n_edits", "reason", "query_region", "ref_index", "ref_region", "edit_mask"):
+    for name in ("success", "n_edits", "reason", "query_region", "ref_row", "ref_region", "edit_mask"):
         np.testing.assert_array_equal(getattr(four, name), getattr(one, name))
         np.testing.assert_array_equal(getattr(four, name), getattr(unchunked, name))
     for name in ("probs", "probs_before", "similarity"):  # bit-identical on 1 and 4 devices, floats included
@@ -248,7 +248,7 @@ def test_batch_and_device_invariance():
         single = FeatureBatch(*(a[qi:qi + 1] for a in (queries.z,)), {}, queries.labels[qi:qi + 1],
                               queries.preds[qi:qi + 1], queries.pooled[qi:qi + 1])
         alone = explain(model, params, single, refs, cfg, query_phi=q_phi[qi:qi + 1], mesh=mesh4, **run)
-        for name in ("success", "n_edits", "reason", "query_region", "ref_index", "ref_region"):
+        for name in ("success", "n_edits", "reason", "query_region", "ref_row", "ref_region"):
             np.testing.assert_array_equal(getattr(alone, name)[0], getattr(four, name)[qi])
         np.testing.assert_allclose(alone.probs[0], four.probs[qi], atol=1e-6)
 
@@ -305,7 +305,7 @@ def test_cve_matches_brute_force(chunk_size):
         assert got.n_edits[qi] == len(edits) and bool(got.success[qi]) == success
         for t, (qc, ref, rc, probs) in enumerate(edits):
             assert tuple(got.query_region[qi, t]) == qc
-            assert got.ref_index[qi, t] == ref and tuple(got.ref_region[qi, t]) == rc
+            assert got.ref_row[qi, t] == ref and tuple(got.ref_region[qi, t]) == rc
             np.testing.assert_allclose(got.probs[qi, t], probs, atol=1e-5)
 
 
@@ -345,7 +345,7 @@ def test_fewer_references_than_n_and_none_at_all():
     refs = refs._replace(preds=preds)
     cfg = CounterfactualConfig(n_references=4, candidates_per_reference=2, t_max=3)
     got = explain(model, params, queries, refs, cfg, key=jax.random.key(0), query_phi=q_phi, reference_phi=r_phi)
-    used = got.ref_index[0][got.ref_index[0] >= 0]
+    used = got.ref_row[0][got.ref_row[0] >= 0]
     assert used.size == got.n_edits[0] > 0 and set(used.tolist()) == set(keep.tolist())
     for qi in np.nonzero(queries.labels == y1)[0]:
         assert got.reason[qi] == 3 and got.n_edits[qi] == 0 and not got.success[qi]
@@ -399,7 +399,7 @@ def test_phi_computed_on_predicted_and_own_class(monkeypatch):
     given = explain(model, params, queries, refs, cfg, key=jax.random.key(0),
                     query_phi=queries.z.sum(-1), reference_phi=refs.z.sum(-1))
     assert len(calls) == 2  # nothing computed when Phi is given
-    np.testing.assert_array_equal(given.ref_index, got.ref_index)
+    np.testing.assert_array_equal(given.ref_row, got.ref_row)
     np.testing.assert_array_equal(given.query_region, got.query_region)
 
 

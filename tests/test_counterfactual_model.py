@@ -43,7 +43,7 @@ def test_edits_replay_on_real_head(tiny, method):
         z = np.array(queries.z[qi])
         assert ex.probs_before[qi].argmax() == queries.preds[qi]
         for t in range(ex.n_edits[qi]):
-            ref_z, (ci, cj), (qi0, qj0) = np.asarray(refs.z[ex.ref_index[qi, t]]), ex.ref_region[qi, t], ex.query_region[qi, t]
+            ref_z, (ci, cj), (qi0, qj0) = np.asarray(refs.z[ex.ref_row[qi, t]]), ex.ref_region[qi, t], ex.query_region[qi, t]
             for i, j in zip(*np.nonzero(ex.edit_mask[qi, t])):
                 assert abs(i - qi0) <= r and abs(j - qj0) <= r
                 z[i, j] = ref_z[ci + i - qi0, cj + j - qj0]

@@ -138,7 +138,7 @@ class _PartsDataset:
 
 def test_parts_for_runs_indexes_queries_and_referenced_images():
     e = explanations([True], [1], [[0, 0]], [[4]], [[0, 0]])
-    e.query_index = np.array([5])
+    e.query_split_index = np.array([5])
     qp, rp = evaluate._parts_for_runs(_PartsDataset(), _PartsDataset(), {"fgvce": e})["fgvce"]
     assert qp.shape == (1, 3, *GRID) and not qp.any()  # image 5 has no annotation
     assert rp.shape == (5, 3, *GRID) and rp[4, 1, 0, 0] and rp.sum() == 1  # only the referenced image
@@ -162,7 +162,7 @@ def test_rise_for_runs_matches_direct_curves_and_skips_maps_of_nan(capsys):
     grid = (4, 4)
     fg = explanations([True] * 3, [0] * 3, [[-1, -1]] * 3, [[-1]] * 3, [[-1, -1]] * 3,
                       phi=rng.normal(size=(3, *grid)).astype(np.float32))
-    fg.query_index, fg.pred = np.array([3, 1, 4]), np.array([2, 7, 1])
+    fg.query_split_index, fg.pred = np.array([3, 1, 4]), np.array([2, 7, 1])
     cve = explanations([True], [0], [[-1, -1]], [[-1]], [[-1, -1]], phi=np.full((1, *grid), np.nan, np.float32))
     got = evaluate.rise_for_runs(split_model, params, ds, {"fgvce": fg, "cve": cve}, steps=4, chunk_size=7,
                                  batch_size=2, gradcam=False)
@@ -172,13 +172,13 @@ def test_rise_for_runs_matches_direct_curves_and_skips_maps_of_nan(capsys):
     def predict(x):
         return jax.nn.softmax(split_model.logits(params, x), -1)
 
-    want = rise.deletion_insertion(predict, ds.images(fg.query_index), fg.query_phi, fg.pred, steps=4, chunk_size=64)
+    want = rise.deletion_insertion(predict, ds.images(fg.query_split_index), fg.query_phi, fg.pred, steps=4, chunk_size=64)
     np.testing.assert_allclose(got["fgvce"].deletion, want.deletion, atol=1e-5)
     np.testing.assert_allclose(got["fgvce"].insertion, want.insertion, atol=1e-5)
 
 
 def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
-    """A CUB folder (written by the data tests' helper) and a stored run whose query_index / ref_index
+    """A CUB folder (written by the data tests' helper) and a stored run whose query_split_index / ref_split_index
     point into its test / train splits: the part columns equal part_metrics on the dataset's own masks."""
     import warnings
 
@@ -194,7 +194,7 @@ def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
         test, train = data.load(name, "test", image_size=32), data.load(name, "train", image_size=32)
     e = explanations([True, True], [2, 1], [[0, 0], [1, 2], [3, 3], [-1, -1]], [[1, 0], [0, -1]],
                      [[0, 1], [2, 2], [3, 0], [-1, -1]])
-    e.query_index = np.array([1, 0])
+    e.query_split_index = np.array([1, 0])
     w = store.ShardWriter(tmp_path / "run" / "fgvce", {"method": "fgvce", "region_size": 1, "dataset": name,
                                                         "split": "test", "reference_split": "train",
                                                         "image_size": 32, "model": None})
@@ -202,7 +202,7 @@ def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, _ = evaluate.evaluate_directory(tmp_path / "run", use_rise=False)
-    qp = np.stack([test.parts(i).grid(GRID) for i in e.query_index])
+    qp = np.stack([test.parts(i).grid(GRID) for i in e.query_split_index])
     rp = np.stack([train.parts(i).grid(GRID) for i in range(len(train))])
     want = part_metrics(e, qp, rp)
     assert qp.shape[1] == 12 and qp.any() and rp.any()

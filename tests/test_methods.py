@@ -9,9 +9,9 @@ import sys
 import argparse
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from test_pipeline import CONFIG, MODEL_DIR, ToyData, patched, toy  # noqa: F401  (fixtures)
 
@@ -127,14 +127,29 @@ def test_random_draws_one_map_per_query_whatever_the_shards_or_the_limit(patched
     assert not np.array_equal(arrays["query_phi"], maps)
 
 
-def test_a_directory_of_another_schema_reads_or_is_refused_in_one_line(patched, tmp_path):  # noqa: F811
+def test_a_directory_of_another_schema_reads_or_is_refused_in_one_line(patched, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(ToyData, "raw_image", lambda self, i: np.clip(self._x[i] * 0.2 + 0.5, 0, 1), raising=False)
     _explain(tmp_path / "out", CONFIG, limit=3)
     run = tmp_path / "out" / "fgvce"
+    now, _ = results.load_run(run)
     manifest = json.loads((run / store.MANIFEST).read_text())
-    del manifest["config"]["schema"]  # as written before schema versions: 1
+    del manifest["config"]["schema"]  # as written before schema versions: 1, with version 1's field names
+    old_name = {new: old for old, new in results.RENAMED_IN_2.items()}
+    for shard in manifest["shards"]:
+        parquet, npz = run / f"{shard['name']}.parquet", run / f"{shard['name']}.npz"
+        table = pq.read_table(parquet)
+        pq.write_table(table.rename_columns([old_name.get(c, c) for c in table.column_names]), parquet)
+        np.savez(npz, **{old_name.get(k, k): v for k, v in store.load_arrays(npz).items()})
+        shard["sha256"] = {"parquet": store.file_digest(parquet), "npz": store.file_digest(npz)}
     (run / store.MANIFEST).write_text(json.dumps(manifest))
-    e, config = results.load_run(run)  # schema 1 still reads
-    assert len(e.success) == 3
+    assert "edit_ref_index" in pq.read_table(run / "shard-00000.parquet").column_names
+    e, config = results.load_run(run)  # schema 1 still reads, in version 2's names
+    assert len(e.success) == 3 and "schema" not in config
+    for name in ("query_split_index", "ref_split_index", "ref_id", "query_id", "n_edits"):
+        np.testing.assert_array_equal(getattr(e, name), getattr(now, name))
+    config_1, table_1, _ = results.read(run)
+    assert "edit_ref_split_index" in table_1.column_names and "edit_ref_index" not in table_1.column_names
+    assert "Validity" in report.write_report(tmp_path / "out", max_queries=3).read_text()  # draws its edits too
     with pytest.raises(FgvceError, match=r"holds results of explain-output schema 1; this fgvce writes schema 2") as err:
         _explain(tmp_path / "out", CONFIG, limit=3)
     assert "\n" not in str(err.value)

@@ -56,7 +56,7 @@ def _single_cell_case():
     e = explanations(
         success=[True, True, False], n_edits=[3, 1, 2],
         query_region=[[0, 0], [1, 1], [2, 0], [0, 1], [-1, -1], [-1, -1], [3, 0], [3, 1], [-1, -1]],
-        ref_index=[[0, 0, 0], [0, -1, -1], [1, 0, -1]],
+        ref_split_index=[[0, 0, 0], [0, -1, -1], [1, 0, -1]],
         ref_region=[[2, 2], [0, 0], [2, 2], [0, 0], [-1, -1], [-1, -1], [0, 0], [0, 0], [-1, -1]],
         region_size=1)
     return e, qp, rp
@@ -114,7 +114,7 @@ def test_bad_part_inputs_raise_fgvce_error():
     e, qp, rp = _single_cell_case()
     with pytest.raises(FgvceError, match="query_parts"):
         part_metrics(e, qp[:2], rp)
-    with pytest.raises(FgvceError, match="ref_index"):
+    with pytest.raises(FgvceError, match="ref_split_index"):
         part_metrics(e, qp, rp[:1], only_successful=False)  # query 2 uses reference 1
     with pytest.raises(FgvceError, match="region_size"):
         cf.region_offsets(0)

@@ -48,7 +48,7 @@ def _explanations(seed=1):
     return types.SimpleNamespace(
         success=np.array([True, False, False]), n_edits=n_edits, reason=np.array([0, 1, 3]),
         true=np.array([1, 2, 0]), pred=np.array([3, 0, 1]), query_region=region,
-        ref_index=np.where(used, rng.integers(0, 2, (Q, T)), -1).astype(np.int32),
+        ref_row=np.where(used, rng.integers(0, 2, (Q, T)), -1).astype(np.int32),
         ref_region=ref_region,
         similarity=np.where(used, rng.random((Q, T)), np.nan).astype(np.float32),
         probs=np.where(used[..., None], probs, np.nan), probs_before=rng.dirichlet(np.ones(C), Q).astype(np.float32),
@@ -65,13 +65,13 @@ def test_results_table_rows_match_the_explanations():
         n = int(ex.n_edits[q])
         assert row["query_id"] == f"test{query_idx[q]}" and row["n_edits"] == n
         assert row["true_name"] == qds.class_names[ex.true[q]] and row["pred_name"] == qds.class_names[ex.pred[q]]
-        assert row["edit_ref_id"] == [f"train{ref_idx[ex.ref_index[q, t]]}" for t in range(n)]
+        assert row["edit_ref_id"] == [f"train{ref_idx[ex.ref_row[q, t]]}" for t in range(n)]
         assert row["edit_query_row"] == ex.query_region[q, :n, 0].tolist()
         np.testing.assert_allclose(row["edit_p_true"], [ex.probs[q, t, ex.true[q]] for t in range(n)], rtol=1e-6)
         np.testing.assert_allclose(row["edit_p_pred"], [ex.probs[q, t, ex.pred[q]] for t in range(n)], rtol=1e-6)
         assert row["p_true_before"] == pytest.approx(ex.probs_before[q, ex.true[q]])
     assert [r["reason"] for r in rows] == ["success", "t_max reached", "no references"]
-    np.testing.assert_array_equal(arrays["ref_index"], np.where(ex.ref_index >= 0, ref_idx[np.maximum(ex.ref_index, 0)], -1))
+    np.testing.assert_array_equal(arrays["ref_split_index"], np.where(ex.ref_row >= 0, ref_idx[np.maximum(ex.ref_row, 0)], -1))
     assert all(len(a) == Q for a in arrays.values())
 
 
@@ -99,7 +99,7 @@ def test_counterfactual_image_pastes_reference_cells_in_edit_order():
     assert figures.cell_edges(4, 10).tolist() == [0, 2, 5, 8, 10]
     query = np.zeros((10, 10, 3), np.uint8)
     ref_a, ref_b = np.full((10, 10, 3), 7, np.uint8), np.arange(300, dtype=np.uint8).reshape(10, 10, 3)
-    row = {"n_edits": 2, "region_size": 1, "edit_ref_index": [4, 9],
+    row = {"n_edits": 2, "region_size": 1, "edit_ref_split_index": [4, 9],
            "query_region": np.array([[1, 2], [1, 2], [-1, -1]]), "ref_region": np.array([[0, 0], [3, 0], [-1, -1]])}
     out = figures.counterfactual_image(query, {4: ref_a, 9: ref_b}, row, (4, 4))
     changed = out.any(-1)
@@ -108,7 +108,7 @@ def test_counterfactual_image_pastes_reference_cells_in_edit_order():
     np.testing.assert_array_equal(out[2:5, 5:8], ref_b[np.ix_([8, 8, 9], [0, 0, 1])])
     assert query.sum() == 0  # the input is not modified
     # a 3x3 region at the corner: only the cells inside the map on both sides are pasted (2x2 of them)
-    corner = dict(row, n_edits=1, region_size=3, edit_ref_index=[4], query_region=np.array([[0, 0]]),
+    corner = dict(row, n_edits=1, region_size=3, edit_ref_split_index=[4], query_region=np.array([[0, 0]]),
                   ref_region=np.array([[2, 2]]))
     out = figures.counterfactual_image(query, {4: ref_a}, corner, (4, 4))
     assert out.any(-1).sum() == 25 and (out[:5, :5] == 7).all()
@@ -345,11 +345,11 @@ def test_report_and_evaluate_find_images_by_id_when_the_dataset_changed(tmp_path
     for qid, image, refs in drawn:
         np.testing.assert_array_equal(image, qds.raw_image(int(qid.removeprefix("test"))))  # its own image
         for r, img in refs.items():
-            np.testing.assert_array_equal(img, rds.raw_image(r))  # edit_ref_index is the old position
+            np.testing.assert_array_equal(img, rds.raw_image(r))  # edit_ref_split_index is the old position
     e, _ = results.load_run(tmp_path / "out" / "fgvce")
     moved = evaluate.by_id(e, new_q, new_r)
-    np.testing.assert_array_equal(moved.query_index, e.query_index + 2)
-    np.testing.assert_array_equal(moved.ref_index, np.where(e.ref_index >= 0, e.ref_index + 2, -1))
+    np.testing.assert_array_equal(moved.query_split_index, e.query_split_index + 2)
+    np.testing.assert_array_equal(moved.ref_split_index, np.where(e.ref_split_index >= 0, e.ref_split_index + 2, -1))
     gone = types.SimpleNamespace(name="toy", split="test", ids=qds.ids[:5])  # queries "test7", "test5" are gone
     with pytest.raises(FgvceError, match=r"2 query images of the stored results are no longer in toy test "
                                          r"\(e.g. 'test7'\): the dataset changed"):

@@ -39,7 +39,7 @@ class Explanations:
     success (Q,) bool; n_edits (Q,) int32; reason (Q,) int32 (0 success, 1 t_max
     reached, 2 no (more) query regions, 3 no references, 4 candidates exhausted);
     true (Q,), pred (Q,) int32; query_region (Q, T, 2) int32 region centre (row, col);
-    ref_index (Q, T) int32 row in ``references``; ref_region (Q, T, 2) int32 centre of
+    ref_row (Q, T) int32 row in ``references`` (-1: unused slot); ref_region (Q, T, 2) int32 centre of
     the reference region; similarity (Q, T) f32 cosine of the two region features;
     probs (Q, T, C) f32 softmax after each edit; probs_before (Q, C); edit_mask
     (Q, T, H, W) bool cells written by each edit; query_phi (Q, H, W) f32 (NaN for
@@ -52,7 +52,7 @@ class Explanations:
     true: np.ndarray
     pred: np.ndarray
     query_region: np.ndarray
-    ref_index: np.ndarray
+    ref_row: np.ndarray
     ref_region: np.ndarray
     similarity: np.ndarray
     probs: np.ndarray
@@ -278,7 +278,7 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
         success=out.success, n_edits=out.n_edits.astype(np.int32), reason=out.reason,
         true=np.asarray(queries.labels, np.int32), pred=np.asarray(queries.preds, np.int32),
         query_region=np.where(used[..., None], q_center, -1).astype(np.int32),
-        ref_index=np.where(used, np.asarray(bank.ref)[row], -1).astype(np.int32),
+        ref_row=np.where(used, np.asarray(bank.ref)[row], -1).astype(np.int32),
         ref_region=np.where(used[..., None], np.asarray(bank.center)[row], -1).astype(np.int32),
         similarity=out.similarity, probs=out.probs, probs_before=out.probs_before, edit_mask=out.edit_mask,
         query_phi=np.asarray(q_phi), region_size=options.region_size, method=config.method,

@@ -67,10 +67,10 @@ def part_metrics(explanations, query_parts, reference_parts, *, only_successful:
 
     Args:
       explanations: Explanations-like (``success, n_edits, query_region,
-        ref_index, ref_region, region_size, query_phi``, optional ``edit_mask``).
+        ref_split_index, ref_region, region_size, query_phi``, optional ``edit_mask``).
       query_parts: (Q, P, H, W) bool, parts of each query on the (H, W) grid.
       reference_parts: (R, P, H, W) bool, parts of each reference, indexed by
-        ``ref_index``.
+        ``ref_split_index``.
       only_successful: evaluate only the queries whose search succeeded.
 
     Returns:
@@ -91,15 +91,15 @@ def part_metrics(explanations, query_parts, reference_parts, *, only_successful:
         n_edits = np.where(np.asarray(e.success, bool), n_edits, 0)
     edit_mask = getattr(e, "edit_mask", None)
     qc, rc, valid = edited_cells(query_region, e.ref_region, n_edits, int(e.region_size), grid, edit_mask)
-    ref_index = np.asarray(e.ref_index)
-    if valid.any() and (ref_index[valid.any(-1)].min() < 0 or ref_index[valid.any(-1)].max() >= reference_parts.shape[0]):
-        raise FgvceError(f"ref_index points outside the {reference_parts.shape[0]} references given")
-    ref_index = np.clip(ref_index, 0, reference_parts.shape[0] - 1)
+    ref_split_index = np.asarray(e.ref_split_index)
+    if valid.any() and (ref_split_index[valid.any(-1)].min() < 0 or ref_split_index[valid.any(-1)].max() >= reference_parts.shape[0]):
+        raise FgvceError(f"ref_split_index points outside the {reference_parts.shape[0]} references given")
+    ref_split_index = np.clip(ref_split_index, 0, reference_parts.shape[0] - 1)
 
     q_hw = query_parts.transpose(0, 2, 3, 1)  # (Q, H, W, P)
     r_hw = reference_parts.transpose(0, 2, 3, 1)
     qi = np.broadcast_to(np.arange(q_count)[:, None, None], valid.shape)
-    ri = np.broadcast_to(ref_index[:, :, None], valid.shape)
+    ri = np.broadcast_to(ref_split_index[:, :, None], valid.shape)
     qp = q_hw[qi, qc[..., 0], qc[..., 1]] & valid[..., None]  # (Q, T, K, P)
     rp = r_hw[ri, rc[..., 0], rc[..., 1]] & valid[..., None]
 
