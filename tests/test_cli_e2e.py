@@ -112,6 +112,7 @@ def test_cli_errors_are_one_clear_line(run_dir, tmp_path, capsys):
                                                                    str(tmp_path / "x"), *EXPLAIN, f"--lam={lam}"])
     assert not (tmp_path / "x").exists()
     base = ["explain", "--model", model, "--dataset", "digits", "--out", str(tmp_path / "y")]
+    assert "n_references (--references) must be a positive integer; got 0" in _error(capsys, base + ["--references", "0"])
     assert "(--screen) must be an even integer of at least 2 (0 on the command line: off); got 3" in _error(
         capsys, base + ["--screen", "3"])
     assert "--screen and --phi-tolerance cannot be combined" in _error(capsys, base + ["--screen", "4",

@@ -32,6 +32,11 @@ def flag(field: str) -> str:
     return field if field in NO_FLAG else FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
+def _named(field: str) -> str:
+    """A setting as messages name it: the field and, where a flag sets it, the flag (``t_max (--t-max)``)."""
+    return field if flag(field) == field else f"{field} ({flag(field)})"
+
+
 def param_flag(method: str, name: str) -> str:
     """The flag of method ``method``'s own parameter ``name``: ``--<method>-<name with dashes>``."""
     return f"--{method}-{name.replace('_', '-')}"
@@ -118,12 +123,12 @@ class CounterfactualConfig:
                                      ("reference_mode", self.reference_mode, REFERENCE_MODES),
                                      ("head_dtype", self.head_dtype, HEAD_DTYPES)):
             if value not in allowed:
-                raise FgvceError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+                raise FgvceError(f"{_named(name)} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("kernel", "samples", "region_size", "max_regions", "n_references",
                      "candidates_per_reference", "t_max", "screen_margin"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise FgvceError(f"{name} must be a positive integer; got {value!r}")
+                raise FgvceError(f"{_named(name)} must be a positive integer; got {value!r}")
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
             raise FgvceError(f"lam (--lam) must be a finite number; got {self.lam!r}")
         if self.phi_tolerance is not None and (isinstance(self.phi_tolerance, bool) or not isinstance(

@@ -4,6 +4,8 @@ Layout of a checkpoint directory::
 
     DIR/info.json   arch, num_classes, class names, preprocessing, default split
     DIR/state/      orbax StandardCheckpointer tree (parameters and BatchNorm statistics)
+    DIR/state.sha256.json  sha256 of every file under state/, checked before a restore (a damaged file is
+                    named in one line; checkpoints saved before this file existed are restored unchecked)
 
 ``save`` writes into a hidden sibling directory and renames it into place, so
 an interrupted save never leaves a half-written ``DIR``.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -21,12 +24,13 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fgvce_jax import models
+from fgvce_jax import models, store
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 INFO_FILE = "info.json"
 STATE_DIR = "state"
+DIGESTS_FILE = "state.sha256.json"  # {file under state/: sha256} as saved, checked before a restore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,7 @@ def save(path: str | os.PathLike, model: nnx.Module, info: ModelInfo, *, overwri
     try:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
+        (tmp / DIGESTS_FILE).write_text(json.dumps(_digests(tmp / STATE_DIR), indent=1, sort_keys=True))
         (tmp / INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -135,15 +140,43 @@ def _check_layout(path: Path, info: ModelInfo, metadata, target) -> None:
                      f"info.json says: {'; '.join(p for p in parts if p)}")
 
 
+def _digests(state_dir: Path) -> dict[str, str]:
+    """{path relative to ``state_dir``: sha256} of every file orbax wrote there."""
+    return {str(f.relative_to(state_dir)): store.file_digest(f) for f in sorted(state_dir.rglob("*")) if f.is_file()}
+
+
+def _check_files(path: Path) -> None:
+    """FgvceError naming the first weight file of checkpoint ``path`` that is missing or whose bytes differ from
+    those :func:`save` wrote (``DIGESTS_FILE``). Checkpoints written before it was kept are not checked here."""
+    listed = path / DIGESTS_FILE
+    if not listed.is_file():
+        return
+    try:
+        want = json.loads(listed.read_text())
+    except ValueError:
+        raise FgvceError(f"checkpoint {path} is damaged: {listed} is not valid JSON") from None
+    for name, digest in want.items():
+        f = path / STATE_DIR / name
+        if not f.is_file():
+            raise FgvceError(f"checkpoint {path} is damaged: {f} is missing; save or convert the checkpoint again")
+        if store.file_digest(f) != digest:
+            raise FgvceError(f"checkpoint {path} is damaged: {f} (its bytes differ from those written); save or "
+                             "convert the checkpoint again")
+
+
 def load(path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
     """Restore ``(model, info)`` from a checkpoint written by :func:`save`; the model is in eval mode."""
     path = Path(path).expanduser().absolute()
     info = read_info(path)
+    _check_files(path)
     abstract = nnx.eval_shape(lambda: models.create(info.arch, info.num_classes, image_size=info.image_size))
     graphdef, state = nnx.split(abstract)
     # Restored onto this process's first device, also under jax.distributed (each process reads the weights).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(state))
+    absl = logging.getLogger("absl")  # orbax warns there about unreadable metadata, which the error below names
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             _check_layout(path, info, ckptr.metadata(path / STATE_DIR), target)
@@ -151,9 +184,13 @@ def load(path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
     except FgvceError:
         raise
     except Exception as e:  # orbax raises several types for missing or corrupt files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FgvceError(f"checkpoint {path} is damaged or incomplete: cannot restore {path / STATE_DIR} "
-                         f"({_clip(first)})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # TensorStore's text is array indices and a handle, no use to a user: only its type is kept
+        why = type(e).__name__ if not first or "TensorStore" in first else _clip(first)
+        raise FgvceError(f"checkpoint {path} is damaged or incomplete: the weights in {path / STATE_DIR} cannot be "
+                         f"read ({why}); save or convert the checkpoint again") from None
+    finally:
+        absl.setLevel(level)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     model.eval()
