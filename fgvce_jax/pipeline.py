@@ -442,6 +442,7 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         preds = {}
         for s, d in {split: ds, reference_split: ref_ds}.items():
             key = json.dumps({"weights": run["weights"], "at": at, "dataset": dataset, "split": s,
+                              "ids": hashlib.sha256("\n".join(map(str, d.ids)).encode()).hexdigest()[:16],
                               "preprocessing": dataclasses.asdict(d.preprocessing)}, sort_keys=True, default=str)
             preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
                                      cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)

@@ -340,3 +340,21 @@ def test_a_damaged_shard_is_named_then_recomputed_alone_to_identical_results(tmp
     assert "shard-00002.npz is damaged" in err and "shard 2 will be computed again" in err
     assert len(calls) == 2  # shards 1 and 2 only
     assert _files(b / "fgvce") == _files(a / "fgvce")
+
+
+def test_a_split_that_lost_an_image_is_predicted_again_not_read_from_the_stale_cache(toy, tmp_path, monkeypatch):
+    """Pass 1's cache is keyed by the split's image ids: after one test image is removed, the cached
+    predictions (one row per old image) are not used, and the run equals a fresh one on the smaller split."""
+    model, info, sets = toy
+    _patch(monkeypatch, toy)
+    _run(tmp_path / "a", limit=3)
+    t = sets["test"]
+    smaller = ToyData("test", t._x[1:], t.labels[1:])
+    smaller.ids = t.ids[1:]
+    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: smaller if split == "test" else sets[split])
+    (again,) = _run(tmp_path / "a", limit=3)
+    (fresh,) = _run(tmp_path / "b", limit=3)
+    assert (again.queries, again.success_rate, again.mean_edits) == (fresh.queries, fresh.success_rate,
+                                                                     fresh.mean_edits)
+    cached = np.load(tmp_path / "a" / "predictions-test.npz")
+    assert len(cached["pred"]) == len(smaller)
