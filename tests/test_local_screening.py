@@ -117,7 +117,7 @@ def test_config_keeps_margin_times_the_regions_each_map_gives_and_validates():
                 CounterfactualConfig(method="gradient")):
         assert "screen_samples" not in (saliency_settings(off) or {}) and not screened(off)
     for bad, match in (({"screen_samples": 7}, "even integer"), ({"screen_samples": 0}, "at least 2"),
-                       ({"screen_samples": 4, "screen_margin": 0}, "screen_margin must be a positive")):
+                       ({"screen_samples": 4, "screen_margin": 0}, "screen_margin \\(--screen-margin\\) must be a positive")):
         with pytest.raises(FgvceError, match=match):
             CounterfactualConfig(**bad)
 
