@@ -66,8 +66,9 @@ def part_metrics(explanations, query_parts, reference_parts, *, only_successful:
     """Near-KP, Same-KP, Part IoU, coverage and misleading share of a set of explanations.
 
     Args:
-      explanations: Explanations-like (``success, n_edits, query_region,
-        ref_split_index, ref_region, region_size, query_phi``, optional ``edit_mask``).
+      explanations: stored explanations (:class:`fgvce_jax.results.StoredExplanations`, or any object with
+        ``success, n_edits, query_region, ref_split_index, ref_region, region_size, query_phi``, optional
+        ``edit_mask``).
       query_parts: (Q, P, H, W) bool, parts of each query on the (H, W) grid.
       reference_parts: (R, P, H, W) bool, parts of each reference, indexed by
         ``ref_split_index``.
