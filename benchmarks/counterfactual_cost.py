@@ -81,7 +81,7 @@ def measure(at: str, args) -> dict:
     # Phi only for the union of the queries' nearest references, as explain() would compute it.
     index, valid = select_references(queries.pooled, jnp.asarray(queries.labels), refs.pooled,
                                      jnp.asarray(refs.labels), jnp.asarray(refs.preds), n=args.references,
-                                     mode="nearest", key=key)
+                                     mode="nearest")
     r_used = np.unique(np.asarray(index)[np.asarray(valid)])
     r_sub = FeatureBatch(refs.z[r_used], {}, refs.labels[r_used], refs.preds[r_used], refs.pooled[r_used])
     r_phi_sub, t_r_phi = timed(lambda: phi(r_sub, r_sub.labels, k_r))

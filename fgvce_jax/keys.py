@@ -6,8 +6,9 @@ are for (the stream), and which image it is, never on its shard, its row in a ba
 or the other images; a resumed, re-sharded or extended run reproduces an uninterrupted one.
 
 Streams: :data:`PHI` for saliency Phi (shared by every method: methods with equal saliency settings then
-compute equal maps, and one reference-Phi cache serves them all), and a method's name for what it draws
-itself (``random``'s maps). The in-memory API (``counterfactual.explain``, ``saliency.compute``) takes one
+compute equal maps, and one reference-Phi cache serves them all), :data:`REFERENCES` for the rank of each
+reference under ``--reference-mode random`` (:func:`uniforms`), and a method's name for what it draws itself
+(``random``'s maps). The in-memory API (``counterfactual.explain``, ``saliency.compute``) takes one
 key per batch instead and gives row i ``fold_in(key, i)`` (:func:`row_keys`).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 PHI = "phi"
+REFERENCES = "references"
 DERIVATION = "fold_in(fold_in(fold_in(key(seed), tag(stream)), tag(split)), tag(id)), tag = sha256[:4] LE & 0x7fffffff"
 
 
@@ -40,6 +42,11 @@ def image_keys(seed: int, stream: str, split: str, ids) -> jax.Array:
     """keys (N,): :func:`image_key` of each id."""
     base = jax.random.fold_in(stream_key(seed, stream), tag(split))
     return jax.vmap(lambda t: jax.random.fold_in(base, t))(jnp.asarray([tag(i) for i in ids], jnp.uint32))
+
+
+def uniforms(seed: int, stream: str, split: str, ids) -> jax.Array:
+    """(N,) float32: one U[0, 1) draw from each id's :func:`image_key`."""
+    return jax.vmap(lambda k: jax.random.uniform(k, ()))(image_keys(seed, stream, split, ids))
 
 
 def row_keys(key: jax.Array, n: int) -> jax.Array:

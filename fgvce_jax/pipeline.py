@@ -170,24 +170,39 @@ def select_queries(dataset, pred: np.ndarray, ids: Sequence[str] | None, limit: 
     return q[:limit] if limit is not None else q
 
 
-def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred: dict,
+def select_references(query_true: np.ndarray, query_pooled: np.ndarray, ref_pred: dict, draws: np.ndarray | None,
                       n_references: int, mode: str) -> np.ndarray:
     """Reference-split indices that any query can draw on (sorted).
 
-    Eligible: correctly classified images whose class is some query's true
-    class. With ``mode="nearest"`` only the union of each query's
-    ``n_references`` nearest is kept, chosen by the engine's own rule
-    (:func:`fgvce_jax.counterfactual.references.select_references`), so the
-    engine, choosing the N nearest from this subset, chooses what it would
-    choose from all of them; the references' Phi is then computed only for these.
+    Eligible: correctly classified images whose class is some query's true class. Only the union of each
+    query's ``n_references`` chosen by the engine's own rule
+    (:func:`fgvce_jax.counterfactual.references.select_references`) is kept: the nearest, or with
+    ``mode="random"`` those of highest ``draws`` (R,), each reference's own draw (:func:`reference_draws`).
+    The engine, choosing N from this subset, then chooses what it would choose from all of them, and the
+    references' Phi is computed only for these.
     """
     label, pred = ref_pred["label"], ref_pred["pred"]
-    if mode != "nearest":
-        return np.flatnonzero((label == pred) & np.isin(label, np.unique(query_true)))
-    index, valid = references.select_references(jnp.asarray(query_pooled), jnp.asarray(query_true), jnp.asarray(ref_pred["pooled"]),
-                        jnp.asarray(label), jnp.asarray(pred), n=n_references, mode="nearest",
-                        key=jax.random.key(0))
+    index, valid = references.select_references(
+        jnp.asarray(query_pooled), jnp.asarray(query_true), jnp.asarray(ref_pred["pooled"]), jnp.asarray(label),
+        jnp.asarray(pred), n=n_references, mode=mode, draws=None if draws is None else jnp.asarray(draws))
     return np.unique(np.asarray(index)[np.asarray(valid)])
+
+
+def draws_note(config) -> dict:
+    """Stored with a ``reference_mode="random"`` config: how each reference's draw is made. A directory written
+    when the draws came from one key for the whole batch lacks it, and is refused instead of mixing the two."""
+    return {"reference_draws": f"uniform(image key of (seed, {run_keys.REFERENCES}, split, id))"} \
+        if config.reference_mode == "random" else {}
+
+
+def reference_draws(config, split: str, ids) -> np.ndarray | None:
+    """(R,) float32 rank of each reference under ``reference_mode="random"``: a uniform draw from its own key
+    (``keys.uniforms`` in stream ``keys.REFERENCES``), so the references a query gets do not depend on the
+    shard, the ``--limit`` or the other queries; None for ``nearest``."""
+    if config.reference_mode != "random":
+        return None
+    return np.asarray(run_keys.uniforms(config.seed, run_keys.REFERENCES, split, ids)) if len(ids) else \
+        np.zeros(0, np.float32)
 
 
 # --------------------------------------------------------------------------- passes 3-4
@@ -422,10 +437,10 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
                     for c in configs:
                         check_writable(out_dir / c.method)
                 writers = [locks.enter_context(store.ShardWriter(
-                               out_dir / c.method, {**run, **settings(c)}, overwrite=overwrite,
+                               out_dir / c.method, {**run, **settings(c), **draws_note(c)}, overwrite=overwrite,
                                process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)},
                                names={**{k: setting_flag(c, k) for k in settings(c) if k != "method"},
-                                      **{k: flag(k) for k in RUN_FLAGS}}))
+                                      **{k: flag(k) for k in RUN_FLAGS}, "reference_draws": "reference draws"}))
                            for c in configs]
                 if overwrite and turn == 0:
                     for p in out_dir.glob("cache-reference-phi-*.npz"):
@@ -496,11 +511,12 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
     processes each takes every P-th shard still to do; process 0 merges the manifests and writes the summary."""
     out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
-    r_idx = (select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred, config.n_references,
+    draws = reference_draws(config, ref_ds.split, ref_ds.ids)
+    r_idx = (select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred, draws, config.n_references,
                                config.reference_mode) if len(q_idx) else np.zeros(0, np.int64))
     rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
     bounds = {s: (s * shard_size, min((s + 1) * shard_size, len(q_idx))) for s in range(n_shards)}
-    wanted = {s: (a, b, shard_inputs(ds.ids[q_idx[a:b]], rows, ref_ds.ids[r_idx], config))
+    wanted = {s: (a, b, shard_inputs(ds.ids[q_idx[a:b]], rows))
               for s, (a, b) in bounds.items()}  # (start, stop, inputs) of every shard
     stale = writer.retain(wanted)
     if stale:
@@ -545,7 +561,8 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
                 used.add(None if samples is None else np.asarray(samples)[:len(idx)])
                 ex = explain(split_model, params, batch, refs, config, key=None,
                              query_phi=None if q_phi is None else jnp.asarray(q_phi),
-                             reference_phi=None if ref_phi is None else jnp.asarray(ref_phi), mesh=mesh)
+                             reference_phi=None if ref_phi is None else jnp.asarray(ref_phi),
+                             reference_draws=None if draws is None else jnp.asarray(draws[r_idx]), mesh=mesh)
                 table, arrays = results_table(ex.rows(len(idx)), idx, ds, r_idx, ref_ds)
                 writer.write_shard(s, start, stop, table, arrays, inputs)
                 computed += len(idx)
@@ -566,16 +583,14 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
     return summary
 
 
-def shard_inputs(query_ids, rows: int, reference_ids, config) -> str:
+def shard_inputs(query_ids, rows: int) -> str:
     """Fingerprint of what a shard's results depend on besides the stored config; a listed shard is reused only
     when it is unchanged (so a larger --limit recomputes only the trailing partial shard and the new ones).
 
-    That is the shard's query ids and the row count its batch is padded to (``min(shard_size, queries)``), and,
-    where the engine draws on the whole reference batch (``reference_mode="random"``: one draw per reference),
-    the ids of every reference, since more queries bring more references. With nearest references a query uses
-    only its own N nearest, which every batch holds (:func:`select_references`), and each reference's Phi
-    (from its own key, also for method ``random``) and candidates depend on it alone.
+    That is the shard's query ids and the row count its batch is padded to (``min(shard_size, queries)``). The
+    rest of the batch never matters: a query uses only its own N references (nearest, or of highest own draw,
+    :func:`reference_draws`), which every reference batch of a run holds (:func:`select_references`), and each
+    reference's Phi (from its own key, also for method ``random``) and candidates depend on it alone.
     """
-    whole = config.reference_mode == "random"
-    return store.config_hash({"queries": [str(i) for i in query_ids], "rows": int(rows),
-                              "references": [str(i) for i in reference_ids] if whole else None})
+    # "references": None keeps the fingerprints of shards written when random references depended on the batch
+    return store.config_hash({"queries": [str(i) for i in query_ids], "rows": int(rows), "references": None})

@@ -244,35 +244,52 @@ def test_a_larger_limit_reuses_the_full_shards(tmp_path, patched, monkeypatch):
     assert store.read_manifest(d) == store.read_manifest(tmp_path / "fresh" / "fgvce")
 
 
-def test_with_random_references_more_queries_recompute_every_shard(tmp_path, patched, monkeypatch):
-    """--reference-mode random draws once per reference of the batch: the first 2 mistakes (classes 1, 0) have
-    fewer references than all 8 (class 2 too), so shard 0 changes and is not reused; the files match a fresh run."""
+def test_random_references_do_not_depend_on_the_limit_or_the_shard_size(tmp_path, patched, monkeypatch):
+    """--reference-mode random ranks each reference by a draw from its own key: --limit 2 then 8 reuses shard 0
+    and gives the files of a fresh run; shards of 3 give every query the same edits; another seed draws other
+    references; a directory whose config lacks the draws' note (written before) is refused, naming it."""
     config = dataclasses.replace(CONFIG, reference_mode="random")
 
-    def explain(out, limit):
-        return pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / out, config, limit=limit, shard_size=2)
+    def explain(out, limit=None, shard_size=2, c=config):
+        return pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / out, c, limit=limit, shard_size=shard_size)
 
     def shards(d):
         return {p.name: p.read_bytes() for p in sorted((tmp_path / d / "fgvce").glob("shard-*"))}
 
+    def edits(d):
+        table, arrays = store.read_results(tmp_path / d / "fgvce")
+        return {q: (n, tuple(r[:n]), tuple(map(tuple, c[:n]))) for q, n, r, c in zip(
+            table.column("query_id").to_pylist(), arrays["n_edits"], arrays["ref_split_index"], arrays["ref_region"])}
+
     explain("fresh", 8)
     explain("grown", 2)
-    assert shards("grown")["shard-00000.npz"] != shards("fresh")["shard-00000.npz"]
+    assert shards("grown")["shard-00000.npz"] == shards("fresh")["shard-00000.npz"]
     real, calls = counterfactual.explain, []
     monkeypatch.setattr(counterfactual, "explain", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     explain("grown", 8)
-    assert len(calls) == 4 and shards("grown") == shards("fresh")
+    assert len(calls) == 3 and shards("grown") == shards("fresh")
+    monkeypatch.setattr(counterfactual, "explain", real)
+    explain("by3", shard_size=3)
+    base = edits("fresh")
+    assert len(base) == 8 and edits("by3") == base and any(n for n, _, _ in base.values())
+    assert store.read_manifest(tmp_path / "fresh" / "fgvce")["config"]["reference_draws"].startswith("uniform(")
+    explain("seed", c=dataclasses.replace(config, seed=1))
+    assert edits("seed") != base
+    d = tmp_path / "grown" / "fgvce"
+    manifest = store.read_manifest(d)
+    del manifest["config"]["reference_draws"]
+    manifest["config_hash"] = store.config_hash({k: v for k, v in manifest["config"].items() if k != "model"})
+    store.atomic_write_json(d / "manifest.json", manifest)
+    with pytest.raises(FgvceError, match=r"reference draws: '<unset>' -> 'uniform\("):
+        explain("grown", 8)
 
 
-def test_shard_inputs_hold_every_reference_only_where_the_engine_draws_on_all():
-    q, refs, more = ["test-0", "test-3"], ["train-1", "train-2"], ["train-1", "train-2", "train-5"]
-    assert pipeline.shard_inputs(q, 2, refs, CONFIG) == pipeline.shard_inputs(q, 2, more, CONFIG)
-    assert pipeline.shard_inputs(q, 2, refs, CONFIG) != pipeline.shard_inputs(q, 3, refs, CONFIG)
-    assert pipeline.shard_inputs(q, 2, refs, CONFIG) != pipeline.shard_inputs(q[:1], 2, refs, CONFIG)
-    config = dataclasses.replace(CONFIG, reference_mode="random")
-    assert pipeline.shard_inputs(q, 2, refs, config) != pipeline.shard_inputs(q, 2, more, config)
-    config = dataclasses.replace(CONFIG, method="random")  # its maps come from each image's own key
-    assert pipeline.shard_inputs(q, 2, refs, config) == pipeline.shard_inputs(q, 2, more, config)
+def test_shard_inputs_are_the_shards_queries_and_rows_alone():
+    q = ["test-0", "test-3"]
+    assert pipeline.shard_inputs(q, 2) == pipeline.shard_inputs(list(q), 2)
+    assert pipeline.shard_inputs(q, 2) != pipeline.shard_inputs(q, 3)
+    assert pipeline.shard_inputs(q, 2) != pipeline.shard_inputs(q[:1], 2)
+    assert pipeline.shard_inputs(q, 2) != pipeline.shard_inputs(q[::-1], 2)
 
 
 def test_tolerance_sampling_reports_the_samples_it_used(tmp_path, patched, capsys):

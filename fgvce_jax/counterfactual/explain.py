@@ -194,6 +194,17 @@ def _phis(split_model, params, queries, references, config, key, query_phi, refe
     return tuple(out)
 
 
+def _draws(given, n_refs: int, has_bank: bool, config) -> jax.Array | None:
+    """The (R,) random-mode rank of each reference row (None for ``nearest``), see :func:`explain`."""
+    if config.reference_mode != "random":
+        return None
+    if given is None or not has_bank:
+        return jax.random.uniform(jax.random.key(config.seed), (n_refs,))
+    if np.shape(given) != (n_refs,):
+        raise FgvceError(f"reference_draws must be one value per reference, shape ({n_refs},); got {np.shape(given)}")
+    return jnp.asarray(given, jnp.float32)
+
+
 def _with_placeholder(references: FeatureBatch, queries: FeatureBatch) -> FeatureBatch:
     """An empty reference bank becomes one never-eligible reference (label -1), so
     every array keeps a non-zero size."""
@@ -222,7 +233,7 @@ def default_chunk_size(map_shape: tuple[int, int, int], n_queries: int) -> int:
 
 def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch,
             config: CounterfactualConfig, *, key: jax.Array, query_phi=None, reference_phi=None,
-            mesh: jax.sharding.Mesh | None = None) -> Explanations:
+            reference_draws: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None) -> Explanations:
     """Counterfactual explanations of misclassified queries (SPEC 5).
 
     For each query (true y, predicted y_hat != y): Phi on y_hat is partitioned into
@@ -239,6 +250,9 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
       query_phi: optional (Q, H, W) precomputed Phi of the queries on their predicted class.
       reference_phi: optional (R, H, W) Phi of every reference on its own class
         (computed for every row of ``references`` when not given).
+      reference_draws: optional (R,) float rank of each reference for ``reference_mode="random"``
+        (default: ``uniform(key(config.seed), (R,))``, one draw per row; the pipeline passes each
+        reference's draw from its own key, ``keys.uniforms``).
       mesh: 1-D device mesh for the search (None = all devices).
 
     Returns:
@@ -252,7 +266,7 @@ def explain(split_model, params, queries: FeatureBatch, references: FeatureBatch
     ref_index, ref_valid = select_references(
         jnp.asarray(queries.pooled), jnp.asarray(queries.labels), jnp.asarray(bank_src.pooled),
         jnp.asarray(bank_src.labels), jnp.asarray(bank_src.preds), n=config.n_references,
-        mode=config.reference_mode, key=jax.random.key(config.seed))
+        mode=config.reference_mode, draws=_draws(reference_draws, np.shape(bank_src.z)[0], has_bank, config))
     options = method.search_options(config)
     if options.chunk_size is None:
         options = options._replace(chunk_size=default_chunk_size(np.shape(queries.z)[1:], n_q))

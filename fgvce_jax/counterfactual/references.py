@@ -32,21 +32,22 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("n", "mode"))
 def select_references(query_pooled: jax.Array, query_true: jax.Array, ref_pooled: jax.Array,
                       ref_labels: jax.Array, ref_preds: jax.Array, *, n: int, mode: str,
-                      key: jax.Array) -> tuple[jax.Array, jax.Array]:
+                      draws: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Pick up to N references for each query.
 
     Eligible references of query q: ``ref_labels == ref_preds == query_true[q]``.
     ``nearest`` ranks them by cosine(query_pooled[q], ref_pooled[r]); ``random``
-    ranks them by one uniform draw per reference from ``key`` (shared by all
-    queries, so a query's references do not depend on the rest of the batch).
-    Ties go to the lower reference index.
+    ranks them by ``draws[r]``, one uniform draw per reference (shared by all
+    queries; the pipeline draws it from the reference's own key, so a query's
+    references are the same in any batch that holds them). Ties go to the lower
+    reference index.
 
     Args:
       query_pooled: (Q, D); query_true: (Q,) int.
       ref_pooled: (R, D); ref_labels, ref_preds: (R,) int.
       n: N, references per query.
       mode: ``"nearest"`` or ``"random"``.
-      key: PRNG key (used by ``random``).
+      draws: (R,) float, the rank of each reference (``random`` only).
 
     Returns:
       index (Q, N) int32 rows of the reference bank, best first, -1 where fewer
@@ -56,8 +57,10 @@ def select_references(query_pooled: jax.Array, query_true: jax.Array, ref_pooled
     eligible = (ref_labels == ref_preds)[None, :] & (ref_labels[None, :] == query_true[:, None])
     if mode == "nearest":
         rank = cosine(query_pooled[:, None, :], ref_pooled[None, :, :])
+    elif draws is None:
+        raise ValueError("reference mode 'random' needs draws (R,)")
     else:
-        rank = jnp.broadcast_to(jax.random.uniform(key, (n_refs,)), eligible.shape)
+        rank = jnp.broadcast_to(jnp.asarray(draws, jnp.float32), eligible.shape)
     rank = jnp.where(eligible, rank, -jnp.inf)
     if n > n_refs:
         rank = jnp.pad(rank, ((0, 0), (0, n - n_refs)), constant_values=-jnp.inf)
