@@ -5,6 +5,9 @@ Bit-identity across 1/2/4 devices and chunk sizes, and for batches of games, is 
 ``kernel`` by the parametrised invariance tests of tests/test_shapley.py (both are in its MC tuple); so is
 "a second call does not recompile" (test_new_game_arguments_do_not_recompile[leverage]).
 """
+import math
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +17,13 @@ from test_shapley import _one_device_mesh, brute_force, mlp_game, on_one, softma
 from fgvce_jax import shapley
 from fgvce_jax.shapley.estimate import estimator, plan, run_batch
 from fgvce_jax.shapley.game import as_game
-from fgvce_jax.shapley.kernel import kernel_mass, size_cdf
+from fgvce_jax.shapley.benchmark_games import load_table_game
+from fgvce_jax.shapley.kernel import border_rows, kernel_mass, size_cdf
 from fgvce_jax.shapley.leverage import Leverage, leverage_size_weights
 from fgvce_jax.sharding import device_mesh
 
 KEY = jax.random.key(0)
+TABLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shapiq_image_games"
 REGRESSION = ("kernel", "leverage")
 
 
@@ -82,7 +87,7 @@ def counting_game(n, seen):
 
 
 @pytest.mark.parametrize("method, n, budget", [("leverage", 12, 26 + 2 * 64), ("kernel", 12, 26 + 2 * 64),
-                                               ("leverage", 8, 300), ("permutation", 8, 1000)])
+                                               ("leverage", 8, 300), ("kernel", 9, 500), ("permutation", 8, 1000)])
 @pytest.mark.parametrize("chunk_size", [None, 7])
 def test_reported_evaluations_are_the_rows_evaluated(method, n, budget, chunk_size):
     """Rows the game really evaluated (counted at run time) == the reported evaluations, on 1 and 4 devices.
@@ -136,3 +141,61 @@ def test_row_weights_recover_a_higher_order_game():
         phi = np.asarray(shapley.estimate(game, n, method=method, budget=8000, key=KEY).phi)
         assert np.linalg.norm(phi - exact) < 0.05 * np.linalg.norm(exact), (method, phi, exact)
     assert kernel_mass(n)[1] == kernel_mass(n)[n - 1] == 1.0
+
+
+def _border_by_hand(n, budget, k):
+    """The border trick written out: enumerate sizes {s, n - s}, s = 2, 3, ..., while the pairs the remaining
+    budget would sample there (q from the kernel over the still-sampled sizes) cover their coalitions."""
+    K = np.array([0.0] + [(n - 1) / (s * (n - s)) for s in range(1, n)] + [0.0])
+    rest, border = budget - 2 - 2 * n, 1
+    while 2 * (border + 1) + 2 <= n:
+        s = border + 1
+        sampled = list(range(s, n - s + 1))
+        q = {t: K[t] / k[t] for t in sampled}
+        total = sum(q.values())
+        pair = [s] if 2 * s == n else [s, n - s]
+        need = sum(math.comb(n, t) for t in pair)
+        if rest * sum(q[t] for t in pair) / total < need or rest - need < 2:
+            break
+        rest, border = rest - need, border + 1
+    return border
+
+
+@pytest.mark.parametrize("n, budget, want", [(9, 200, 2), (9, 500, 3), (14, 200, 1), (14, 1000, 2), (16, 1000, 2),
+                                             (196, 30000, 1), (10, 2 ** 10 - 1, 4)])
+def test_border_sizes_follow_the_budget(n, budget, want):
+    """KernelSHAP enumerates the sizes its samples would cover (hand-checked: n = 9 at 500 enumerates sizes
+    1-3 and 6-8, 258 coalitions); the anchors are exactly those coalitions, each once, with w(s)."""
+    est = estimator("kernel", n, budget)
+    assert est.border == want == _border_by_hand(n, budget, np.ones(n + 1))
+    assert estimator("leverage", n, budget).border == _border_by_hand(n, budget, leverage_size_weights(n))
+    rows, w = border_rows(n, want)
+    sizes = rows.sum(1)
+    assert sorted(set(sizes)) == [s for s in range(1, n) if s <= want or s >= n - want]
+    assert len({r.tobytes() for r in rows}) == len(rows) == 2 * sum(math.comb(n, s) for s in range(1, want + 1))
+    np.testing.assert_allclose(w, (n - 1) / (np.array([math.comb(n, s) for s in sizes]) * sizes * (n - sizes)))
+    assert len(est.anchors()) == 2 + len(rows) and est.anchors()[0].sum() == 0 and est.anchors()[1].all()
+
+
+def test_enumerated_sizes_cut_the_error_on_a_real_image_game():
+    """A ViT 9-patch game of the shared shapiq tables at 500 evaluations: sizes 1-3 and 6-8 enumerated leave
+    only sizes 4 and 5 to sample; over 8 keys the RMS relative error is under 0.06 and under half that of the
+    same budget with only sizes 1 and 8 enumerated (measured: 0.03 against 0.10)."""
+    path = TABLES / "vit_9patches_01.npz"
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/shapiq_image_games ({path} is missing)")
+    table = load_table_game(path)
+    n, budget, mesh = table.n_players, 500, device_mesh()
+    keys = jax.random.split(jax.random.key(11), 8)
+
+    def rms(est):
+        units = (budget - len(est.anchors())) // 2
+        phi = np.asarray(run_batch(est, table.game.fn, jax.tree.map(lambda a: jnp.asarray(a)[None].repeat(8, 0),
+                                                                    table.game.args),
+                                   keys, n_units=units, u=units, n_chunks=1, mesh=_one_device_mesh()), np.float64)
+        return np.sqrt((np.linalg.norm(phi - table.phi, axis=1) ** 2).mean()) / np.linalg.norm(table.phi)
+
+    chosen = estimator("kernel", n, budget)
+    assert chosen.border == 3
+    enumerated, one = rms(chosen), rms(type(chosen)(n, border=1))
+    assert enumerated < 0.06 and enumerated < 0.5 * one, (enumerated, one)

@@ -232,11 +232,12 @@ def auto_method(n_players: int) -> str:
 def estimator(method: str, n_players: int, budget: int) -> registry.Estimator:
     """The estimator that runs ``method``: ``exact`` whenever the budget covers all 2^n coalitions
     (n <= exact.MAX_PLAYERS), whatever the method, so the result is the exact value and reports 2^n
-    evaluations; otherwise ``method``'s own (``"auto"``: :func:`auto_method`'s)."""
+    evaluations; otherwise ``method``'s own (``"auto"``: :func:`auto_method`'s), with the settings it takes
+    from the budget (``Estimator.for_budget``: KernelSHAP's enumerated sizes)."""
     cls = registry.get(auto_method(n_players) if method == "auto" else method)
     if n_players <= exact.MAX_PLAYERS and 2 ** n_players <= budget:
         cls = exact.Exact
-    return cls(n_players)
+    return cls.for_budget(n_players, budget)
 
 
 def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games: int, chunk_size, mesh) -> Plan:

@@ -1,4 +1,5 @@
-"""KernelSHAP (Lundberg and Lee 2017): paired, border-enumerated, size-stratified, efficiency exact.
+"""KernelSHAP (Lundberg and Lee 2017): paired, size-enumerated where the budget allows, stratified, efficiency
+exact.
 
 The Shapley values solve the kernel-weighted least squares over all coalitions
 0 < |S| < n (Charnes et al. 1988; Lundberg and Lee 2017)
@@ -9,9 +10,14 @@ The Shapley values solve the kernel-weighted least squares over all coalitions
 (K(s): the kernel mass of size s). The estimator keeps the sum exact where it is cheap and
 samples the rest:
 
-- **border**: the 2n coalitions of sizes 1 and n - 1 (n singletons, n complements) are
-  anchors, evaluated once per game and weighted w(1) = 1 / n exactly (Musco and Witter 2025);
-- **sampled sizes** 2..n-2: unit i is a coalition z of size s_i and its complement
+- **border**: every coalition of the sizes 1..L and n - L..n - 1 is an anchor, evaluated once per game
+  and weighted w(s) exactly. L >= 1 always (the 2n singletons and complements, as Musco and Witter 2025
+  do); :meth:`Kernel.for_budget` raises L while the budget would spend at least as many evaluations on the
+  next sizes {L + 1, n - L - 1} by sampling as they have coalitions (the "border trick" of shapiq's
+  coalition sampler: a stratum the samples would cover is enumerated instead, so it carries no sampling
+  noise). On the 9-player image games at 500 evaluations that enumerates sizes 1-3 and 6-8 (258 of the
+  512 coalitions) and samples only sizes 4 and 5;
+- **sampled sizes** L+1..n-L-1: unit i is a coalition z of size s_i and its complement
   (paired sampling, Covert and Lee 2021), z a uniform subset of that size from unit i's key.
   Sizes follow q(s) ∝ K(s) / k_s with integer size weights k_s (here k_s = 1: sizes
   proportional to the kernel; :mod:`fgvce_jax.shapley.leverage` makes them nearly uniform).
@@ -21,11 +27,11 @@ samples the rest:
   counts), and unit i still depends on (key, i) alone.
 
 The importance weight of a sampled pair is K(s) / q(s) / 2 per row = Z k_s / 2 with
-Z = sum_{s=2}^{n-2} K(s) / k_s, so over U units the sampled rows carry c2 k_s, c2 = Z / (2 U).
-With A_b = sum_border z z^T = 2 I + (n - 2) 1 1^T, b_b = sum_border z (v - v(0)),
+Z = sum_{s=L+1}^{n-L-1} K(s) / k_s, so over U units the sampled rows carry c2 k_s, c2 = Z / (2 U).
+With A_b = sum_border w(|S|) z z^T, b_b = sum_border w(|S|) z (v - v(0)),
 A_s = sum_units k_s (z z^T + ~z ~z^T) and b_s = sum_units k_s (z (v(z) - v0) + ~z (v(~z) - v0)):
 
-    A = A_b / n + c2 A_s,   b = b_b / n + c2 b_s,
+    A = A_b + c2 A_s,   b = b_b + c2 b_s,
     phi = A^-1 (b - lam 1),   lam = (1^T A^-1 b - (v(1) - v(0))) / (1^T A^-1 1),
 
 the projected (efficiency-constrained) solve, so efficiency holds exactly whatever A is.
@@ -38,11 +44,16 @@ U q(s) by the sequence's discrepancy (O(log U) units per size), a relative weigh
 vanishes as 1/U; given its size, each subset is uniform, so the estimate is consistent.
 Coalitions are drawn with replacement (units are independent; see docs/shapley.md).
 
-v(empty), v(full) and the border are the 2 n + 2 anchors; one unit is a pair (2 evaluations),
-so the smallest budget is 2 n + 4. Fewer than 4 players have no sampled sizes (and 2^n <= 2 n + 4
-is exact in the engine).
+v(empty), v(full) and the border are the 2 + 2 sum_{s<=L} C(n, s) anchors; one unit is a pair
+(2 evaluations), so the smallest budget is 2 n + 4. Fewer than 4 players have no sampled sizes (and
+2^n <= 2 n + 4 is exact in the engine).
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +75,43 @@ def kernel_mass(n: int) -> np.ndarray:
     return np.where(inner, (n - 1) / np.where(inner, s * (n - s), 1), 0.0)
 
 
-def size_cdf(n: int, k: np.ndarray) -> np.ndarray:
-    """cdf (n - 3,) float64 of q(s) ∝ K(s) / k_s over the sampled sizes s = 2..n-2."""
-    q = kernel_mass(n)[2:n - 1] / k[2:n - 1]
+def size_cdf(n: int, k: np.ndarray, border: int = 1) -> np.ndarray:
+    """cdf (n - 2 border - 1,) float64 of q(s) ∝ K(s) / k_s over the sampled sizes s = border+1..n-border-1."""
+    q = kernel_mass(n)[border + 1:n - border] / k[border + 1:n - border]
     return np.cumsum(q) / q.sum()
+
+
+def border_size(n: int, budget: int, k: np.ndarray) -> int:
+    """L >= 1: the sizes 1..L and n-L..n-1 to enumerate for a ``budget`` (the border trick, see the module).
+
+    With L enumerated, the rest of the budget (after v(empty), v(full) and the border) samples pairs whose
+    sizes follow q over L+1..n-L-1; its expected evaluations of sizes {s, n - s}, s = L + 1, are
+    rest * (q(s) + q(n - s)). When that is at least their 2 C(n, s) coalitions (C(n, s) for s = n / 2, where
+    a pair is two coalitions of the same size), those sizes are enumerated instead, as long as a sampled size
+    and one pair of samples remain."""
+    rest = budget - 2 - 2 * n
+    border = 1
+    while 2 * border + 4 <= n:
+        s = border + 1
+        q = np.diff(size_cdf(n, k, border), prepend=0.0)  # q[j]: size border + 1 + j
+        coalitions = math.comb(n, s) * (1 if 2 * s == n else 2)
+        expected = rest * (q[0] + q[-1]) if 2 * s != n else rest * q[0]
+        if expected < coalitions or rest - coalitions < 2:
+            break
+        rest -= coalitions
+        border += 1
+    return border
+
+
+@functools.cache
+def border_rows(n: int, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows bool (a, n), w float64 (a,)): every coalition of sizes 1..border in lexicographic order, then
+    their complements (sizes n-1..n-border), and each row's kernel weight w(|S|) = K(|S|) / C(n, |S|)."""
+    small = [np.isin(np.arange(n), c) for s in range(1, border + 1) for c in itertools.combinations(range(n), s)]
+    rows = np.asarray(small, bool).reshape(-1, n)
+    rows = np.concatenate([rows, ~rows])
+    sizes = rows.sum(1)
+    return rows, kernel_mass(n)[sizes] / np.asarray([math.comb(n, int(s)) for s in sizes], np.float64)
 
 
 def weyl_point(index: jax.Array) -> jax.Array:
@@ -89,9 +133,17 @@ def constrained_wls(A: jax.Array, b: jax.Array, total: jax.Array) -> jax.Array:
 
 
 @register("kernel")
+@dataclasses.dataclass(frozen=True)
 class Kernel(Estimator):
-    """One unit = a coalition of a stratified size in 2..n-2 and its complement (2 evaluations);
-    anchors: v(empty), v(full), the n singletons and the n complements of singletons."""
+    """One unit = a coalition of a stratified size in border+1..n-border-1 and its complement (2 evaluations);
+    anchors: v(empty), v(full) and every coalition of sizes 1..border and n-border..n-1."""
+
+    border: int = 1
+
+    @classmethod
+    def for_budget(cls, n, budget):
+        """The border the budget affords (:func:`border_size`); 1 below the smallest budget."""
+        return cls(n, border_size(n, int(budget), cls(n).size_weights()) if n >= 4 else 1)
 
     def size_weights(self) -> np.ndarray:
         """k (n + 1,) int: the integer regression weight of a sampled row of size s (q(s) ∝ K(s) / k_s).
@@ -99,8 +151,8 @@ class Kernel(Estimator):
         return np.ones(self.n + 1, np.int64)
 
     def anchors(self):
-        eye = np.eye(self.n, dtype=bool)
-        return np.concatenate([np.zeros((1, self.n), bool), np.ones((1, self.n), bool), eye, ~eye])
+        return np.concatenate([np.zeros((1, self.n), bool), np.ones((1, self.n), bool),
+                               border_rows(self.n, self.border)[0]])
 
     def n_units(self, budget):
         if self.n < 4:
@@ -118,8 +170,8 @@ class Kernel(Estimator):
     def draw(self, key, index):
         """(z (n,) bool, k_s float32): a uniform subset of size s_index and its size weight."""
         k = self.size_weights()
-        cdf = jnp.asarray(size_cdf(self.n, k)[:-1], jnp.float32)
-        s = 2 + jnp.searchsorted(cdf, weyl_point(index), side="right")
+        cdf = jnp.asarray(size_cdf(self.n, k, self.border)[:-1], jnp.float32)
+        s = self.border + 1 + jnp.searchsorted(cdf, weyl_point(index), side="right")
         z = uniform_ranks(jax.random.uniform(key, (self.n,))) < s
         return z, jnp.asarray(k, jnp.float32)[s]
 
@@ -140,13 +192,14 @@ class Kernel(Estimator):
         return {"A": a.astype(jnp.int32)}
 
     def finalize(self, total, counts, n_units, anchor_values):
-        n = self.n
+        n, border = self.n, self.border
         v0, v1 = anchor_values[0], anchor_values[1]
-        singles, complements = anchor_values[2:2 + n] - v0, anchor_values[2 + n:] - v0
+        rows, w = border_rows(n, border)
         k = self.size_weights()
-        c2 = float((kernel_mass(n)[2:n - 1] / k[2:n - 1]).sum() / (2 * n_units))
+        c2 = float((kernel_mass(n)[border + 1:n - border] / k[border + 1:n - border]).sum() / (2 * n_units))
         A_s = counts["A"].astype(jnp.float32)
         b_s = total - v0 * jnp.diagonal(A_s)  # sum k z (v - v0); z binary, so sum k z = diag(A_s)
-        A_b = 2 * jnp.eye(n, dtype=jnp.float32) + (n - 2)
-        b_b = singles + complements.sum() - complements
-        return constrained_wls(A_b / n + c2 * A_s, b_b / n + c2 * b_s, v1 - v0)
+        A_b = jnp.asarray((rows.T * w) @ rows, jnp.float32)  # sum_border w z z^T, exact in float64
+        b_b = jnp.matmul(jnp.asarray(rows.T * w, jnp.float32), anchor_values[2:] - v0,
+                         precision=jax.lax.Precision.HIGHEST)
+        return constrained_wls(A_b + c2 * A_s, b_b + c2 * b_s, v1 - v0)

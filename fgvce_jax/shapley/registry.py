@@ -34,12 +34,20 @@ class Estimator:
     Subclasses implement ``evals_per_unit``, ``draw``, ``masks``, ``unit_stats`` and ``finalize``.
     Optional: ``anchors`` (masks evaluated once per game, e.g. the empty and full coalitions for
     KernelSHAP), ``counts`` (integer statistics), ``affine_values`` (a fast path for affine games),
-    ``n_units`` / ``min_units`` (the budget rule). Everything is traced: no Python control flow on values.
+    ``n_units`` / ``min_units`` (the budget rule), ``for_budget`` (settings chosen from the budget, e.g.
+    how many coalition sizes KernelSHAP enumerates). Everything is traced: no Python control flow on values.
     """
 
     n: int
     name: ClassVar[str] = ""
     min_units: ClassVar[int] = 1
+
+    @classmethod
+    def for_budget(cls, n: int, budget: int) -> "Estimator":
+        """The estimator for n players that a request of ``budget`` evaluations runs. Default: ``cls(n)``;
+        an estimator whose settings depend on the budget (its anchors, say) chooses them here, so that the
+        estimator stays a hashable value of (n, settings)."""
+        return cls(n)
 
     def evals_per_unit(self) -> int:
         """m, the number of masks (game evaluations) one unit uses."""
