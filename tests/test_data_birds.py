@@ -147,7 +147,18 @@ def test_export_reads_back_as_cub(exported):
             ann, own = cub.parts(i), source[split].parts(i)
             assert ann.names == birds.PARTS  # left / right merged back
             np.testing.assert_array_equal(ann.types, own.types)
-            np.testing.assert_allclose(ann.xy, parts_lib.transform_points(own.xy, 64, 64, 73, 64), atol=0.06)
+            np.testing.assert_allclose(ann.xy, parts_lib.transform_points(own.xy, 64, 64, 73, 64), atol=1e-9)
+            box = parts_lib.transform_points(own.bbox.reshape(2, 2), 64, 64, 73, 64).reshape(4)
+            np.testing.assert_allclose(ann.bbox, box, atol=1e-9)
+    # a bird facing left shows its left eye, wing and leg; the other side is written invisible
+    names = (root / "parts" / "parts.txt").read_text().split("\n")
+    sides = {i + 1: n.split(" ")[1] for i, n in enumerate(names) if n.split(" ")[1:2] in (["left"], ["right"])}
+    images = dict(line.split() for line in (root / "images.txt").read_text().splitlines())
+    for line in (root / "parts" / "part_locs.txt").read_text().splitlines():
+        image_id, part_id, _, _, visible = line.split()
+        if int(part_id) in sides and visible == "1":
+            k = int(images[image_id].split("_")[-1].split(".")[0])
+            assert sides[int(part_id)] == ("right" if birds.nuisance_of(k).facing_right else "left")
     with pytest.raises(FgvceError, match="not empty"):
         birds.export_cub(root, samples_per_class=4)
 

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +253,14 @@ def keypoints(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xy, visible
 
 
+def bird_box(masks: np.ndarray) -> np.ndarray:
+    """(P, S, S) bool masks -> (4,) float (x0, y0, x1, y1): the pixel box of all visible part pixels (zeros if none)."""
+    rows, cols = np.nonzero(np.asarray(masks, bool).any(0))
+    if not rows.size:
+        return np.zeros(4)
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float64)
+
+
 def n_classes() -> int:
     return len(CLASS_TYPES)
 
@@ -308,11 +315,8 @@ def load(split: str, *, image_size: int | None = None, samples_per_class: int = 
     def part_annotation(i: int) -> PartAnnotation:
         _, masks = sample(int(ks[i]), size, seed)
         xy, visible = keypoints(masks)
-        rows, cols = np.nonzero(masks.any(0))
-        bbox = (np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float64) if rows.size
-                else np.zeros(4))
         return PartAnnotation(names=PARTS, types=np.flatnonzero(visible), xy=xy[visible], image_size=size,
-                              bbox=bbox)
+                              bbox=bird_box(masks))
 
     return Dataset(name="birds", split=split, ids=[f"birds/{k:05d}" for k in ks],
                    labels=np.array([label_of(k) for k in ks], np.int64), class_names=CLASS_NAMES, splits=SPLITS,
@@ -352,7 +356,8 @@ def export_cub(directory: str | Path, *, image_size: int | None = None, samples_
     ``parts/parts.txt`` (:data:`CUB_PART_NAMES`: eye, wing and leg as "left X" / "right X", which
     :func:`fgvce_jax.data.parts.merge_sides` merges back into :data:`PARTS`) and ``parts/part_locs.txt``
     (keypoints at pixel centres; a bird facing left shows its left side, so the other side is written
-    invisible). ``cub:DIR`` then reads it. Returns the directory.
+    invisible). The text files are written last, so an interrupted export is not a CUB folder.
+    ``cub:DIR`` then reads it. Returns the directory.
     """
     root = Path(directory).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -361,30 +366,25 @@ def export_cub(directory: str | Path, *, image_size: int | None = None, samples_
     ks = np.sort(np.concatenate([sample_ids(s, samples_per_class) for s in SPLITS]))
     (root / "parts").mkdir(parents=True, exist_ok=True)
     folders = [f"{c + 1:03d}.{name}" for c, name in enumerate(CLASS_NAMES)]
-    try:
-        rows = {f: [] for f in ("images", "labels", "split", "boxes", "locs")}
-        for image_id, k in enumerate(ks.tolist(), start=1):
-            image, masks = sample(k, size, seed)
-            path = f"{folders[label_of(k)]}/birds_{k:05d}.png"
-            (root / "images" / path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / "images" / path)
-            rows["images"].append(f"{image_id} {path}")
-            rows["labels"].append(f"{image_id} {label_of(k) + 1}")
-            rows["split"].append(f"{image_id} {int(split_of(k) == 'train')}")
-            rr, cc = np.nonzero(masks.any(0))
-            box = (cc.min(), rr.min(), cc.max() + 1 - cc.min(), rr.max() + 1 - rr.min()) if rr.size else (0,) * 4
-            rows["boxes"].append(f"{image_id} " + " ".join(f"{float(v):.1f}" for v in box))
-            xy, visible = keypoints(masks)
-            shown = "right" if nuisance_of(k, seed).facing_right else "left"
-            for part_id, name in enumerate(CUB_PART_NAMES, start=1):
-                side, _, base = name.rpartition(" ")
-                p = PARTS.index(base)
-                on = bool(visible[p]) and side in ("", shown)
-                x, y = xy[p] if on else (0.0, 0.0)
-                rows["locs"].append(f"{image_id} {part_id} {x:.1f} {y:.1f} {int(on)}")
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
+    rows = {f: [] for f in ("images", "labels", "split", "boxes", "locs")}
+    for image_id, k in enumerate(ks.tolist(), start=1):
+        image, masks = sample(k, size, seed)
+        path = f"{folders[label_of(k)]}/birds_{k:05d}.png"
+        (root / "images" / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / path)
+        rows["images"].append(f"{image_id} {path}")
+        rows["labels"].append(f"{image_id} {label_of(k) + 1}")
+        rows["split"].append(f"{image_id} {int(split_of(k) == 'train')}")
+        x0, y0, x1, y1 = bird_box(masks)
+        rows["boxes"].append(f"{image_id} {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f}")
+        xy, visible = keypoints(masks)
+        shown = "right" if nuisance_of(k, seed).facing_right else "left"
+        for part_id, name in enumerate(CUB_PART_NAMES, start=1):
+            side, _, base = name.rpartition(" ")
+            p = PARTS.index(base)
+            on = bool(visible[p]) and side in ("", shown)
+            x, y = xy[p] if on else (0.0, 0.0)
+            rows["locs"].append(f"{image_id} {part_id} {x:.1f} {y:.1f} {int(on)}")
     text = {"images.txt": rows["images"], "image_class_labels.txt": rows["labels"],
             "train_test_split.txt": rows["split"], "bounding_boxes.txt": rows["boxes"],
             "classes.txt": [f"{c + 1} {f}" for c, f in enumerate(folders)],
