@@ -126,6 +126,8 @@ def test_bad_input_is_one_line_error():
         birds.render([0, 0, 0], birds.Nuisance())
     with pytest.raises(FgvceError, match="class_types"):
         birds.render([0, 0, 2, 0, 0, 0, 0], birds.Nuisance())
+    with pytest.raises(FgvceError, match="at least 8"):
+        data.load("birds", "test", image_size=4)
     with pytest.raises(FgvceError, match="birds dataset only"):
         birds.part_masks(data.load("digits", "test"), 0)
 
