@@ -109,3 +109,21 @@ def test_cause_metrics_bad_shapes(case):
         cause_metrics(e, parts[:, :, :2], cause)
     with pytest.raises(FgvceError, match="cause must be"):
         cause_metrics(e, parts, cause[:, :2])
+
+
+def test_cause_metrics_on_birds_masks():
+    from fgvce_jax.data import birds
+
+    ds = birds.load("test", samples_per_class=4)
+    queries = [int(np.flatnonzero(ds.labels == 0)[0]), int(np.flatnonzero(ds.labels == 4)[0])]
+    masks = np.stack([birds.part_masks(ds, i) for i in queries])  # (2, 7, 64, 64)
+    grid = (8, 8)
+    cells = cell_parts(masks, grid)
+    cause = birds.cause_parts(ds.labels[queries], [1, 0])  # 0 -> 1: the beak; 4 -> 0: the body
+    beak, body = birds.PARTS.index("beak"), birds.PARTS.index("body")
+    assert cause[:, beak].tolist() == [True, False] and cause[:, body].tolist() == [False, True]
+    on_beak, off_body = tuple(np.argwhere(cells[0, beak])[0]), tuple(np.argwhere(~cells[1, body])[0])
+    e = explanations(success=[1, 1], n_edits=[1, 1], query_region=[[on_beak], [off_body]], ref_split_index=[[0], [0]],
+                     ref_region=[[(4, 4)], [(4, 4)]], grid=grid)
+    got = cause_metrics(e, cells, cause)  # query 0 edits its beak, query 1 misses its body
+    assert got["cause_precision"] == 0.5 and got["cause_recall"] == 0.5
