@@ -125,19 +125,26 @@ def generate(split: str, shortcut: bool) -> tuple[np.ndarray, dict[str, np.ndarr
     return images, f
 
 
+@functools.lru_cache(maxsize=None)
+def train_pixel_stats(shortcut: bool) -> tuple[float, float]:
+    """(mean, std) of the train split's pixels in [0, 1], the normalisation of both splits."""
+    train = generate("train", shortcut)[0] / 255.0
+    return float(train.mean()), float(train.std())
+
+
 def load(name: str, split: str, *, image_size: int | None = None) -> Dataset:
     """Split ``split`` of ``name`` (a key of ``NAMES``): (N,) labels 0..9, images (N, S, S, 3),
     S = ``image_size`` or 28; normalised by the train split's pixel mean and std (one for all channels)."""
     require_split(split, SPLITS, name)
     shortcut = NAMES[name]
     images, f = generate(split, shortcut)
-    train = generate("train", shortcut)[0] / 255.0
+    mean, std = train_pixel_stats(shortcut)
     size = NATIVE_SIZE if image_size is None else int(image_size)
     return Dataset(
         name=name, split=split, ids=[f"{name}/{split}/{i}" for i in range(len(images))], labels=f["label"],
         class_names=[str(c) for c in range(10)], splits=SPLITS,
         read=lambda i: np.repeat(images[i][..., None], 3, axis=-1),
-        preprocessing=Preprocessing(size, size, (float(train.mean()),) * 3, (float(train.std()),) * 3),
+        preprocessing=Preprocessing(size, size, (mean,) * 3, (std,) * 3),
     )
 
 
