@@ -16,14 +16,16 @@ Features (lengths in pixels of the input image; c = column, r = row, rows pointi
 - ``thickness`` = 2 mean_{p in skeleton} d(p) / 4, Morpho-MNIST's "mean thickness along the skeleton". A
   stroke of width w measures w, a disc of radius r measures 2r (its skeleton is its centre), both to within
   the resolution 1/4 px of the upsampled grid.
-- ``slant`` = atan(-mu11 / mu02), in radians, from the intensity-weighted central moments of x
-  (mu11 = sum x (c - c̄)(r - r̄), mu02 = sum x (r - r̄)^2 over columns c and rows r, normalised by sum x);
-  Morpho-MNIST's convention: positive when the top of the stroke leans to the right. Shearing an upright
-  shape (mu11 = 0) by c' = c - tan(theta) (r - r̄) gives exactly theta.
+- ``slant`` = atan(-mu11 / mu02), in radians, from the central moments of the mass m = x - min x
+  (mu11 = sum m (c - c̄)(r - r̄), mu02 = sum m (r - r̄)^2 over columns c and rows r, normalised by sum m;
+  Morpho-MNIST weights by x itself: subtracting the background level is our choice, so that a uniform
+  background does not pull the moments); Morpho-MNIST's convention: positive when the top of the stroke
+  leans to the right. Shearing an upright shape (mu11 = 0) by c' = c - tan(theta) (r - r̄) gives exactly
+  theta. A stroke one row tall (mu02 = 0) has slant 0.
 - ``width`` and ``height``: the extent of the stroke's mass in the de-slanted frame
-  u = c - (mu11 / mu02)(r - r̄), v = r: the distance between the 1% and 99% intensity-weighted quantiles of
-  u (width) and of v (height), which drops 2% of the mass per axis as Morpho-MNIST's bounding
-  parallelogram does; measured on the input image (not upsampled), with each pixel's mass spread uniformly
+  u = c - (mu11 / mu02)(r - r̄), v = r: the distance between the 1% and 99% quantiles of u (width) and of
+  v (height), weighted by m, which drops 2% of the mass per axis as Morpho-MNIST's bounding parallelogram
+  does; measured on the input image (not upsampled), with each pixel's mass spread uniformly
   over its width (our choice), so a solid bar of length L measures 0.98 L.
 - ``area`` = |B| / 16, the pixel count of the binarised stroke, in input pixels.
 - ``intensity`` = mean of X over B, the mean grey level of the stroke (our addition to Morpho-MNIST's set).
@@ -74,14 +76,20 @@ def mean_thickness(mask: np.ndarray, scale: int = SCALE) -> float:
     return float(2.0 * distance[skeleton].mean() / scale)
 
 
-def central_moments(weights: np.ndarray) -> tuple[float, float, float, float]:
-    """(x̄, ȳ, mu11, mu02) of a non-negative (H, W) weight image, normalised by its total mass."""
-    y, x = np.indices(weights.shape, dtype=np.float64)
+def row_moments(weights: np.ndarray) -> tuple[float, float, float]:
+    """(r̄, mu11, mu02) of a non-negative (H, W) weight image over columns c and rows r, normalised by its
+    total mass: r̄ = sum w r / sum w, mu11 = sum w (c - c̄)(r - r̄) / sum w, mu02 = sum w (r - r̄)^2 / sum w."""
+    r, c = np.indices(weights.shape, dtype=np.float64)
     mass = weights.sum()
-    xc, yc = (weights * x).sum() / mass, (weights * y).sum() / mass
-    mu11 = (weights * (x - xc) * (y - yc)).sum() / mass
-    mu02 = (weights * (y - yc) ** 2).sum() / mass
-    return float(xc), float(yc), float(mu11), float(mu02)
+    rc, cc = (weights * r).sum() / mass, (weights * c).sum() / mass
+    mu11 = (weights * (c - cc) * (r - rc)).sum() / mass
+    mu02 = (weights * (r - rc) ** 2).sum() / mass
+    return float(rc), float(mu11), float(mu02)
+
+
+def horizontal_shear(mu11: float, mu02: float) -> float:
+    """mu11 / mu02, the shear that de-slants the stroke; 0 for a stroke one row tall (mu02 = 0)."""
+    return mu11 / mu02 if mu02 > 0 else 0.0
 
 
 def mass_extent(coords: np.ndarray, weights: np.ndarray, tail: float = MASS_TAIL) -> float:
@@ -113,15 +121,16 @@ def measure(image) -> dict[str, float]:
     grey = as_grey(image)
     hires = upsample(grey)
     mask = binarise(hires)
-    _, yc, mu11, mu02 = central_moments(grey)
-    shear = mu11 / mu02
-    y, x = np.indices(grey.shape, dtype=np.float64)
-    u = x - shear * (y - yc)
+    mass = grey - grey.min()
+    r_mid, mu11, mu02 = row_moments(mass)
+    shear = horizontal_shear(mu11, mu02)
+    r, c = np.indices(grey.shape, dtype=np.float64)
+    u = c - shear * (r - r_mid)
     return {
         "thickness": mean_thickness(mask),
         "slant": float(np.arctan(-shear)),
-        "width": mass_extent(u.ravel(), grey.ravel()),
-        "height": mass_extent(y.ravel(), grey.ravel()),
+        "width": mass_extent(u.ravel(), mass.ravel()),
+        "height": mass_extent(r.ravel(), mass.ravel()),
         "area": float(mask.sum()) / SCALE**2,
         "intensity": float(hires[mask].mean()),
     }

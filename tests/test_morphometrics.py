@@ -72,6 +72,21 @@ def test_intensity_is_the_stroke_grey_level_and_other_features_ignore_it():
         assert dim[f] == pytest.approx(full[f], rel=1e-9, abs=1e-9)
 
 
+def test_a_uniform_background_changes_only_the_intensity():
+    shape = bar(3.0, 20.0, 0.3, size=28)
+    plain, lifted = morpho.measure(shape), morpho.measure(0.2 + 0.8 * shape)
+    for f in ("thickness", "slant", "width", "height", "area"):
+        assert lifted[f] == pytest.approx(plain[f], rel=1e-9, abs=1e-9)
+    assert lifted["intensity"] == pytest.approx(0.2 + 0.8 * plain["intensity"], rel=1e-9)
+
+
+def test_a_stroke_one_row_tall_has_slant_zero_and_height_one_row():
+    line = np.zeros((28, 28))
+    line[14, 4:24] = 1.0
+    m = morpho.measure(line)
+    assert m["slant"] == 0.0 and abs(m["height"] - 0.98) < 1e-9 and abs(m["width"] - 0.98 * 20) < 1e-9
+
+
 def test_uint8_rgb_and_float_grey_agree_and_measure_all_stacks_in_feature_order():
     grey = np.rint(255 * bar(3.0, 20.0, 0.3, size=28)).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
