@@ -66,6 +66,8 @@ def test_generation_is_seeded_and_deterministic(clean_train):
     assert not np.array_equal(test_images[:100], images[:100])
     i = 11
     assert np.array_equal(md.render(int(f["label"][i]), *(f[k][i] for k in md.FACTORS)), images[i])
+    with pytest.raises(FgvceError, match="does not fit a 28 px image"):
+        md.render(8, thickness=2.0, slant=0.0, scale=1.5, intensity=1.0)
 
 
 def test_factors_follow_the_images_of_a_subset(clean_train):

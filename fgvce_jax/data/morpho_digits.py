@@ -58,8 +58,8 @@ FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 
 @functools.lru_cache(maxsize=None)
 def glyph_skeleton(digit: int) -> np.ndarray:
-    """(P, 2) float64 (row, col) skeleton points of ``digit`` in DejaVu Sans: de-slanted, centred on the
-    bounding box, rows spanning [-1/2, 1/2]."""
+    """(P, 2) float64 (row, col) skeleton points of ``digit`` in DejaVu Sans, centred on their bounding box,
+    rows spanning [-1/2, 1/2], de-slanted: c -> c - (cov(r, c) / var(r)) (r - mean r), so cov(r, c) = 0."""
     font = ImageFont.truetype(str(FONT), 160)
     canvas = Image.new("L", (240, 240), 0)
     ImageDraw.Draw(canvas).text((120, 120), str(digit), fill=255, font=font, anchor="mm")
@@ -76,18 +76,18 @@ def glyph_skeleton(digit: int) -> np.ndarray:
 def render(digit: int, thickness: float, slant: float, scale: float, intensity: float,
            size: int = NATIVE_SIZE) -> np.ndarray:
     """uint8 (size, size) image of ``digit``: the skeleton ``GLYPH_HEIGHT`` * scale px tall, sheared by
-    c -> c - tan(slant) r, centred, stroked with a round pen of diameter ``thickness`` px, grey level
-    ``intensity`` in [0, 1] (anti-aliased by ``SUPERSAMPLE``^2 sub-pixels)."""
+    c -> c - tan(slant) r (r from its middle row), centred, stroked with a round pen of diameter ``thickness``
+    px, grey level ``intensity`` in [0, 1] (anti-aliased by ``SUPERSAMPLE``^2 sub-pixels)."""
     points = glyph_skeleton(digit) * (GLYPH_HEIGHT * scale)
     rows = points[:, 0]
     cols = points[:, 1] - np.tan(slant) * rows
     rows = rows - (rows.max() + rows.min()) / 2 + size / 2
     cols = cols - (cols.max() + cols.min()) / 2 + size / 2
+    if min(rows.min(), cols.min()) < 0 or max(rows.max(), cols.max()) >= size:
+        raise FgvceError(f"digit {digit} at scale {scale:g} and slant {slant:g} does not fit a {size} px image")
     fine = size * SUPERSAMPLE
     seeds = np.ones((fine, fine), bool)
-    r = np.clip(np.floor(rows * SUPERSAMPLE).astype(int), 0, fine - 1)
-    c = np.clip(np.floor(cols * SUPERSAMPLE).astype(int), 0, fine - 1)
-    seeds[r, c] = False
+    seeds[np.floor(rows * SUPERSAMPLE).astype(int), np.floor(cols * SUPERSAMPLE).astype(int)] = False
     stroke = distance_transform_edt(seeds) <= thickness / 2 * SUPERSAMPLE
     coverage = stroke.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
     return np.rint(255.0 * intensity * coverage).astype(np.uint8)
