@@ -139,3 +139,5 @@ def test_same_source_and_target_is_a_one_line_error(tiny):
     assert "\n" not in str(err.value)
     with pytest.raises(FgvceError, match="outside 0..9"):
         geo.mirror_path(split_model, params, z[:1], [0], [10])
+    with pytest.raises(FgvceError, match=r"feature maps \(N=2, H, W, D=128\) for 2 queries, got \(3, 8, 8, 128\)"):
+        geo.mirror_path(split_model, params, z[:3], s[:2], (s[:2] + 1) % 10)

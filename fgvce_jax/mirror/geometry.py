@@ -196,8 +196,11 @@ def mirror_path(split_model, params, z_s, s, t, ks=DEFAULT_KS, *, refined: bool 
     with K = len(ks). The batch is padded to the mesh by repeating its last query; the padding is dropped."""
     W, b = linear_head(split_model, params)
     s, t = check_classes(s, t, split_model.num_classes)
-    mesh = device_mesh(mesh)
     n = len(s)
+    if np.ndim(z_s) != 4 or len(z_s) != n or np.shape(z_s)[-1] != W.shape[0]:
+        raise FgvceError(f"Mirror-CFE takes feature maps (N={n}, H, W, D={W.shape[0]}) for {n} queries, "
+                         f"got {tuple(np.shape(z_s))}")
+    mesh = device_mesh(mesh)
     rows, rep = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
     z_s, s, t = jax.device_put(pad_to((np.asarray(z_s), s, t), padded_length(n, mesh.size)), rows)
     W, b, ks = jax.device_put((W, b, jnp.asarray(ks, z_s.dtype)), rep)
