@@ -18,10 +18,16 @@ def _one_device_mesh():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """(split model, params, z (2N, 8, 8, 128), s, t): random weights, a non-zero random fc bias."""
+def model():
+    """resnet_tiny with random weights and a non-zero random fc bias."""
     model = models.create("resnet_tiny", 10, seed=0)
     model.fc.bias[...] = 0.3 * jax.random.normal(jax.random.key(1), model.fc.bias.shape)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(model):
+    """(split model at layer4, params, z (2N, 8, 8, 128), s, t)."""
     split_model, params = models.split(model, at="layer4")
     images = jax.random.normal(jax.random.key(2), (2 * N, 32, 32, 3))
     z, _ = jax.jit(split_model.encode)(params, images)
@@ -122,8 +128,8 @@ def test_one_and_four_devices_agree(tiny, paths):
     np.testing.assert_array_less(np.maximum(np.asarray(one.loss), np.asarray(four.loss)), 1e-8)
 
 
-def test_non_linear_head_is_a_one_line_error():
-    split_model, params = models.split(models.create("resnet_tiny", 10, seed=0), at="layer4.0")
+def test_non_linear_head_is_a_one_line_error(model):
+    split_model, params = models.split(model, at="layer4.0")
     z = jnp.zeros((1, 8, 8, 128))
     with pytest.raises(FgvceError, match="needs a GAP \\+ linear head") as err:
         geo.mirror_path(split_model, params, z, [1], [2])
