@@ -41,7 +41,7 @@ def drawn_masks(method: str, n: int, budget: int, key) -> jax.Array:
     """bool (evaluations, n): every mask the engine evaluates for this request (draws and anchors)."""
     p = engine.plan(method, n, budget, 4096, 1, None, device_mesh())
     est = p.est
-    draws = jax.vmap(lambda i: est.draw(jax.random.fold_in(key, i), i))(jnp.arange(p.n_units))
+    draws = est.draws(key, jnp.arange(p.n_units))
     masks = jax.vmap(est.masks)(draws).reshape(-1, n)
     anchors = jnp.asarray(est.anchors(), bool).reshape(-1, n)
     return jnp.concatenate([masks, anchors])

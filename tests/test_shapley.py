@@ -284,7 +284,8 @@ def _weighted_sum(args, masks):  # elementwise and a row sum, no matmul: the sam
     return jnp.tanh((masks.astype(jnp.float32) * args["w"]).sum(-1))
 
 
-@pytest.mark.parametrize("method, n, budget", [("permutation", 6, 63), ("leverage", 12, 300)])
+@pytest.mark.parametrize("method, n, budget", [("permutation", 6, 63), ("leverage", 12, 300),
+                                               ("stratified_kernel", 12, 300)])
 def test_new_game_arguments_do_not_recompile(method, n, budget):
     shapley.estimate(Game(_weighted_sum, {"w": jnp.ones(n)}), n, method=method, budget=budget, key=KEY)
     before = run_batch._cache_size()

@@ -2,11 +2,11 @@
 
 ``estimate`` dispatches to the estimators registered by name (``exact``,
 ``permutation``, ``antithetic``, ``permutation_cv``, ``antithetic_cv``, ``kernel``, ``leverage``, ``svarm``,
-``stratified_svarm``); ``local`` is the saliency partition estimator; ``feature_game`` builds the game of
+``stratified_svarm``, ``stratified_kernel``); ``local`` is the saliency partition estimator; ``feature_game`` builds the game of
 one image.
 """
 from fgvce_jax.shapley import (antithetic, antithetic_cv, exact, kernel, leverage,  # noqa: F401  (registered)
-                               permutation, permutation_cv, stratified_svarm, svarm)
+                               permutation, permutation_cv, stratified_kernel, stratified_svarm, svarm)
 from fgvce_jax.shapley.estimate import ShapleyResult, estimate
 from fgvce_jax.shapley.game import Game, as_game, feature_game
 from fgvce_jax.shapley.local import local

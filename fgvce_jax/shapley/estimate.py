@@ -71,7 +71,8 @@ def tree_sum(x: jax.Array) -> jax.Array:
 @functools.cache  # estimators are hashable; tracing them costs about a millisecond per request
 def _stat_shapes(est):
     m = est.evals_per_unit()
-    return jax.eval_shape(lambda: est.unit_stats(est.draw(jax.random.key(0), jnp.int32(0)),
+    return jax.eval_shape(lambda: est.unit_stats(jax.tree.map(lambda a: a[0], est.draws(jax.random.key(0),
+                                                                                     jnp.zeros(1, jnp.int32))),
                                                  jnp.zeros((m,), jnp.float32)))
 
 
@@ -102,7 +103,7 @@ def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
 
     def evaluate(start):  # one evaluation block: per-unit stats (e, ...) and counts
         idx = start + jnp.arange(e, dtype=jnp.int32)
-        draws = jax.vmap(lambda i: est.draw(jax.random.fold_in(key, i), i))(idx)
+        draws = est.draws(key, idx)
         valid = idx < n_units
         if fast:
             readout = functools.partial(fn.readout, args)

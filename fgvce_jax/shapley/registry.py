@@ -77,6 +77,13 @@ class Estimator:
         (``fold_in(key, index)``) and index only."""
         raise NotImplementedError
 
+    def draws(self, key: jax.Array, index: jax.Array) -> Any:
+        """The draws of units ``index`` (U,) of a request with PRNG key ``key``, stacked on a leading U axis.
+        Default: unit i's :meth:`draw` from ``fold_in(key, i)``. An estimator whose units share randomness
+        drawn from the request's key (a random bijection that samples without replacement, say) overrides
+        this; unit i must still depend on ``key`` and ``i`` alone."""
+        return jax.vmap(lambda i: self.draw(jax.random.fold_in(key, i), i))(index)
+
     def masks(self, draw: Any) -> jax.Array:
         """The unit's coalitions bool (m, n)."""
         raise NotImplementedError
