@@ -176,6 +176,10 @@ def skip_reason(library: str, name: str, n: int, budget: int, args) -> str | Non
     """Why an (estimator, game size, budget) is not run, or None."""
     if library == "ours" and name == "exact" and (n > 20 or 2 ** n > budget):
         return f"exact needs 2^{n} evaluations"
+    from fgvce_jax.shapley.stratified_kernel import MAX_PLAYERS
+
+    if library == "ours" and name == "stratified_kernel" and n > MAX_PLAYERS:
+        return f"stratified_kernel ranks coalitions in int32: at most {MAX_PLAYERS} players"
     if name.startswith("kADD") and n > KADD_MAX_PLAYERS:
         return f"order-2 regression on n + C(n, 2) = {n + math.comb(n, 2)} columns"
     if library != "ours" and budget > args.peer_max_budget:
