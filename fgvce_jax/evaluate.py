@@ -61,6 +61,12 @@ COLUMNS = {  # key -> header (arrows: which direction is better)
 CF_COLUMNS = ("validity", "edits_regions", "edits_cells")
 RISE_COLUMNS = ("deletion_auc", "insertion_auc", "del_ins")
 GRADCAM = "gradcam"
+PAPER_TABLES = {  # the paper's tables: name -> (methods in this order, None: every registered one; columns)
+    "main": (("fgvce", GRADCAM, "gradient", "cve"), (*CF_COLUMNS, *RISE_COLUMNS)),
+    # full, w/o saliency partition (global Shapley), w/o Shapley (gradient), single-step, random regions
+    "ablation": (("fgvce", "global", "gradient", "single-step", "random"), (*CF_COLUMNS, *RISE_COLUMNS)),
+    "localisation": (None, (*part_metrics.NAMES, *cause_metrics.NAMES)),
+}
 
 
 def method_order() -> tuple[str, ...]:
@@ -151,6 +157,25 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def paper_tables(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of :func:`summarise` cut into :data:`PAPER_TABLES`: per table, the rows of its methods that were
+    evaluated, in the table's order, with ``method``, ``queries`` and those of its columns the rows have; a table
+    none of whose columns was computed (no parts: no localisation) is left out."""
+    by_method = {r["method"]: r for r in rows}
+    out = {}
+    for name, (names, columns) in PAPER_TABLES.items():
+        present = [c for c in columns if rows and c in rows[0]]
+        if present:
+            out[name] = [{k: by_method[m][k] for k in ("method", "queries", *present)}
+                         for m in (methods.names() if names is None else names) if m in by_method]
+    return out
+
+
+def tables_markdown(tables: Mapping[str, list[dict]]) -> str:
+    """The tables of :func:`paper_tables` as Markdown, one ``## <name>`` section each (:func:`to_markdown`)."""
+    return "\n".join(f"## {name}\n\n{to_markdown(rows)}" for name, rows in tables.items())
+
+
 def plot_curves(curves_by_method: Mapping[str, rise.RiseCurves]) -> bytes:
     """PNG bytes: mean deletion (left) and insertion (right) curves per method, AUC in the legend."""
     import matplotlib
@@ -174,6 +199,11 @@ def plot_curves(curves_by_method: Mapping[str, rise.RiseCurves]) -> bytes:
     return buf.getvalue()
 
 
+def json_rows(rows: list[dict]) -> list[dict]:
+    """``rows`` with NaN as None (JSON null)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+
+
 def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path]:
     """Atomically write table.md, table.csv, metrics.json (and curves.png) into ``out_dir``."""
     out_dir = Path(out_dir).absolute()
@@ -183,9 +213,7 @@ def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path
         files["curves.png"] = plot_curves(curves_by_method)
     for name, content in files.items():
         store.atomic_write(out_dir / name, lambda f, d=content: f.write(d))
-    store.atomic_write_json(out_dir / "metrics.json",
-                            [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                             for r in rows])
+    store.atomic_write_json(out_dir / "metrics.json", json_rows(rows))
     return [out_dir / n for n in (*files, "metrics.json")]
 
 

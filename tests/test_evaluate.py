@@ -250,3 +250,25 @@ def test_directory_on_birds_adds_cause_precision_and_recall(tmp_path):
     md = (tmp_path / "run" / "evaluation" / "table.md").read_text().splitlines()[0]
     assert md.endswith("| Misleading ↓ | Cause precision ↑ | Cause recall ↑ |")
     assert evaluate.causes_for_runs(data.load("digits", "test"), runs) is None
+
+
+def test_paper_tables_cut_the_rows_by_method_and_column():
+    """main: FG-VCE, Grad-CAM, gradient, cve with the counterfactual and RISE columns; ablation: FG-VCE, global,
+    gradient, single-step, random; localisation: the part and cause columns, left out without them."""
+    curves = {"gradcam": rise.RiseCurves(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))}
+    runs = two_methods()
+    cells = np.zeros((2, 1, *GRID), bool)
+    cells[:, 0, 0, 0] = True  # the one part lies on cell (0, 0) of both queries, and is their cause
+    rows = evaluate.summarise(runs, curves_by_method=curves, causes_by_method={"fgvce": (cells, np.ones((2, 1), bool))})
+    tables = evaluate.paper_tables(rows)
+    assert [r["method"] for r in tables["main"]] == ["fgvce", "gradcam"]
+    assert [r["method"] for r in tables["ablation"]] == ["fgvce", "random"]
+    assert list(tables["main"][0]) == ["method", "queries", *evaluate.CF_COLUMNS, *evaluate.RISE_COLUMNS]
+    loc = {r["method"]: r for r in tables["localisation"]}
+    assert list(loc["fgvce"]) == ["method", "queries", "cause_precision", "cause_recall"]
+    # fgvce edits (0,0) in q0 and (1,1), (2,2) in q1: 1 of 3 cells on the cause; q0 touches it, q1 does not
+    assert (loc["fgvce"]["cause_precision"], loc["fgvce"]["cause_recall"]) == pytest.approx((1 / 3, 1 / 2))
+    assert math.isnan(loc["random"]["cause_precision"])
+    md = evaluate.tables_markdown(tables)
+    assert md.startswith("## main\n\n| Method | Queries | Validity ↑") and "## localisation" in md
+    assert "localisation" not in evaluate.paper_tables(evaluate.summarise(runs))
