@@ -1,0 +1,48 @@
+"""A classifier on ``birds`` (16 classes, chance 1/16): it must beat chance by a wide margin and still make
+mistakes, which FG-VCE then explains.
+
+The default suite trains the tiny recipe :data:`TINY` (32 px, 50 birds per class: 600 train, 200 test images);
+the demo's recipe (``fgvce demo --dataset birds``: 64 px, 1200 train, 400 test) is the slow test.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from fgvce_jax.commands.demo import DEMO_TRAIN
+from fgvce_jax.data import birds
+from fgvce_jax.train import TrainConfig, predict, train
+
+CHANCE = 1 / birds.n_classes()
+TINY = TrainConfig(**{**DEMO_TRAIN["birds"], "epochs": 5, "image_size": 32})
+
+
+def _fit(config, tmp_path, samples_per_class=birds.SAMPLES_PER_CLASS):
+    """Train ``config`` on birds drawn at its image size; (test accuracy, mistakes, test images, seconds)."""
+    sets = [birds.load(s, image_size=config.image_size, samples_per_class=samples_per_class) for s in birds.SPLITS]
+    t0 = time.perf_counter()
+    model, _, history = train(config, tmp_path / "model", train_set=sets[0], test_set=sets[1])
+    seconds = time.perf_counter() - t0
+    test = sets[1]
+    pred = predict(model, test.images, len(test), config.batch_size)
+    accuracy = float(np.mean(pred == test.labels))
+    assert accuracy == pytest.approx(history[-1]["test_accuracy"])
+    return accuracy, int(np.sum(pred != test.labels)), len(test), seconds
+
+
+def test_tiny_recipe_beats_chance_and_makes_mistakes(tmp_path):
+    """Measured (2 shared CPU cores): test accuracy MEASURED_TINY on the 200 held-out birds, i.e. MISTAKES_TINY
+    mistakes; the bounds leave room for other CPUs' last bits."""
+    accuracy, mistakes, n, seconds = _fit(TINY, tmp_path, samples_per_class=50)
+    print(f"tiny birds recipe: test accuracy {accuracy:.3f}, {mistakes}/{n} mistakes, {seconds:.0f} s")
+    assert accuracy >= 4 * CHANCE  # chance is 0.0625
+    assert mistakes >= 10
+
+
+@pytest.mark.slow
+def test_demo_recipe_beats_chance_and_makes_mistakes(tmp_path):
+    """The demo's recipe, measured: test accuracy MEASURED_DEMO on the 400 test birds (MISTAKES_DEMO mistakes)."""
+    accuracy, mistakes, n, seconds = _fit(TrainConfig(**DEMO_TRAIN["birds"]), tmp_path)
+    print(f"demo birds recipe: test accuracy {accuracy:.3f}, {mistakes}/{n} mistakes, {seconds:.0f} s")
+    assert accuracy >= 6 * CHANCE
+    assert mistakes >= 16  # enough for the demo's default --limit
