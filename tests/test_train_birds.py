@@ -1,7 +1,7 @@
 """A classifier on ``birds`` (16 classes, chance 1/16): it must beat chance by a wide margin and still make
 mistakes, which FG-VCE then explains.
 
-The default suite trains the tiny recipe :data:`TINY` (32 px, 50 birds per class: 600 train, 200 test images);
+The default suite trains the tiny recipe :data:`TINY` (32 px, 50 birds per class: 608 train, 192 test images);
 the demo's recipe (``fgvce demo --dataset birds``: 64 px, 1200 train, 400 test) is the slow test.
 """
 import time
@@ -32,17 +32,19 @@ def _fit(config, tmp_path, samples_per_class=birds.SAMPLES_PER_CLASS):
 
 
 def test_tiny_recipe_beats_chance_and_makes_mistakes(tmp_path):
-    """Measured (2 shared CPU cores): test accuracy MEASURED_TINY on the 200 held-out birds, i.e. MISTAKES_TINY
-    mistakes; the bounds leave room for other CPUs' last bits."""
+    """Measured: test accuracy 0.365 on the 192 held-out birds (5.8 x chance), i.e. 122 mistakes; 154 s on 2 CPU
+    cores shared with a load of about 15 (an estimated 30 s idle: 95 steps of 32 images at 32 px, about the
+    digits demo's work). The bounds leave room for other CPUs' last bits."""
     accuracy, mistakes, n, seconds = _fit(TINY, tmp_path, samples_per_class=50)
     print(f"tiny birds recipe: test accuracy {accuracy:.3f}, {mistakes}/{n} mistakes, {seconds:.0f} s")
-    assert accuracy >= 4 * CHANCE  # chance is 0.0625
+    assert accuracy >= 3 * CHANCE  # chance is 0.0625
     assert mistakes >= 10
 
 
 @pytest.mark.slow
 def test_demo_recipe_beats_chance_and_makes_mistakes(tmp_path):
-    """The demo's recipe, measured: test accuracy MEASURED_DEMO on the 400 test birds (MISTAKES_DEMO mistakes)."""
+    """The demo's recipe, measured: test accuracy 0.4825 on the 400 test birds (7.7 x chance; 207 mistakes),
+    388 s on 2 heavily shared CPU cores (72 steps of 64 images at 64 px)."""
     accuracy, mistakes, n, seconds = _fit(TrainConfig(**BIRDS_TRAIN), tmp_path)
     print(f"demo birds recipe: test accuracy {accuracy:.3f}, {mistakes}/{n} mistakes, {seconds:.0f} s")
     assert accuracy >= 6 * CHANCE
