@@ -1,14 +1,16 @@
 # One command each, on a fresh machine that has only python3:
 #   make demo   -> creates .venv, installs the core package, runs `fgvce demo`
+#   make birds  -> the same on the birds: every method, evaluated, the paper's tables in $(BIRDS_OUT)/tables.md
 #   make test   -> creates .venv, installs the test extra (torch for parity), runs pytest
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_OUT ?= demo_out
+BIRDS_OUT ?= birds_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo birds test test-slow bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,9 @@ venv: $(VENV)/.core-installed
 demo: $(VENV)/.core-installed
 	$(VENV)/bin/fgvce demo --out $(DEMO_OUT)
 
+birds: $(VENV)/.core-installed
+	$(VENV)/bin/fgvce demo --dataset birds --out $(BIRDS_OUT)
+
 # 4 fake CPU devices so that the sharding tests compare 1 vs 4 devices.
 test: $(VENV)/.test-installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
@@ -47,4 +52,4 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/make_table.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(BIRDS_OUT) .pytest_cache

@@ -10,7 +10,10 @@ Two layers:
   ``table.md``, ``table.csv``, ``metrics.json`` and ``curves.png``.
 
 Columns: validity, edits (regions), edits (cells), deletion AUC, insertion AUC,
-Del-Ins, and with parts Near-KP, Same-KP, Part IoU, coverage, misleading.
+Del-Ins, with parts Near-KP, Same-KP, Part IoU, coverage, misleading, and on
+data with part masks and known causes (a :class:`~fgvce_jax.data.Dataset` whose
+``part_masks`` and ``cause_parts`` are given, e.g. ``birds``) cause precision
+and cause recall (:mod:`fgvce_jax.metrics.causes`).
 Metric definitions: ``docs/metrics.md``.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fgvce_jax import data, models, progress, saliency, store
 from fgvce_jax.completeness import warn_partial
 from fgvce_jax.counterfactual import methods
 from fgvce_jax.errors import FgvceError
+from fgvce_jax.metrics import causes as cause_metrics
 from fgvce_jax.metrics import counterfactual as cf_metrics
 from fgvce_jax.metrics import parts as part_metrics
 from fgvce_jax.metrics import rise
@@ -51,10 +55,18 @@ COLUMNS = {  # key -> header (arrows: which direction is better)
     "part_iou": "Part IoU ↑",
     "coverage": "Coverage ↑",
     "misleading": "Misleading ↓",
+    "cause_precision": "Cause precision ↑",
+    "cause_recall": "Cause recall ↑",
 }
 CF_COLUMNS = ("validity", "edits_regions", "edits_cells")
 RISE_COLUMNS = ("deletion_auc", "insertion_auc", "del_ins")
 GRADCAM = "gradcam"
+PAPER_TABLES = {  # the paper's tables: name -> (methods in this order, None: every registered one; columns)
+    "main": (("fgvce", GRADCAM, "gradient", "cve"), (*CF_COLUMNS, *RISE_COLUMNS)),
+    # full, w/o saliency partition (global Shapley), w/o Shapley (gradient), single-step, random regions
+    "ablation": (("fgvce", "global", "gradient", "single-step", "random"), (*CF_COLUMNS, *RISE_COLUMNS)),
+    "localisation": (None, (*part_metrics.NAMES, *cause_metrics.NAMES)),
+}
 
 
 def method_order() -> tuple[str, ...]:
@@ -70,7 +82,8 @@ def _ordered(names) -> list[str]:
 
 def summarise(explanations_by_method: Mapping[str, object], *,
               curves_by_method: Mapping[str, rise.RiseCurves] | None = None,
-              parts_by_method: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
+              parts_by_method: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+              causes_by_method: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
     """One row per method with the metrics of SPEC 6.
 
     Args:
@@ -81,6 +94,8 @@ def summarise(explanations_by_method: Mapping[str, object], *,
         (``gradcam``), whose counterfactual columns are NaN.
       parts_by_method: method -> (query_parts (Q, P, H, W), reference_parts
         (R, P, H, W)) bool, CUB-format data only.
+      causes_by_method: method -> (query part cells (Q, P, H, W) bool, cause parts (Q, P) bool), data with
+        known causes only (:func:`fgvce_jax.metrics.causes.cause_metrics`).
 
     Returns:
       list of dicts ``{"method": str, "queries": int, <column>: float}``, in
@@ -88,6 +103,7 @@ def summarise(explanations_by_method: Mapping[str, object], *,
     """
     curves_by_method = dict(curves_by_method or {})
     parts_by_method = dict(parts_by_method or {})
+    causes_by_method = dict(causes_by_method or {})
     rows = []
     for method in _ordered([*explanations_by_method, *curves_by_method]):
         row: dict = {"method": method}
@@ -104,6 +120,10 @@ def summarise(explanations_by_method: Mapping[str, object], *,
             p = parts_by_method.get(method)
             row.update(dict.fromkeys(part_metrics.NAMES, math.nan) if (p is None or e is None)
                        else part_metrics.part_metrics(e, *p))
+        if causes_by_method:
+            c = causes_by_method.get(method)
+            row.update(dict.fromkeys(cause_metrics.NAMES, math.nan) if (c is None or e is None)
+                       else cause_metrics.cause_metrics(e, *c))
         rows.append(row)
     return rows
 
@@ -137,6 +157,25 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def paper_tables(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of :func:`summarise` cut into :data:`PAPER_TABLES`: per table, the rows of its methods that were
+    evaluated, in the table's order, with ``method``, ``queries`` and those of its columns the rows have; a table
+    none of whose columns was computed (no parts: no localisation) is left out."""
+    by_method = {r["method"]: r for r in rows}
+    out = {}
+    for name, (names, columns) in PAPER_TABLES.items():
+        present = [c for c in columns if rows and c in rows[0]]
+        if present:
+            out[name] = [{k: by_method[m][k] for k in ("method", "queries", *present)}
+                         for m in (methods.names() if names is None else names) if m in by_method]
+    return out
+
+
+def tables_markdown(tables: Mapping[str, list[dict]]) -> str:
+    """The tables of :func:`paper_tables` as Markdown, one ``## <name>`` section each (:func:`to_markdown`)."""
+    return "\n".join(f"## {name}\n\n{to_markdown(rows)}" for name, rows in tables.items())
+
+
 def plot_curves(curves_by_method: Mapping[str, rise.RiseCurves]) -> bytes:
     """PNG bytes: mean deletion (left) and insertion (right) curves per method, AUC in the legend."""
     import matplotlib
@@ -160,6 +199,11 @@ def plot_curves(curves_by_method: Mapping[str, rise.RiseCurves]) -> bytes:
     return buf.getvalue()
 
 
+def json_rows(rows: list[dict]) -> list[dict]:
+    """``rows`` with NaN as None (JSON null)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+
+
 def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path]:
     """Atomically write table.md, table.csv, metrics.json (and curves.png) into ``out_dir``."""
     out_dir = Path(out_dir).absolute()
@@ -169,9 +213,7 @@ def write_outputs(rows: list[dict], out_dir, curves_by_method=None) -> list[Path
         files["curves.png"] = plot_curves(curves_by_method)
     for name, content in files.items():
         store.atomic_write(out_dir / name, lambda f, d=content: f.write(d))
-    store.atomic_write_json(out_dir / "metrics.json",
-                            [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                             for r in rows])
+    store.atomic_write_json(out_dir / "metrics.json", json_rows(rows))
     return [out_dir / n for n in (*files, "metrics.json")]
 
 
@@ -273,7 +315,8 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
       batch_size: query images loaded at once.
       use_rise: compute deletion / insertion (needs the model checkpoint and the images).
       gradcam: add a Grad-CAM row to the RISE comparison.
-      parts: compute part metrics when the dataset has part annotations.
+      parts: compute part metrics when the dataset has part annotations, and cause precision / recall
+        when it has part masks and known causes.
 
     Returns:
       (rows, written files).
@@ -284,7 +327,7 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
                                                       leave=False)}
     explanations = {m: e for m, (e, _) in loaded.items()}
     run = _shared_run({m: c for m, (_, c) in loaded.items()})
-    curves, part_masks = None, None
+    curves, part_masks, causes = None, None, None
     if use_rise or parts:
         for key in ("dataset", "split"):
             if not run.get(key):
@@ -298,6 +341,7 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
         explanations = {m: by_id(e, ds, ref_ds) for m, e in explanations.items()}
         if parts:
             part_masks = _parts_for_runs(ds, ref_ds, explanations)
+            causes = causes_for_runs(ds, explanations)
         if use_rise:
             model_dir = Path(run.get("model") or "")
             if not (model_dir.is_absolute() and model_dir.exists()):
@@ -306,7 +350,7 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
             split_model, params = models.split(model, run.get("at"))
             curves = rise_for_runs(split_model, params, ds, explanations, steps=steps, chunk_size=chunk_size,
                                    batch_size=batch_size, gradcam=gradcam)
-    rows = summarise(explanations, curves_by_method=curves, parts_by_method=part_masks)
+    rows = summarise(explanations, curves_by_method=curves, parts_by_method=part_masks, causes_by_method=causes)
     out = Path(out) if out is not None else Path(directory) / "evaluation"
     return rows, write_outputs(rows, out, curves)
 
@@ -333,4 +377,27 @@ def _parts_for_runs(ds, ref_ds, explanations_by_method) -> dict | None:
         rp = np.zeros((int(used.max()) + 1 if used.size else 1, n_types, *grid), bool)
         rp[used] = _part_grids(r_ann, n_types, grid)
         out[method] = (_part_grids(q_ann, n_types, grid), rp)
+    return out
+
+
+def causes_for_runs(ds, explanations_by_method) -> dict | None:
+    """method -> (query part cells (Q, P, H, W) bool, cause parts (Q, P) bool) for
+    :func:`fgvce_jax.metrics.causes.cause_metrics`; None when ``ds`` has no part masks or no known causes.
+
+    Query i's part cells are :func:`fgvce_jax.metrics.causes.cell_parts` of ``ds.part_masks(query_split_index[i])``
+    on the method's grid; its causes are ``ds.cause_parts(true[i], pred[i])``. Each image's masks are read once.
+    """
+    if ds.part_names is None or ds.cause_parts(0, 0) is None:
+        return None
+    masks: dict[int, np.ndarray] = {}
+    out = {}
+    for method, e in explanations_by_method.items():
+        index = np.asarray(e.query_split_index, np.int64)
+        for i in progress.bar([i for i in dict.fromkeys(index.tolist()) if i not in masks],
+                              desc=f"evaluate: {method} part masks", unit="image", leave=False):
+            masks[i] = ds.part_masks(i)
+        grid = cf_metrics.grid_of(e)
+        cells = (cause_metrics.cell_parts(np.stack([masks[i] for i in index.tolist()]), grid) if index.size
+                 else np.zeros((0, len(ds.part_names), *grid), bool))
+        out[method] = (cells, np.asarray(ds.cause_parts(e.true, e.pred), bool).reshape(len(index), -1))
     return out

@@ -10,6 +10,10 @@ The page, top to bottom:
   queries grouped by confusion (true -> predicted) with counts, a fixed / not fixed filter
   (CSS ``:target``), and per query (anchor ``<method>-q<row>``) the figure of
   :func:`fgvce_jax.figures.query_figure` and a table of its edits (similarity, p(true), p(pred)).
+- on data with part masks (a Dataset whose ``part_names`` is set, e.g. ``birds``), per query also the
+  image with each part's mask outlined in its colour (:func:`parts_image`), a legend naming the parts
+  (hidden ones and, with known causes, the parts in which the true and predicted classes differ) and,
+  per edit, the parts it touched (:func:`touched_parts`).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from fgvce_jax.completeness import Completeness, queries_text, read_summary, war
 from fgvce_jax.data.dataset import positions_of
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered
-from fgvce_jax.figures import query_figure
+from fgvce_jax.figures import _COLOURS, _cells, query_figure
+from fgvce_jax.metrics.causes import cell_parts
 
 _WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
 _LABELS = {"method": "method", "queries": "queries explained", "run": "run",
@@ -52,6 +57,7 @@ _CSS = (
     ".q{margin:1.5em 0;padding-top:.5em;border-top:1px solid #ddd}"
     ".warn{background:#fff3cd;border:1px solid #e0a800;padding:.5em 1em;margin:1em 0}"
     ".fixed{color:#1a7f37}.notfixed{color:#b42318}.index li{margin:.2em 0}"
+    ".swatch{display:inline-block;width:.9em;height:.9em;margin:0 .2em 0 .6em;vertical-align:middle}"
     ".only-fixed:target .q[data-fixed=no],.only-notfixed:target .q[data-fixed=yes]{display:none}")
 
 
@@ -115,8 +121,52 @@ def _verdict(row: dict) -> str:
     return f"<span class='{_state(row)}'>{text}, {m}</span>"
 
 
-def _edits_table(row: dict) -> str:
-    """One line per edit (reference, cells, similarity, p(true) and p(pred) after it), after the unedited query."""
+def touched_parts(row: dict, masks: np.ndarray, grid) -> list[np.ndarray]:
+    """The parts each edit of a result row touched: per edit (P,) bool, part p has a cell among the query cells
+    the edit wrote (the pairs of :func:`fgvce_jax.metrics.edited_cells`), a cell lying on p as in
+    :func:`fgvce_jax.metrics.causes.cell_parts` (any of its pixels on p's mask).
+
+    Args:
+      row: a result row with ``n_edits``, ``query_region``, ``ref_region``, ``region_size`` (optional ``edit_mask``).
+      masks: (P, S, S) bool pixel masks of the query's parts; grid: (H, W).
+    """
+    cells = cell_parts(masks, grid)  # (P, H, W)
+    qc, _, valid = _cells(row, grid)
+    return [cells[:, qc[t, valid[t], 0], qc[t, valid[t], 1]].any(-1) for t in range(len(valid))]
+
+
+def parts_image(image: np.ndarray, masks: np.ndarray, side: int = 256) -> np.ndarray:
+    """uint8 (kS, kS, 3), k = max(1, side // S): ``image`` (S, S, 3) enlarged k times (nearest) with the outline
+    of each part p's mask (P, S, S) drawn in ``_COLOURS[p]``: the enlarged mask's pixels that have a 4-neighbour
+    outside it (or lie on the border), thickened to 2 pixels for k >= 4."""
+    k = max(1, side // image.shape[0])
+    out = np.repeat(np.repeat(image, k, 0), k, 1).copy()
+    for p, mask in enumerate(np.asarray(masks, bool)):
+        rgb = tuple(int(_COLOURS[p % len(_COLOURS)][i:i + 2], 16) for i in (1, 3, 5))
+        m = np.repeat(np.repeat(mask, k, 0), k, 1)
+        for _ in range(2 if k >= 4 else 1):
+            inner = np.pad(m, 1)  # False outside the image
+            inner = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+            out[m & ~inner] = rgb
+            m = inner
+    return out
+
+
+def _legend(names, masks: np.ndarray, cause) -> str:
+    """Part names in their outline colours; hidden parts and (``cause``: (P,) bool or None) cause parts marked."""
+    items = []
+    for p, name in enumerate(names):
+        text = html.escape(name) + (" (hidden)" if not masks[p].any() else "")
+        text = f"<b>{text} (differs)</b>" if cause is not None and cause[p] else text
+        items.append(f"<span class='swatch' style='background:{_COLOURS[p % len(_COLOURS)]}'></span>{text}")
+    note = (" <b>(differs)</b>: the true and predicted classes differ in this part (a known cause)."
+            if cause is not None else "")
+    return f"<p class='parts'>Parts outlined:{''.join(items)}.{note}</p>"
+
+
+def _edits_table(row: dict, touched=None, names=()) -> str:
+    """One line per edit (reference, cells, similarity, p(true) and p(pred) after it), after the unedited query;
+    with ``touched`` (per edit (P,) bool, :func:`touched_parts`) also the names of the parts each edit touched."""
     p_true, p_pred = f"p(true = {row['true_name']})", f"p(pred = {row['pred_name']})"
     rows = [{"edit": "none (the query)", "reference": None, "query cell (row, col)": None,
              "reference cell (row, col)": None, "similarity (cosine)": None,
@@ -127,15 +177,19 @@ def _edits_table(row: dict) -> str:
                      "reference cell (row, col)": f"({row['edit_ref_row'][t]}, {row['edit_ref_col'][t]})",
                      "similarity (cosine)": row["edit_similarity"][t],
                      p_true: row["edit_p_true"][t], p_pred: row["edit_p_pred"][t]})
+        if touched is not None:
+            rows[-1]["parts touched"] = ", ".join(n for n, hit in zip(names, touched[t]) if hit) or "no part"
     return _table(rows)
 
 
-def _query_section(method: str, i: int, row: dict, src: str) -> str:
+def _query_section(method: str, i: int, row: dict, src: str, parts: str = "", edits: str | None = None) -> str:
+    """One query: heading, figure ``src``, then ``parts`` (HTML) and the edits table (default :func:`_edits_table`)."""
     qid = html.escape(row["query_id"])
     return (f"<section class='q' id='{_anchor(method, i)}' data-fixed='{'yes' if row['success'] else 'no'}'>"
             f"<h3>{qid}: {html.escape(row['true_name'])} predicted as {html.escape(row['pred_name'])} — "
             f"{_verdict(row)} <a href='#{method}-index'>(index)</a></h3>"
-            f"<img src='{src}' alt='query {qid}: image, Phi, counterfactual'>{_edits_table(row)}</section>")
+            f"<img src='{src}' alt='query {qid}: image, Phi, counterfactual'>{parts}"
+            f"{_edits_table(row) if edits is None else edits}</section>")
 
 
 def _index(method: str, rows: list[dict], drawn: int) -> str:
@@ -209,9 +263,25 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
         row = {**row, **{k: arrays[k][i] for k in per_row if k in arrays}}
         png = Path(method) / f"q{i:05d}.png"
         refs = {r: rds.raw_image(ref_at[rid]) for r, rid in zip(row["edit_ref_split_index"], row["edit_ref_id"])}
-        query_figure(out / png, qds.raw_image(query_at[i]), arrays["query_phi"][i], row, refs)
-        sections.append(_query_section(method, i, row, f"{prefix}/{png.as_posix()}"))
+        query_image = qds.raw_image(query_at[i])
+        query_figure(out / png, query_image, arrays["query_phi"][i], row, refs)
+        parts, edits = _parts_html(qds, query_at[i], query_image, row, arrays["query_phi"][i].shape, out,
+                                   Path(method) / f"q{i:05d}_parts.png", prefix) if qds.part_names else ("", None)
+        sections.append(_query_section(method, i, row, f"{prefix}/{png.as_posix()}", parts, edits))
     return sections
+
+
+def _parts_html(qds, position: int, query_image, row: dict, grid, out: Path, png: Path, prefix: str):
+    """(parts figure and legend, edits table with the parts each edit touched) of one query of a dataset with
+    part masks; the figure :func:`parts_image` goes to ``out/png``."""
+    from PIL import Image
+
+    masks = qds.part_masks(position)
+    Image.fromarray(parts_image(query_image, masks)).save(out / png)
+    cause = qds.cause_parts(row["true"], row["pred"])
+    names = qds.part_names
+    return (f"<img src='{prefix}/{png.as_posix()}' alt='query {html.escape(row['query_id'])}: parts outlined'>"
+            f"{_legend(names, masks, cause)}", _edits_table(row, touched_parts(row, masks, grid), names))
 
 
 def _page(summary_rows, states: dict[str, Completeness], evaluation: str, sections: list[str]) -> str:

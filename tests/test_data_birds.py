@@ -61,9 +61,11 @@ def test_masks_agree_with_pixels_and_keypoints_lie_inside():
         for t, (x, y) in zip(ann.types, ann.xy):
             assert masks[t, int(y), int(x)], (i, birds.PARTS[t])
         assert (visible == masks.any((1, 2))).all()
-        np.testing.assert_array_equal(birds.part_masks(ds, i), masks)
+        np.testing.assert_array_equal(ds.part_masks(i), masks)
     sub = ds.subset([5, 2])
-    np.testing.assert_array_equal(birds.part_masks(sub, 0), birds.part_masks(ds, 5))
+    np.testing.assert_array_equal(sub.part_masks(0), ds.part_masks(5))
+    assert ds.part_names == sub.part_names == birds.PARTS
+    np.testing.assert_array_equal(sub.cause_parts([0, 4], [1, 0]), birds.cause_parts([0, 4], [1, 0]))
 
 
 def test_occluded_and_cut_off_parts_are_invisible():
@@ -128,8 +130,8 @@ def test_bad_input_is_one_line_error():
         birds.render([0, 0, 2, 0, 0, 0, 0], birds.Nuisance())
     with pytest.raises(FgvceError, match="at least 8"):
         data.load("birds", "test", image_size=4)
-    with pytest.raises(FgvceError, match="birds dataset only"):
-        birds.part_masks(data.load("digits", "test"), 0)
+    digits = data.load("digits", "test")  # no part masks, no known causes
+    assert digits.part_masks(0) is None and digits.cause_parts(0, 1) is None and digits.part_names is None
 
 
 @pytest.fixture(scope="module")

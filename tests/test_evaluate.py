@@ -207,3 +207,68 @@ def test_directory_on_cub_format_data_adds_part_metrics(tmp_path):
     want = part_metrics(e, qp, rp)
     assert qp.shape[1] == 12 and qp.any() and rp.any()
     assert {k: rows[0][k] for k in want} == pytest.approx(want, nan_ok=True)
+
+
+def test_directory_on_birds_adds_cause_precision_and_recall(tmp_path):
+    """A stored run on ``birds`` (queries: the first test bird of class 0 taken for class 1, cause the beak, and of
+    class 4 taken for class 0, cause the body), edits placed on cells chosen from the part masks:
+
+    - fgvce: q0 edits a beak cell, q1 a cell off the body -> precision 1/2, recall (1 + 0) / 2;
+    - gradient: q0 edits a beak cell and a cell on no part, q1 a body cell -> precision 2/3, recall 1;
+    - random: no search succeeded -> NaN.
+    The part columns are computed next to them; digits (no causes) has no cause columns."""
+    from fgvce_jax.metrics.causes import cell_parts
+
+    grid = (8, 8)
+    test, train = data.load("birds", "test"), data.load("birds", "train")
+    queries = np.array([np.flatnonzero(test.labels == 0)[0], np.flatnonzero(test.labels == 4)[0]])
+    cells = cell_parts(np.stack([test.part_masks(i) for i in queries]), grid)  # (2, 7, 8, 8)
+    beak, body = data.birds.PARTS.index("beak"), data.birds.PARTS.index("body")
+    on_beak = np.argwhere(cells[0, beak])[0]
+    no_part = np.argwhere(~cells[0].any(0))[0]
+    on_body, off_body = np.argwhere(cells[1, body])[0], np.argwhere(~cells[1, body])[0]
+    phi = np.zeros((2, *grid), np.float32)
+    runs = {
+        "fgvce": explanations([True, True], [1, 1], [on_beak, [-1, -1], off_body, [-1, -1]], [[0, -1], [0, -1]],
+                              [[0, 0], [-1, -1], [0, 0], [-1, -1]], phi=phi, grid=grid),
+        "gradient": explanations([True, True], [2, 1], [on_beak, no_part, on_body, [-1, -1]], [[0, 0], [0, -1]],
+                                 [[0, 0], [0, 1], [0, 0], [-1, -1]], phi=phi, grid=grid),
+        "random": explanations([False, False], [1, 1], [on_beak, [-1, -1], on_body, [-1, -1]], [[0, -1], [0, -1]],
+                               [[0, 0], [-1, -1], [0, 0], [-1, -1]], phi=phi, grid=grid),
+    }
+    for method, e in runs.items():
+        e.query_split_index, e.true, e.pred = queries, np.array([0, 4]), np.array([1, 0])
+        w = store.ShardWriter(tmp_path / "run" / method, {"method": method, "region_size": 1, "dataset": "birds",
+                                                          "split": "test", "reference_split": "train",
+                                                          "image_size": None, "model": None})
+        w.write_shard(0, 0, 2, id_table(e, test.ids, train.ids), {k: getattr(e, k) for k in results.EXPLANATION_ARRAYS})
+    rows, _ = evaluate.evaluate_directory(tmp_path / "run", use_rise=False)
+    got = {r["method"]: (r["cause_precision"], r["cause_recall"]) for r in rows}
+    assert got["fgvce"] == pytest.approx((1 / 2, 1 / 2)) and got["gradient"] == pytest.approx((2 / 3, 1.0))
+    assert all(math.isnan(v) for v in got["random"])
+    assert 0 <= rows[0]["misleading"] <= 1 and "part_iou" in rows[0]  # the keypoint part metrics beside them
+    md = (tmp_path / "run" / "evaluation" / "table.md").read_text().splitlines()[0]
+    assert md.endswith("| Misleading ↓ | Cause precision ↑ | Cause recall ↑ |")
+    assert evaluate.causes_for_runs(data.load("digits", "test"), runs) is None
+
+
+def test_paper_tables_cut_the_rows_by_method_and_column():
+    """main: FG-VCE, Grad-CAM, gradient, cve with the counterfactual and RISE columns; ablation: FG-VCE, global,
+    gradient, single-step, random; localisation: the part and cause columns, left out without them."""
+    curves = {"gradcam": rise.RiseCurves(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))}
+    runs = two_methods()
+    cells = np.zeros((2, 1, *GRID), bool)
+    cells[:, 0, 0, 0] = True  # the one part lies on cell (0, 0) of both queries, and is their cause
+    rows = evaluate.summarise(runs, curves_by_method=curves, causes_by_method={"fgvce": (cells, np.ones((2, 1), bool))})
+    tables = evaluate.paper_tables(rows)
+    assert [r["method"] for r in tables["main"]] == ["fgvce", "gradcam"]
+    assert [r["method"] for r in tables["ablation"]] == ["fgvce", "random"]
+    assert list(tables["main"][0]) == ["method", "queries", *evaluate.CF_COLUMNS, *evaluate.RISE_COLUMNS]
+    loc = {r["method"]: r for r in tables["localisation"]}
+    assert list(loc["fgvce"]) == ["method", "queries", "cause_precision", "cause_recall"]
+    # fgvce edits (0,0) in q0 and (1,1), (2,2) in q1: 1 of 3 cells on the cause; q0 touches it, q1 does not
+    assert (loc["fgvce"]["cause_precision"], loc["fgvce"]["cause_recall"]) == pytest.approx((1 / 3, 1 / 2))
+    assert math.isnan(loc["random"]["cause_precision"])
+    md = evaluate.tables_markdown(tables)
+    assert md.startswith("## main\n\n| Method | Queries | Validity ↑") and "## localisation" in md
+    assert "localisation" not in evaluate.paper_tables(evaluate.summarise(runs))

@@ -116,7 +116,7 @@ def test_cause_metrics_on_birds_masks():
 
     ds = birds.load("test", samples_per_class=4)
     queries = [int(np.flatnonzero(ds.labels == 0)[0]), int(np.flatnonzero(ds.labels == 4)[0])]
-    masks = np.stack([birds.part_masks(ds, i) for i in queries])  # (2, 7, 64, 64)
+    masks = np.stack([ds.part_masks(i) for i in queries])  # (2, 7, 64, 64)
     grid = (8, 8)
     cells = cell_parts(masks, grid)
     cause = birds.cause_parts(ds.labels[queries], [1, 0])  # 0 -> 1: the beak; 4 -> 0: the body

@@ -26,7 +26,7 @@ def _dataset(split, n, seed):
     images = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
     return types.SimpleNamespace(name="toy", split=split, ids=np.asarray([f"{split}{i}" for i in range(n)]),
                                  labels=rng.integers(0, C, n), class_names=["cat", "dog", "owl", "fox"],
-                                 raw_image=lambda i: images[i])
+                                 raw_image=lambda i: images[i], part_names=None)
 
 
 def _written(query_region, ref_region, n_edits, region_size):
@@ -326,7 +326,7 @@ def _shifted(ds, extra: int = 2):
     return types.SimpleNamespace(name=ds.name, split=ds.split, ids=np.asarray([f"new{i}" for i in range(extra)]
                                                                               + list(ds.ids)),
                                  labels=np.concatenate([np.zeros(extra, int), ds.labels]), class_names=ds.class_names,
-                                 raw_image=lambda i: new[i] if i < extra else old(i - extra))
+                                 raw_image=lambda i: new[i] if i < extra else old(i - extra), part_names=None)
 
 
 def test_report_and_evaluate_find_images_by_id_when_the_dataset_changed(tmp_path, monkeypatch):
@@ -354,3 +354,54 @@ def test_report_and_evaluate_find_images_by_id_when_the_dataset_changed(tmp_path
     with pytest.raises(FgvceError, match=r"2 query images of the stored results are no longer in toy test "
                                          r"\(e.g. 'test7'\): the dataset changed"):
         evaluate.by_id(e, gone)
+
+
+def test_report_on_birds_outlines_the_parts_and_names_those_each_edit_touched(tmp_path):
+    """One query (the first test bird of class 0, predicted as class 1: they differ in the beak) with three
+    edits on an 8 x 8 grid: a cell holding beak pixels and no other part, a cell on no part, a cell on the body
+    and the wing only. Its section lists "beak", "no part" and "body, wing" in edit order, the legend names
+    the seven parts with the beak marked as the difference, and the parts figure has the beak's outline colour."""
+    from fgvce_jax import data
+    from fgvce_jax.data import birds
+    from fgvce_jax.metrics.causes import cell_parts
+
+    qds, rds = data.load("birds", "test"), data.load("birds", "train")
+    query, grid = int(np.flatnonzero(qds.labels == 0)[0]), (8, 8)
+    masks = qds.part_masks(query)
+    cells = cell_parts(masks, grid)
+    names = list(birds.PARTS)
+
+    def cell_on(parts):
+        want = np.isin(np.arange(len(names)), [names.index(p) for p in parts])
+        return np.argwhere((cells == want[:, None, None]).all(0))[0]
+
+    beak_cell, empty_cell, body_wing = cell_on(["beak"]), cell_on([]), cell_on(["body", "wing"])
+    edges = figures.cell_edges(8, 64)  # the beak cell holds beak pixels: checked on the pixels themselves
+    assert masks[names.index("beak"), edges[beak_cell[0]]:edges[beak_cell[0] + 1],
+                 edges[beak_cell[1]]:edges[beak_cell[1] + 1]].any()
+    region = np.array([[beak_cell, empty_cell, body_wing]], np.int32)
+    probs = np.full((1, 3, 16), 1 / 16, np.float32)
+    edit_mask = np.zeros((1, 3, *grid), bool)
+    edit_mask[0, np.arange(3), region[0, :, 0], region[0, :, 1]] = True
+    ex = types.SimpleNamespace(
+        success=np.array([True]), n_edits=np.array([3], np.int32), reason=np.array([0]), true=np.array([0]),
+        pred=np.array([1]), query_region=region, ref_row=np.zeros((1, 3), np.int32), ref_region=region,
+        similarity=np.full((1, 3), 0.5, np.float32), probs=probs, probs_before=probs[:, 0],
+        edit_mask=edit_mask, query_phi=np.zeros((1, *grid), np.float32), region_size=1, method="fgvce")
+    table, arrays = results.results_table(ex, np.array([query]), qds, np.array([0]), rds)
+    write_run(tmp_path / "out" / "fgvce", {"dataset": "birds", "split": "test", "reference_split": "train",
+                                            "image_size": None, "method": "fgvce", "region_size": 1}, table, arrays,
+              [(0, 1)])
+    path = report.write_report(tmp_path / "out")
+    section = path.read_text().split("id='fgvce-q0'")[1].split("</section>")[0]
+    touched = re.findall(r"<tr>(?:<td>[^<]*</td>){7}<td>([^<]*)</td></tr>", section)
+    assert touched == ["–", "beak", "no part", "body, wing"]  # the unedited query, then the three edits
+    assert "<th>parts touched</th>" in section
+    assert "<b>beak (differs)</b>" in section and "body (differs)" not in section
+    assert all(name in section for name in names)
+    png = path.parent / "report_files" / "fgvce" / "q00000_parts.png"
+    assert f"src='report_files/fgvce/q00000_parts.png'" in section and _png_width(png) == 256
+    from PIL import Image
+
+    beak_rgb = tuple(int(figures._COLOURS[names.index("beak")][i:i + 2], 16) for i in (1, 3, 5))
+    assert (np.asarray(Image.open(png))[..., :3] == beak_rgb).all(-1).any()

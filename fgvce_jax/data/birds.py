@@ -313,7 +313,8 @@ def sample_index(sample_id: str) -> int:
 def load(split: str, *, image_size: int | None = None, samples_per_class: int = SAMPLES_PER_CLASS,
          seed: int = SEED) -> Dataset:
     """The ``birds`` split: labels 0..15, images (N, S, S, 3) drawn at S = ``image_size`` or 64 (no resize),
-    ImageNet normalisation, parts as :class:`PartAnnotation` (7 types, keypoints of visible parts)."""
+    ImageNet normalisation, parts as :class:`PartAnnotation` (7 types, keypoints of visible parts), part masks
+    (:meth:`Dataset.part_masks`, (7, S, S)) and known causes (:meth:`Dataset.cause_parts` = :func:`cause_parts`)."""
     require_split(split, SPLITS, "birds")
     if samples_per_class < TEST_EVERY:
         raise FgvceError(f"birds samples_per_class must be at least {TEST_EVERY}, got {samples_per_class}")
@@ -329,14 +330,8 @@ def load(split: str, *, image_size: int | None = None, samples_per_class: int = 
     return Dataset(name="birds", split=split, ids=[f"birds/{k:05d}" for k in ks],
                    labels=np.array([label_of(k) for k in ks], np.int64), class_names=CLASS_NAMES, splits=SPLITS,
                    read=lambda i: sample(int(ks[i]), size, seed)[0], preprocessing=Preprocessing(size, size),
-                   parts=part_annotation)
-
-
-def part_masks(ds: Dataset, i: int, seed: int = SEED) -> np.ndarray:
-    """(P, S, S) bool part masks of image ``i`` of a ``birds`` dataset (S = its image size)."""
-    if ds.name != "birds":
-        raise FgvceError(f"part masks exist for the birds dataset only, not {ds.name!r}")
-    return sample(sample_index(ds.ids[int(i)]), ds.preprocessing.image_size, seed)[1]
+                   parts=part_annotation, part_masks=lambda i: sample(int(ks[i]), size, seed)[1],
+                   cause_parts=cause_parts, part_names=PARTS)
 
 
 def cause_parts(y, y_hat) -> np.ndarray:

@@ -50,12 +50,17 @@ class Dataset:
       class_names: list[str].
       splits: tuple[str, ...], the splits the source offers.
       preprocessing: :class:`Preprocessing` applied by :meth:`images`.
+      part_names: (P,) names of the parts :meth:`part_masks` and :meth:`cause_parts` index, or None
+        (a dataset without part masks and known causes, e.g. everything but ``birds``).
     """
 
     def __init__(self, *, name: str, split: str, ids: Sequence[str], labels: np.ndarray,
                  class_names: Sequence[str], splits: Sequence[str],
                  read: Callable[[int], np.ndarray], preprocessing: Preprocessing,
-                 parts: Callable[[int], object] | None = None):
+                 parts: Callable[[int], object] | None = None,
+                 part_masks: Callable[[int], np.ndarray] | None = None,
+                 cause_parts: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                 part_names: Sequence[str] | None = None):
         self.name, self.split = name, split
         self.ids = np.asarray(list(ids), dtype=str)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -63,6 +68,10 @@ class Dataset:
         self.splits = tuple(splits)
         self.preprocessing = preprocessing
         self._read, self._parts = read, parts
+        self._part_masks, self._cause_parts = part_masks, cause_parts
+        self.part_names = None if part_names is None else tuple(part_names)
+        if (part_masks is None) != (part_names is None) or (cause_parts is not None and part_names is None):
+            raise ValueError("part_masks and cause_parts need part_names (and part_names needs part_masks)")
         if len(self.ids) != len(self.labels):
             raise ValueError(f"{len(self.ids)} ids but {len(self.labels)} labels")
 
@@ -91,13 +100,25 @@ class Dataset:
         """The same split restricted to ``indices`` (in that order)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         parts = None if self._parts is None else (lambda i: self._parts(int(idx[i])))
+        masks = None if self._part_masks is None else (lambda i: self._part_masks(int(idx[i])))
         return Dataset(name=self.name, split=self.split, ids=self.ids[idx], labels=self.labels[idx],
                        class_names=self.class_names, splits=self.splits, read=lambda i: self._read(int(idx[i])),
-                       preprocessing=self.preprocessing, parts=parts)
+                       preprocessing=self.preprocessing, parts=parts, part_masks=masks,
+                       cause_parts=self._cause_parts, part_names=self.part_names)
 
     def parts(self, i: int):
         """:class:`fgvce_jax.data.parts.PartAnnotation` of image ``i`` (CUB only), else None."""
         return None if self._parts is None else self._parts(int(i))
+
+    def part_masks(self, i: int) -> np.ndarray | None:
+        """(P, S, S) bool pixel masks of image ``i``'s parts on the model input (``part_names`` order;
+        ``birds`` only), else None."""
+        return None if self._part_masks is None else self._part_masks(int(i))
+
+    def cause_parts(self, y, y_hat) -> np.ndarray | None:
+        """Known causes: class indices (...,), (...,) -> (..., P) bool, part p differs between classes y and
+        y_hat (``birds`` only), else None."""
+        return None if self._cause_parts is None else self._cause_parts(y, y_hat)
 
 
 def positions_of(ds, ids, what: str = "images") -> np.ndarray:
