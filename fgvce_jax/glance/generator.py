@@ -25,6 +25,7 @@ The output is in [-1, 1] (not clipped): :func:`to_classifier_space` maps it to a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from functools import partial
 
@@ -167,12 +168,26 @@ def from_classifier_space(x: jax.Array, mean, std) -> jax.Array:
     return (x * jnp.asarray(std, x.dtype) + jnp.asarray(mean, x.dtype)) * 2.0 - 1.0
 
 
+def noise_shapes(n: int, config: GeneratorConfig) -> list[tuple[int, int, int, int]]:
+    """(N, r, r, 1) for each 3x3 layer of the synthesis network, in order (r = 4 once, then r = 8, ... twice)."""
+    return [(n, r, r, 1) for r in config.resolutions for _ in range(1 if r == 4 else 2)]
+
+
+def noise_inputs(key: jax.Array, n: int, config: GeneratorConfig) -> list[jax.Array]:
+    """The per-layer noise images of :func:`noise_shapes`, N(0, 1), cut in order from one (N, sum r^2) draw
+    from ``key`` (one draw: one threefry to compile instead of one per layer)."""
+    shapes = noise_shapes(n, config)
+    ends = list(itertools.accumulate((s[1] * s[2] for s in shapes), initial=0))
+    flat = jax.random.normal(key, (n, ends[-1]))
+    return [flat[:, a:b].reshape(s) for s, a, b in zip(shapes, ends[:-1], ends[1:])]
+
+
 class EqualizedLinear(nnx.Module):
     """``y = x @ (W * lr_mul / sqrt(Din)) + b * lr_mul``; W stored N(0, 1) / lr_mul, b stored bias_init / lr_mul."""
 
     def __init__(self, din: int, dout: int, *, bias_init: float = 0.0, lr_mul: float = 1.0, rngs: nnx.Rngs):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (din, dout)) / lr_mul)
-        self.bias = nnx.Param(jnp.full((dout,), bias_init / lr_mul))
+        self.bias = nnx.Param(jnp.full((dout,), bias_init / lr_mul, jnp.float32))
         self.lr_mul, self.gain = lr_mul, lr_mul / math.sqrt(din)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -211,12 +226,11 @@ class ModulatedConv(nnx.Module):
         self.noise_strength = nnx.Param(jnp.zeros(())) if synthesis else None
         self.synthesis, self.gain = synthesis, 1.0 / math.sqrt(cin * k * k)
 
-    def __call__(self, x: jax.Array, w: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """x (N, H, W, Cin), w (N, Dw), key (synthesis layers: the noise's) -> (N, H, W, Cout)."""
+    def __call__(self, x: jax.Array, w: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+        """x (N, H, W, Cin), w (N, Dw), noise (N, H, W, 1) (synthesis layers) -> (N, H, W, Cout)."""
         y = modulated_conv(x, self.weight[...] * self.gain, self.affine(w), demod=self.synthesis)
         if not self.synthesis:
             return y + self.bias[...]
-        noise = jax.random.normal(key, (*y.shape[:3], 1), y.dtype)
         return lrelu(y + self.noise_strength[...] * noise + self.bias[...])
 
 
@@ -229,12 +243,13 @@ class SynthesisBlock(nnx.Module):
                                for c in ([cin] if first else [cin, cout])])
         self.to_rgb = ModulatedConv(w_dim, cout, image_channels, 1, synthesis=False, rngs=rngs)
 
-    def __call__(self, x, img, w, key):
-        """x (N, r', r', Cin), img (N, r', r', 3) or None, w (N, Dw) -> x (N, r, r, Cout), img (N, r, r, 3)."""
+    def __call__(self, x, img, w, noises):
+        """x (N, r', r', Cin), img (N, r', r', 3) or None, w (N, Dw), noises: one (N, r, r, 1) per conv
+        -> x (N, r, r, Cout), img (N, r, r, 3)."""
         if not self.first:
             x, img = upsample2x(x), upsample2x(img)
-        for i, conv in enumerate(self.convs):
-            x = conv(x, w, jax.random.fold_in(key, i))
+        for conv, noise in zip(self.convs, noises):
+            x = conv(x, w, noise)
         rgb = self.to_rgb(x, w)
         return x, rgb if img is None else img + rgb
 
@@ -255,7 +270,7 @@ class Generator(nnx.Module):
     def __call__(self, concepts: jax.Array, key: jax.Array) -> jax.Array:
         """concepts (N, Kc), key: a typed PRNG key for z and every noise input -> (N, S, S, image_channels).
 
-        z = normal(fold_in(key, 0)); block b's layer i draws its noise from fold_in(fold_in(key, 1 + b), i).
+        z = normal(fold_in(key, 0)); the noise inputs are :func:`noise_inputs` (fold_in(key, 1)).
         """
         cfg = self.config
         if concepts.ndim != 2 or concepts.shape[1] != cfg.concept_dim:
@@ -265,9 +280,10 @@ class Generator(nnx.Module):
         w = self.mapping(concepts, z)
         const = self.const[...]
         x = jnp.broadcast_to(const, (n, *const.shape))
+        noises = iter(noise_inputs(jax.random.fold_in(key, 1), n, cfg))
         img = None
-        for b, block in enumerate(self.blocks):
-            x, img = block(x, img, w, jax.random.fold_in(key, 1 + b))
+        for block in self.blocks:
+            x, img = block(x, img, w, [next(noises) for _ in block.convs])
         return centre_crop(img, cfg.out_size) if cfg.out_size < cfg.resolution else img
 
 
