@@ -208,9 +208,9 @@ def init(g_config: GeneratorConfig, d_config: DiscriminatorConfig, config: GanCo
 def make_gan_step(setup: GanSetup, extra_loss: ExtraLoss | None = None):
     """The jitted ``gan_step(state, real_images, concepts, key) -> (state, metrics)``.
 
-    One D update, then one G update against the updated D, both on the same ``concepts``:
-      real_images (N, S, S, C) in [-1, 1]; concepts (N, Kc); key: typed PRNG key (G's noise: fold_in(key, 0)
-      for D's fakes, fold_in(key, 1) for G's).
+    G renders one batch ``G(concepts, key)`` (forward once, kept for its backward pass); D takes one step
+    on it and ``real_images``; then G takes one step against the updated D on the same images:
+      real_images (N, S, S, C) in [-1, 1]; concepts (N, Kc); key: typed PRNG key of G's noise.
       extra_loss(images (N, S, S, C) in [-1, 1], concepts (N, Kc)) -> scalar, added to G's loss unweighted
       (e.g. the surrogate's latent-matching losses); None: no extra loss.
     metrics: dict of scalars ``d_loss`` (logistic part), ``r1``, ``g_adv``, ``g_extra``, ``g_loss``,
@@ -230,21 +230,20 @@ def make_gan_step(setup: GanSetup, extra_loss: ExtraLoss | None = None):
         r1 = r1_penalty(lambda x: discriminate(d_params, x), real, cfg.r1_gamma)
         return logistic + r1, (logistic, r1, real_logits.mean(), fake_logits.mean())
 
-    def g_loss_fn(g_params, d_params, concepts, key):
-        fake = generate(g_params, concepts, key)
+    def g_image_loss(fake, d_params, concepts):
         adv = g_nonsaturating_loss(discriminate(d_params, fake))
         extra = jnp.zeros(()) if extra_loss is None else extra_loss(fake, concepts)
         return cfg.adv_weight * adv + extra, (adv, extra)
 
     @jax.jit
     def gan_step(state: GanState, real_images: jax.Array, concepts: jax.Array, key: jax.Array):
-        fake = jax.lax.stop_gradient(generate(state.g, concepts, jax.random.fold_in(key, 0)))
+        fake, g_vjp = jax.vjp(lambda g_params: generate(g_params, concepts, key), state.g)
         (_, (logistic, r1, real_logit, fake_logit)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
             state.d, fake, real_images)
         d_updates, d_opt = opt.update(d_grads, state.d_opt, state.d)
         d = optax.apply_updates(state.d, d_updates)
-        (g_loss, (adv, extra)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
-            state.g, d, concepts, jax.random.fold_in(key, 1))
+        (g_loss, (adv, extra)), fake_grads = jax.value_and_grad(g_image_loss, has_aux=True)(fake, d, concepts)
+        (g_grads,) = g_vjp(fake_grads)
         g_updates, g_opt = opt.update(g_grads, state.g_opt, state.g)
         g = optax.apply_updates(state.g, g_updates)
         metrics = dict(d_loss=logistic, r1=r1, g_adv=adv, g_extra=extra, g_loss=g_loss,

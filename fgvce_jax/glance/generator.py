@@ -146,10 +146,20 @@ def modulated_conv(x: jax.Array, weight: jax.Array, styles: jax.Array, *, demod:
     return y * d[:, None, None, :]
 
 
+def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
+    """Double ``axis``: out[2i] = (3 x[i] + x[i-1]) / 4, out[2i+1] = (3 x[i] + x[i+1]) / 4, edges repeated."""
+    n = x.shape[axis]
+    edge = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+                            jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+    prev, nxt = (jax.lax.slice_in_dim(edge, a, a + n, axis=axis) for a in (0, 2))
+    pair = jnp.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], axis=axis + 1)
+    return pair.reshape(*x.shape[:axis], 2 * n, *x.shape[axis + 1:])
+
+
 def upsample2x(x: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, 2H, 2W, C), bilinear (StyleGAN2's [1, 3, 3, 1] filter, edges clamped)."""
-    n, h, w, c = x.shape
-    return jax.image.resize(x, (n, 2 * h, 2 * w, c), "linear")
+    """(N, H, W, C) -> (N, 2H, 2W, C), bilinear with half-pixel centres: StyleGAN2's [1, 3, 3, 1] / 4 filter,
+    edges repeated; equal to ``jax.image.resize(x, (N, 2H, 2W, C), "linear")`` in a few cheap ops."""
+    return _upsample_axis(_upsample_axis(x, 1), 2)
 
 
 def centre_crop(x: jax.Array, size: int) -> jax.Array:
