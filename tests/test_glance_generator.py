@@ -53,29 +53,39 @@ def test_concepts_of_the_wrong_width_are_refused():
         nnx.merge(graph, params)(jnp.zeros((2, 5)), jax.random.key(0))
 
 
+@jax.jit
+def _demodulation_check(weight, styles, x):
+    w2 = G.demodulate(weight, styles)  # (N, k, k, Cin, Cout)
+    per_sample = jax.vmap(lambda xi, wi: jax.lax.conv_general_dilated(
+        xi[None], wi, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0])(x, w2)
+    return (jnp.sqrt(jnp.sum(jnp.square(w2), axis=(1, 2, 3))), per_sample,
+            G.modulated_conv(x, weight, styles, demod=True), G.modulated_conv(x, weight, styles, demod=False))
+
+
 def test_demodulated_weights_have_unit_norm_per_output_channel_and_match_the_fast_convolution():
     kw, ks, kx = jax.random.split(jax.random.key(0), 3)
     weight = jax.random.normal(kw, (3, 3, 5, 7))
     styles = jax.random.normal(ks, (4, 5)) * 3.0 + 1.0
-    w2 = G.demodulate(weight, styles)  # (4, 3, 3, 5, 7)
-    norms = jnp.sqrt(jnp.sum(jnp.square(w2), axis=(1, 2, 3)))
-    np.testing.assert_allclose(norms, np.ones((4, 7)), atol=1e-5)
     x = jax.random.normal(kx, (4, 6, 6, 5))
-    per_sample = jax.vmap(lambda xi, wi: jax.lax.conv_general_dilated(
-        xi[None], wi, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0])(x, w2)
-    np.testing.assert_allclose(G.modulated_conv(x, weight, styles, demod=True), per_sample, atol=1e-4)
-    undemodulated = G.modulated_conv(x, weight, styles, demod=False)
+    norms, per_sample, fast, undemodulated = _demodulation_check(weight, styles, x)
+    np.testing.assert_allclose(norms, np.ones((4, 7)), atol=1e-5)
+    np.testing.assert_allclose(fast, per_sample, atol=1e-4)
     assert float(jnp.max(jnp.abs(undemodulated - per_sample))) > 1e-2
 
 
-def test_r1_penalty_equals_the_closed_form():
-    a = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
-    x = jax.random.normal(jax.random.key(1), (5, 3, 4, 4, 2))
+@jax.jit
+def _r1_linear_and_quadratic(a, x):
     linear = lambda imgs: jnp.sum(imgs * a, axis=(1, 2, 3, 4))  # D(x) = <a, x>: ||grad||^2 = ||a||^2
-    np.testing.assert_allclose(gan.r1_penalty(linear, x, gamma=3.0), 1.5 * jnp.sum(a * a), rtol=1e-5)
     quadratic = lambda imgs: jnp.sum(imgs ** 2, axis=(1, 2, 3, 4))  # grad = 2x
-    expected = 0.5 * 3.0 * jnp.mean(jnp.sum((2 * x) ** 2, axis=(1, 2, 3, 4)))
-    np.testing.assert_allclose(gan.r1_penalty(quadratic, x, gamma=3.0), expected, rtol=1e-5)
+    return gan.r1_penalty(linear, x, gamma=3.0), gan.r1_penalty(quadratic, x, gamma=3.0)
+
+
+def test_r1_penalty_equals_the_closed_form():
+    a = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(5, 3, 4, 4, 2)).astype(np.float32)
+    linear, quadratic = _r1_linear_and_quadratic(a, x)
+    np.testing.assert_allclose(linear, 1.5 * np.sum(a * a), rtol=1e-5)
+    np.testing.assert_allclose(quadratic, 1.5 * np.mean(np.sum((2 * x) ** 2, axis=(1, 2, 3, 4))), rtol=1e-5)
 
 
 def test_noise_changes_the_images_only_through_the_key():
@@ -106,42 +116,45 @@ def tiny_gan(size, config, *, resolution=None):
     return gan.init(g_config, d_config, config, jax.random.key(0))
 
 
+def digits_batch(size, n):
+    """The first n digits train images at ``size`` px in [-1, 1] and their one-hot labels as concepts."""
+    ds = data.load("digits", "train", image_size=size)
+    p, idx = ds.preprocessing, np.arange(n)
+    real = G.from_classifier_space(jnp.asarray(ds.images(idx)), p.mean, p.std)
+    np.testing.assert_allclose(G.to_classifier_space(real, p.mean, p.std), ds.images(idx), atol=1e-5)
+    assert float(real.min()) >= -1.0 - 1e-5 and float(real.max()) <= 1.0 + 1e-5
+    return real, jax.nn.one_hot(jnp.asarray(ds.labels[idx]), 10)
+
+
 def test_gan_step_descends_the_extra_loss_when_the_adversarial_weight_is_zero():
     setup, state = tiny_gan(8, gan.GanConfig(adv_weight=0.0, lr=1e-2))
-    c = jax.nn.one_hot(jnp.arange(8) % 10, 10)
+    real, c = digits_batch(8, 8)
 
     def extra(images, concepts_):  # each image's mean brightness, a function of its concept
         return jnp.mean((images.mean(axis=(1, 2, 3)) - concepts_ @ jnp.linspace(-0.5, 0.5, 10)) ** 2)
 
     step = gan.make_gan_step(setup, extra)
-    real = jnp.zeros((8, 8, 8, 3))
     losses = []
     for i in range(8):
         state, m = step(state, real, c, jax.random.key(i))
         losses.append(float(m["g_extra"]))
+        assert np.isfinite(float(m["d_loss"])) and float(m["r1"]) > 0
         assert float(m["g_adv"]) > 0 and float(m["g_loss"]) == pytest.approx(losses[-1])
     assert losses[-1] < 0.5 * losses[0], losses
     assert step._cache_size() == 1  # the step's state keeps its types: no recompilation
     assert int(state.step) == 8
 
 
-def test_a_tiny_training_run_on_digits_keeps_a_finite_d_loss():
-    ds = data.load("digits", "train", image_size=32)
-    idx = np.arange(64)
-    p = ds.preprocessing
-    real_all = G.from_classifier_space(jnp.asarray(ds.images(idx)), p.mean, p.std)
-    assert float(real_all.min()) >= -1.0 - 1e-5 and float(real_all.max()) <= 1.0 + 1e-5
-    np.testing.assert_allclose(G.to_classifier_space(real_all, p.mean, p.std), ds.images(idx), atol=1e-5)
-    c_all = jax.nn.one_hot(jnp.asarray(ds.labels[idx]), 10)
+@pytest.mark.slow
+def test_a_tiny_training_run_on_digits_at_32_px_keeps_a_finite_d_loss():
+    real_all, c_all = digits_batch(32, 64)
     setup, state = tiny_gan(32, gan.GanConfig())
+    g0 = state.g
     step = gan.make_gan_step(setup)
-    d_losses = []
     for i in range(30):
         rows = np.arange(8 * i, 8 * i + 8) % 64
         state, m = step(state, real_all[rows], c_all[rows], jax.random.key(i))
-        d_losses.append(float(m["d_loss"]))
         assert np.isfinite([float(v) for v in m.values()]).all(), m
-    g0 = tiny_gan(32, gan.GanConfig())[1].g
+        assert float(m["d_loss"]) < 10.0, m
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), g0, state.g))
     assert max(float(v) for v in moved) > 1e-3
-    assert max(d_losses) < 10.0

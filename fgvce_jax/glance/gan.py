@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.glance.generator import EqualizedLinear, Generator, GeneratorConfig, lrelu
+from fgvce_jax.glance.generator import EqualizedLinear, Generator, GeneratorConfig, init_normal, lrelu
 
 ExtraLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -76,8 +76,8 @@ class EqualizedConv(nnx.Module):
     """k x k 'SAME' convolution with equalised learning rate: W stored N(0, 1), used as W / sqrt(Cin k k)."""
 
     def __init__(self, cin: int, cout: int, k: int, *, bias: bool = True, rngs: nnx.Rngs):
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (k, k, cin, cout)))
-        self.bias = nnx.Param(jnp.zeros((cout,))) if bias else None
+        self.weight = nnx.Param(init_normal(rngs, (k, k, cin, cout)))
+        self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32)) if bias else None
         self.gain = 1.0 / math.sqrt(cin * k * k)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -202,7 +202,8 @@ def init(g_config: GeneratorConfig, d_config: DiscriminatorConfig, config: GanCo
     d_graph, d = nnx.split(Discriminator(d_config, rngs=nnx.Rngs(params=jax.random.fold_in(key, 1))))
     setup = GanSetup(g_graph, d_graph, config)
     opt = setup.optimizer
-    return setup, GanState(g, d, opt.init(g), opt.init(d), jnp.zeros((), jnp.int32))
+    opt_init = jax.jit(opt.init)  # one compilation instead of one per parameter shape
+    return setup, GanState(g, d, opt_init(g), opt_init(d), jnp.zeros((), jnp.int32))
 
 
 def make_gan_step(setup: GanSetup, extra_loss: ExtraLoss | None = None):
