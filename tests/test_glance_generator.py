@@ -101,13 +101,15 @@ def test_noise_changes_the_images_only_through_the_key():
     assert float(jnp.max(jnp.abs(same_a - G.render(graph, noisy, c, k2)))) > 1e-2
 
 
-def test_second_render_with_new_concepts_does_not_recompile():
-    graph, params = tiny_generator(resolution=8)
+def test_second_render_with_new_concepts_does_not_recompile_and_z_comes_from_the_key():
+    graph, params = tiny_generator(resolution=8, z_dim=2)
     first = G.render(graph, params, concepts(1), jax.random.key(0))
     compiled = G.render._cache_size()
     second = G.render(graph, params, concepts(2), jax.random.key(0))
+    third = G.render(graph, params, concepts(2), jax.random.key(1))  # another z (noise strengths are 0)
     assert G.render._cache_size() == compiled
     assert float(jnp.max(jnp.abs(first - second))) > 1e-3
+    assert float(jnp.max(jnp.abs(third - second))) > 1e-3
 
 
 def tiny_gan(size, config, *, resolution=None):
