@@ -160,3 +160,17 @@ def test_a_tiny_training_run_on_digits_at_32_px_keeps_a_finite_d_loss():
         assert float(m["d_loss"]) < 10.0, m
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), g0, state.g))
     assert max(float(v) for v in moved) > 1e-3
+
+
+def test_discriminator_at_28_px_and_its_one_line_errors():
+    config = gan.DiscriminatorConfig(image_size=28, channel_base=64, channel_max=8)
+    assert config.sides == (28, 14, 7)
+    graph, params = nnx.split(gan.Discriminator(config, rngs=nnx.Rngs(params=jax.random.key(0))))
+    logits = jax.jit(lambda p, x: nnx.merge(graph, p)(x))(params, np.zeros((8, 28, 28, 3), np.float32))
+    assert logits.shape == (8,) and np.all(np.isfinite(logits))
+    with pytest.raises(FgvceError, match="divide the batch size 6"):  # traced only, nothing compiled
+        jax.eval_shape(lambda x: nnx.merge(graph, params)(x), jax.ShapeDtypeStruct((6, 28, 28, 3), jnp.float32))
+    with pytest.raises(FgvceError, match=r"\(N, 28, 28, 3\)"):
+        nnx.merge(graph, params)(np.zeros((8, 32, 32, 3), np.float32))
+    with pytest.raises(FgvceError, match="do not match"):
+        gan.init(G.GeneratorConfig(**TINY, resolution=32), config, gan.GanConfig(), jax.random.key(0))
