@@ -112,8 +112,8 @@ def test_second_render_with_new_concepts_does_not_recompile_and_z_comes_from_the
     assert float(jnp.max(jnp.abs(third - second))) > 1e-3
 
 
-def tiny_gan(size, config, *, resolution=None):
-    g_config = G.GeneratorConfig(**{**TINY, "concept_dim": 10}, resolution=resolution or size, image_size=size)
+def tiny_gan(size, config):
+    g_config = G.GeneratorConfig(**{**TINY, "concept_dim": 10}, resolution=size)
     d_config = gan.DiscriminatorConfig(image_size=size, channel_base=64, channel_max=8, mbstd_group=4)
     return gan.init(g_config, d_config, config, jax.random.key(0))
 
