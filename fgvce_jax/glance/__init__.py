@@ -1,0 +1,1 @@
+"""GLANCE-style twin-surrogate explanations (issue 13; docs/glance.md)."""
