@@ -46,6 +46,18 @@ class Graph:
                 "undirected": [{"a": n[a], "b": n[b]} for a, b in self.undirected]}
 
 
+def log_odds(logits: np.ndarray, classes) -> np.ndarray:
+    """(N,) y_hat = log sum_{k in S} p_k - log sum_{k not in S} p_k, p = softmax(logits (N, C)), S = ``classes``:
+    the prediction node, a continuous score (the log-odds that the classifier says one of S)."""
+    logits = np.asarray(logits, np.float64)
+    inside = np.zeros(logits.shape[1], bool)
+    inside[list(classes)] = True
+    if inside.all() or not inside.any():
+        raise FgvceError(f"the classes of the prediction node must be a proper subset of 0..{len(inside) - 1}")
+    lse = lambda a: np.logaddexp.reduce(a, axis=1)  # noqa: E731
+    return lse(logits[:, inside]) - lse(logits[:, ~inside])
+
+
 def _standardised(x: np.ndarray) -> np.ndarray:
     std = x.std(0)
     if np.any(std == 0):
