@@ -15,7 +15,7 @@ Loss on a batch of B (each term a mean over the batch)::
 with Cov the batch covariance of c_free (B - 1 in the denominator). Adam; batches are a permutation of the
 N rows drawn per epoch from ``fold_in(key, epoch)``, the last partial batch dropped, so step s always sees
 the same rows. Optimizer and model state go to an orbax ``CheckpointManager`` under ``OUT/surrogate_state``
-every ``save_every`` steps and at the end; the same call again resumes from the latest step and ends with
+every ``save_every`` steps and after the last; the same call again resumes from the latest step and ends with
 the weights of an uninterrupted run. The checkpoint records the classifier's weight fingerprint
 (:func:`fgvce_jax.pipeline.fingerprint`); resuming or loading it for other weights is refused.
 """
@@ -227,14 +227,15 @@ def train_surrogate(h: np.ndarray, u: np.ndarray, head, key: jax.Array, out: str
                 parts = train_step(model, optimizer, head, jnp.asarray(h[batches[b]]), jnp.asarray(us[batches[b]]),
                                    weights)
                 step += 1
-                epoch_losses.append({k: float(v) for k, v in parts.items()})
-                if on_step is not None:
-                    on_step(step, epoch_losses[-1])
-                if step % config.save_every == 0 and b + 1 < steps_per_epoch:
+                parts = {k: float(v) for k, v in parts.items()}
+                epoch_losses.append(parts)
+                if b + 1 == steps_per_epoch:
+                    history.append({k: float(np.mean([p[k] for p in epoch_losses])) for k in epoch_losses[0]})
+                    epoch_losses = []
+                if step % config.save_every == 0 or step == total_steps:
                     save(step)
-            history.append({k: float(np.mean([p[k] for p in epoch_losses])) for k in epoch_losses[0]})
-            epoch_losses = []
-            save(step)
+                if on_step is not None:
+                    on_step(step, parts)
     finally:
         manager.wait_until_finished()
         manager.close()
