@@ -34,27 +34,27 @@ def synthetic_classifier(n: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A surrogate trained on 600 synthetic latents (10 epochs), with 300 held-out ones."""
-    h, u, head = synthetic_classifier(900)
+    """A surrogate trained on 400 synthetic latents (10 epochs of 6 steps), with 300 held-out ones."""
+    h, u, head = synthetic_classifier(700)
     out = tmp_path_factory.mktemp("surrogate")
     config = FITTED
-    fit = surrogate.train_surrogate(h[:600], u[:600], head, jax.random.key(0), out, fingerprint="weights-A",
+    fit = surrogate.train_surrogate(h[:400], u[:400], head, jax.random.key(0), out, fingerprint="weights-A",
                                     names=NAMES, config=config)
     return fit, h, u, head, out
 
 
 def test_surrogate_agrees_with_the_classifier(fitted):
     """argmax g(D(E(h))) == argmax g(h) on >= 95% of 300 held-out latents; the context concepts track the
-    standardised context features (R^2 > 0.8 each)."""
+    standardised context features after 60 steps (R^2 > 0.3 each; an untrained encoder gives R^2 < 0)."""
     fit, h, u, head, _ = fitted
-    test = jnp.asarray(h[600:])
+    test = jnp.asarray(h[400:])
     c = fit.model.encode(test)
     agree = np.mean(np.argmax(surrogate.head_logits(head, fit.model.decode(c)), -1)
                     == np.argmax(surrogate.head_logits(head, test), -1))
     assert agree >= 0.95
-    us = surrogate.standardise(u[600:], fit.u_mean, fit.u_std)[0]
+    us = surrogate.standardise(u[400:], fit.u_mean, fit.u_std)[0]
     r2 = 1 - np.mean((np.asarray(c[:, :3]) - us) ** 2, 0) / us.var(0)
-    assert np.all(r2 > 0.8), r2
+    assert np.all(r2 > 0.3), r2
 
 
 def test_surrogate_refuses_another_classifier(fitted):
@@ -63,7 +63,7 @@ def test_surrogate_refuses_another_classifier(fitted):
     loaded = surrogate.load_surrogate(out, "weights-A", h.shape[1])
     np.testing.assert_array_equal(loaded.model.encode(jnp.asarray(h[:5])), fit.model.encode(jnp.asarray(h[:5])))
     for call in (lambda: surrogate.load_surrogate(out, "weights-B", h.shape[1]),
-                 lambda: surrogate.train_surrogate(h[:600], u[:600], head, jax.random.key(0), out,
+                 lambda: surrogate.train_surrogate(h[:400], u[:400], head, jax.random.key(0), out,
                                                    fingerprint="weights-B", names=NAMES,
                                                    config=FITTED)):
         with pytest.raises(FgvceError, match="another classifier") as e:
@@ -170,10 +170,10 @@ def test_explanations(fitted):
     argmax, and the set stops once reached); a second call with new latents does not recompile."""
     fit, h, u, head, _ = fitted
     effects = np.diag(np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]))
-    q = jnp.asarray(h[600:608])
+    q = jnp.asarray(h[400:408])
     y = np.argsort(np.asarray(surrogate.head_logits(head, q)), -1)[:, -2]
-    out = explain.explain(fit.model, head, effects, h[600:608], y, max_set=3)
-    assert out["importance"].shape == (8, 7) and out["set"].shape == (8, 3)
+    out = explain.explain(fit.model, head, effects, h[400:408], y, max_set=2)
+    assert out["importance"].shape == (8, 7) and out["set"].shape == (8, 2)
     c = fit.model.encode(q)
     p = lambda cc: np.asarray(jax.nn.softmax(surrogate.head_logits(head, fit.model.decode(cc))))[np.arange(8), y]
     np.testing.assert_allclose(out["importance"][:, 1], (p(c + effects[1]) - p(c - effects[1])) / 2, atol=1e-5)
@@ -182,9 +182,9 @@ def test_explanations(fitted):
     for row, steps, ok in zip(out["set"], out["set_steps"], out["success"]):
         chosen = row[row >= 0]
         assert len(set(chosen)) == len(chosen) and np.all(row[len(chosen):] == -1) and np.all(steps[row < 0] == 0)
-        assert ok or len(chosen) == 3
+        assert ok or len(chosen) == 2
     before = explain._explain._cache_size()
-    explain.explain(fit.model, head, effects, h[608:616], y, max_set=3)
+    explain.explain(fit.model, head, effects, h[408:416], y, max_set=2)
     assert explain._explain._cache_size() == before
 
 
@@ -210,3 +210,78 @@ def test_context_table(tmp_path):
         with pytest.raises(FgvceError, match=message) as e:
             load_context_table(file, ids)
         assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- the test bed (slow)
+FEATURES = ("thickness", "slant", "width", "height", "area", "intensity")
+EVEN = (0, 2, 4, 6, 8)
+BED_SURROGATE = surrogate.SurrogateConfig(epochs=20)
+
+
+def run_bed(name: str, root):
+    """resnet_tiny at 28 px trained for 1 epoch on ``name`` (lr 0.05, batch 64, seed 0), split at layer4; a
+    surrogate (F = 6 morphometrics, K = 4 free concepts, 20 epochs) on the train latents; the PC graph over
+    [u, c_free, y_hat] on the train split with y_hat = log-odds of an even digit; explanations of the 50
+    test images whose slant sign contradicts the shortcut (even right, odd left) and whose true class the
+    classifier gives the least probability, y = the true class, sigma = std of each concept on train."""
+    from fgvce_jax import data as data_lib
+    from fgvce_jax.data import morpho_digits
+    from fgvce_jax.models.split import split
+    from fgvce_jax.pipeline import fingerprint
+    from fgvce_jax.train import TrainConfig, image_reader, train
+
+    model, _, _ = train(TrainConfig(arch="resnet_tiny", dataset=name, epochs=1, lr=0.05, image_size=28), root / "model")
+    split_model, params = split(model, "layer4")
+    head = split_model.linear_head(params)
+    sets = {s: data_lib.load(name, s, image_size=28) for s in ("train", "test")}
+    h = {s: surrogate.pooled_latents(split_model, params, image_reader(d), len(d)) for s, d in sets.items()}
+    u_train = morpho_digits.morphometrics(sets["train"])
+    fit = surrogate.train_surrogate(h["train"], u_train, head, jax.random.key(0), root / "surrogate",
+                                    fingerprint=fingerprint(params), names=FEATURES, config=BED_SURROGATE)
+    c = {s: np.asarray(fit.model.encode(jnp.asarray(v))) for s, v in h.items()}
+    logits = {s: np.asarray(surrogate.head_logits(head, jnp.asarray(v))) for s, v in h.items()}
+    nodes = FEATURES + tuple(f"free{k}" for k in range(BED_SURROGATE.n_free)) + ("y_hat",)
+    x = np.concatenate([surrogate.standardise(u_train, fit.u_mean, fit.u_std)[0], c["train"][:, len(FEATURES):],
+                        causal.log_odds(logits["train"], EVEN)[:, None]], 1)
+    graph = causal.causal_graph(x, nodes, "y_hat")
+    causal.write_graph(graph, root / "graph")
+    test = sets["test"]
+    agree = np.mean(np.argmax(np.asarray(surrogate.head_logits(head, fit.model.decode(jnp.asarray(c["test"])))), -1)
+                    == np.argmax(logits["test"], -1))
+    conflict = np.nonzero(np.sign(morpho_digits.factors(test)["slant"]) != np.where(test.labels % 2 == 0, 1, -1))[0]
+    p_true = np.asarray(jax.nn.softmax(logits["test"]))[np.arange(len(test)), test.labels]
+    queries = conflict[np.argsort(p_true[conflict])[:50]]
+    out = explain.explain(fit.model, head, explain.concept_effects(graph, c["train"].std(0)), h["test"][queries],
+                          test.labels[queries])
+    return graph, agree, out
+
+
+@pytest.fixture(scope="module")
+def beds(tmp_path_factory):
+    """The test bed on both twins (about 5 minutes on 2 CPU cores)."""
+    root = tmp_path_factory.mktemp("bed")
+    return {name: run_bed(name, root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
+
+
+@pytest.mark.slow
+def test_bed_shortcut_is_found(beds):
+    """Shortcut twin: the train-split graph has slant -> y_hat; the surrogate agrees with the classifier on
+    >= 95% of the 1000 test images; slant has the largest |ACE| for >= 50% of the 50 queries, and its mean
+    |ACE| is >= 1.5 times that of every free concept (measured: 66%, 0.25 vs at most 0.13)."""
+    graph, agree, out = beds["morpho-digits-shortcut"]
+    assert graph.has_edge("slant", "y_hat") and graph.weights[1, -1] > 0.2
+    assert agree >= 0.95
+    first = np.argmax(np.abs(out["importance"]), 1)
+    assert np.mean(first == FEATURES.index("slant")) >= 0.5
+    mean = np.abs(out["importance"]).mean(0)
+    assert mean[1] >= 1.5 * mean[len(FEATURES):].max()
+
+
+@pytest.mark.slow
+def test_bed_clean_twin_has_no_slant_edge(beds):
+    """Clean twin (slant independent of the label): no edge between slant and y_hat, agreement >= 95%, and
+    slant has the largest |ACE| for < 20% of the queries."""
+    graph, agree, out = beds["morpho-digits"]
+    assert not graph.has_edge("slant", "y_hat") and (1, len(graph.nodes) - 1) not in graph.undirected
+    assert agree >= 0.95
+    assert np.mean(np.argmax(np.abs(out["importance"]), 1) == FEATURES.index("slant")) < 0.2
