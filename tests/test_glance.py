@@ -230,7 +230,8 @@ def run_bed(name: str, root):
     from fgvce_jax.pipeline import fingerprint
     from fgvce_jax.train import TrainConfig, image_reader, train
 
-    model, _, _ = train(TrainConfig(arch="resnet_tiny", dataset=name, epochs=1, lr=0.05, image_size=28), root / "model")
+    config = TrainConfig(arch="resnet_tiny", dataset=name, epochs=1, lr=0.05, image_size=28)
+    model, _, _ = train(config, root / "model")
     split_model, params = split(model, "layer4")
     head = split_model.linear_head(params)
     sets = {s: data_lib.load(name, s, image_size=28) for s in ("train", "test")}
@@ -246,8 +247,8 @@ def run_bed(name: str, root):
     graph = causal.causal_graph(x, nodes, "y_hat")
     causal.write_graph(graph, root / "graph")
     test = sets["test"]
-    agree = np.mean(np.argmax(np.asarray(surrogate.head_logits(head, fit.model.decode(jnp.asarray(c["test"])))), -1)
-                    == np.argmax(logits["test"], -1))
+    rebuilt = surrogate.head_logits(head, fit.model.decode(jnp.asarray(c["test"])))
+    agree = np.mean(np.argmax(np.asarray(rebuilt), -1) == np.argmax(logits["test"], -1))
     conflict = np.nonzero(np.sign(morpho_digits.factors(test)["slant"]) != np.where(test.labels % 2 == 0, 1, -1))[0]
     p_true = np.asarray(jax.nn.softmax(logits["test"]))[np.arange(len(test)), test.labels]
     queries = conflict[np.argsort(p_true[conflict])[:50]]

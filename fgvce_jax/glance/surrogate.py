@@ -268,8 +268,8 @@ def load_surrogate(out: str | Path, fingerprint: str, latent_dim: int) -> Fitted
 def pooled_latents(split_model, params, images: Callable[[np.ndarray], np.ndarray], n: int,
                    batch_size: int = 256) -> np.ndarray:
     """(n, D) float32 pooled latents h = mean over H', W' of z = f(x), in batches of ``images(indices)``."""
-    return np.concatenate([np.asarray(_pooled_jit(split_model, params, jnp.asarray(images(np.arange(s, min(s + batch_size, n))))))
-                           for s in range(0, n, batch_size)])
+    batches = (np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size))
+    return np.concatenate([np.asarray(_pooled_jit(split_model, params, jnp.asarray(images(b)))) for b in batches])
 
 
 def _pooled(split_model, params, images):
