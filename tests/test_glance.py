@@ -92,6 +92,19 @@ def test_surrogate_resume_gives_the_same_weights(tmp_path):
     assert resumed.history == whole.history and len(whole.history) == 2
 
 
+def test_surrogate_needs_a_pooled_latent(tmp_path):
+    """A split without a GAP + linear head (resnet_tiny at layer3: linear_head is None) is one line."""
+    from fgvce_jax import models
+    from fgvce_jax.models.split import split
+
+    split_model, params = split(models.create("resnet_tiny", 10), "layer3")
+    h, u, _ = synthetic_classifier(64)
+    with pytest.raises(FgvceError, match="no GAP \\+ linear head") as e:
+        surrogate.train_surrogate(h, u, split_model.linear_head(params), jax.random.key(0), tmp_path,
+                                  fingerprint="w", names=NAMES, config=TINY)
+    assert "\n" not in str(e.value)
+
+
 def test_decorrelation_penalty():
     """sum of squared off-diagonal covariances: 0 for independent columns (by construction), 2 cov^2 else."""
     c = jnp.asarray([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])

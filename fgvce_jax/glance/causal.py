@@ -36,6 +36,7 @@ class Graph:
         return (self.nodes.index(parent), self.nodes.index(child)) in self.directed
 
     def parents(self, j: int) -> list[int]:
+        """Indices of the directed parents of node ``j``, ascending."""
         return sorted(p for p, c in self.directed if c == j)
 
     def to_json(self) -> dict:

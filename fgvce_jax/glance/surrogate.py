@@ -173,7 +173,8 @@ def train_surrogate(h: np.ndarray, u: np.ndarray, head, key: jax.Array, out: str
     """Train (or resume) the surrogate on pooled latents h (N, D) and raw context features u (N, F).
 
     Args:
-      head: (W (D, C), b (C,)) of the classifier, ``split_model.linear_head(params)``.
+      head: (W (D, C), b (C,)) of the classifier, ``split_model.linear_head(params)`` (None, for a split
+        without a GAP + linear head, is refused).
       key: a typed PRNG key (``jax.random.key``); split into the initialisation and the batch order.
       out: directory of the orbax checkpoints (made absolute).
       fingerprint: the classifier's weight fingerprint, stored and checked on resume.
@@ -181,6 +182,9 @@ def train_surrogate(h: np.ndarray, u: np.ndarray, head, key: jax.Array, out: str
       on_step: called after every step as ``on_step(step, losses)``.
     """
     config.validate()
+    if head is None:
+        raise FgvceError("the classifier has no GAP + linear head at this split, so no pooled latent for the "
+                         "surrogate; split a ResNet at layer4")
     out = Path(out).expanduser().absolute()
     h = np.asarray(h, np.float32)
     if h.ndim != 2 or len(u) != len(h) or np.ndim(u) != 2 or np.shape(u)[1] != len(names):
