@@ -14,7 +14,7 @@ Loss on a batch of B (each term a mean over the batch)::
 
 with Cov the batch covariance of c_free (B - 1 in the denominator). Adam; batches are a permutation of the
 N rows drawn per epoch from ``fold_in(key, epoch)``, the last partial batch dropped, so step s always sees
-the same rows. Optimizer and model state go to an orbax ``CheckpointManager`` under ``OUT/surrogate_state``
+the same rows; a progress bar shows the steps. Optimizer and model state go to an orbax ``CheckpointManager`` under ``OUT/surrogate_state``
 every ``save_every`` steps and after the last; the same call again resumes from the latest step and ends with
 the weights of an uninterrupted run. The checkpoint records the classifier's weight fingerprint
 (:func:`fgvce_jax.pipeline.fingerprint`); resuming or loading it for other weights is refused.
@@ -227,12 +227,15 @@ def train_surrogate(h: np.ndarray, u: np.ndarray, head, key: jax.Array, out: str
     try:
         for epoch in range(step // steps_per_epoch, config.epochs):
             batches = epoch_order(order_key, epoch, n, batch_size)
-            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            bar = progress.bar(range(step - epoch * steps_per_epoch, steps_per_epoch),
+                               desc=f"surrogate epoch {epoch + 1}/{config.epochs}", leave=False, unit="step")
+            for b in bar:
                 parts = train_step(model, optimizer, head, jnp.asarray(h[batches[b]]), jnp.asarray(us[batches[b]]),
                                    weights)
                 step += 1
                 parts = {k: float(v) for k, v in parts.items()}
                 epoch_losses.append(parts)
+                bar.set_postfix(loss=f"{parts['total']:.3f}")
                 if b + 1 == steps_per_epoch:
                     history.append({k: float(np.mean([p[k] for p in epoch_losses])) for k in epoch_losses[0]})
                     epoch_losses = []
