@@ -133,31 +133,46 @@ def causal_graph(x: np.ndarray, nodes: tuple[str, ...], sink: str, *, method: st
     return fit_linear_sem(x, nodes, directed, undirected)
 
 
+def _sink(graph: Graph) -> int:
+    """The node with the most in-edges and no out-edge or undirected edge (the prediction), else the last."""
+    busy = {p for p, _ in graph.directed} | {k for e in graph.undirected for k in e}
+    ins = [sum(c == k for _, c in graph.directed) if k not in busy else -1 for k in range(len(graph.nodes))]
+    return int(np.argmax(ins)) if max(ins) > 0 else len(graph.nodes) - 1
+
+
 def write_graph(graph: Graph, path: str | Path) -> tuple[Path, Path]:
-    """Write ``path``.json (:meth:`Graph.to_json`) and ``path``.png (nodes on a circle, sink last, edges
-    with their weights); returns both absolute paths."""
+    """Write ``path``.json (:meth:`Graph.to_json`) and ``path``.png (the sink, a node with in-edges only, in
+    the centre and the other nodes on a circle; edges between ring nodes bowed; each weight written 40% of the way along its arrow); returns
+    both absolute paths."""
     from matplotlib.figure import Figure
 
     base = Path(path).expanduser().absolute()
     base.parent.mkdir(parents=True, exist_ok=True)
     js, png = base.with_suffix(".json"), base.with_suffix(".png")
     js.write_text(json.dumps(graph.to_json(), indent=1))
-    p = len(graph.nodes)
-    angle = np.pi / 2 - 2 * np.pi * np.arange(p) / p
-    xy = np.stack([np.cos(angle), np.sin(angle)], 1)
+    sink = _sink(graph)
+    ring = [k for k in range(len(graph.nodes)) if k != sink]
+    angle = np.pi / 2 - 2 * np.pi * np.arange(len(ring)) / len(ring)
+    xy = np.zeros((len(graph.nodes), 2))
+    xy[ring] = np.stack([np.cos(angle), np.sin(angle)], 1)
     fig = Figure(figsize=(6, 6))
     ax = fig.add_subplot()
     for (a, b), arrow in [(e, True) for e in graph.directed] + [(e, False) for e in graph.undirected]:
-        ax.annotate("", xy=xy[b] * 0.9 + xy[a] * 0.1, xytext=xy[a] * 0.9 + xy[b] * 0.1,
-                    arrowprops={"arrowstyle": "-|>" if arrow else "-", "color": "0.3"})
-        if arrow:
-            mid = (xy[a] + xy[b]) / 2
-            ax.text(*mid, f"{graph.weights[a, b]:+.2f}", fontsize=8, ha="center", va="center",
+        start, end = xy[a] * 0.9 + xy[b] * 0.1, xy[b] * 0.9 + xy[a] * 0.1
+        rad = 0.0 if sink in (a, b) else 0.25  # edges on the ring bow away from the centre
+        ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "-|>" if arrow else "-", "color": "0.3",
+                                                          "connectionstyle": f"arc3,rad={rad}"})
+        if arrow:  # the curve's point at 40% of the way (a quadratic Bezier with matplotlib's arc3 control point)
+            d = end - start
+            control = (start + end) / 2 + rad * np.array([d[1], -d[0]])
+            at = 0.36 * start + 0.48 * control + 0.16 * end
+            ax.text(*at, f"{graph.weights[a, b]:+.2f}", fontsize=8, ha="center", va="center",
                     bbox={"fc": "white", "ec": "none", "pad": 0.5})
     for k, name in enumerate(graph.nodes):
         ax.text(*xy[k], name, ha="center", va="center", fontsize=10, bbox={"fc": "#dde8f5", "ec": "0.4"})
     ax.set_xlim(-1.3, 1.3)
     ax.set_ylim(-1.3, 1.3)
+    ax.set_aspect("equal")
     ax.set_axis_off()
     fig.savefig(png, dpi=100, bbox_inches="tight")
     return js, png
