@@ -97,7 +97,9 @@ def test_surrogate_needs_a_pooled_latent(tmp_path):
     from fgvce_jax import models
     from fgvce_jax.models.split import split
 
-    split_model, params = split(models.create("resnet_tiny", 10), "layer3")
+    from flax import nnx
+
+    split_model, params = split(nnx.eval_shape(lambda: models.create("resnet_tiny", 10)), "layer3")  # shapes only
     h, u, _ = synthetic_classifier(64)
     with pytest.raises(FgvceError, match="no GAP \\+ linear head") as e:
         surrogate.train_surrogate(h, u, split_model.linear_head(params), jax.random.key(0), tmp_path,
