@@ -84,9 +84,11 @@ class Surrogate(nnx.Module):
         self.decoder = mlp((n_ctx + n_free, hidden, latent_dim), rngs)
 
     def encode(self, h: jax.Array) -> jax.Array:
+        """h (..., D) -> c (..., F + K), the first F aligned with the standardised context features."""
         return self.encoder(h)
 
     def decode(self, c: jax.Array) -> jax.Array:
+        """c (..., F + K) -> h (..., D), a pooled latent the classifier's head reads."""
         return self.decoder(c)
 
 
