@@ -234,42 +234,36 @@ BED_SURROGATE = surrogate.SurrogateConfig(epochs=20)
 
 
 def run_bed(name: str, root):
-    """resnet_tiny at 28 px trained for 1 epoch on ``name`` (lr 0.05, batch 64, seed 0), split at layer4; a
-    surrogate (F = 6 morphometrics, K = 4 free concepts, 20 epochs) on the train latents; the PC graph over
-    [u, c_free, y_hat] on the train split with y_hat = log-odds of an even digit; explanations of the 50
-    test images whose slant sign contradicts the shortcut (even right, odd left) and whose true class the
-    classifier gives the least probability, y = the true class, sigma = std of each concept on train."""
+    """resnet_tiny at 28 px trained for 1 epoch on ``name`` (lr 0.05, batch 64, seed 0), split at layer4; the
+    global model (:func:`fit.fit_global`: surrogate with F = 6 morphometrics, K = 4 free concepts, 20 epochs;
+    PC graph on the train split with y_hat = log-odds of an even digit); explanations of the 50 test images
+    whose slant sign contradicts the shortcut (even right, odd left) and whose true class the classifier gives
+    the least probability, y = the true class. Returns (graph, test agreement, explanations)."""
     from fgvce_jax import data as data_lib
     from fgvce_jax.data import morpho_digits
+    from fgvce_jax.glance import fit
     from fgvce_jax.models.split import split
-    from fgvce_jax.pipeline import fingerprint
     from fgvce_jax.train import TrainConfig, image_reader, train
 
     config = TrainConfig(arch="resnet_tiny", dataset=name, epochs=1, lr=0.05, image_size=28)
     model, _, _ = train(config, root / "model")
     split_model, params = split(model, "layer4")
     head = split_model.linear_head(params)
-    sets = {s: data_lib.load(name, s, image_size=28) for s in ("train", "test")}
-    h = {s: surrogate.pooled_latents(split_model, params, image_reader(d), len(d)) for s, d in sets.items()}
-    u_train = morpho_digits.morphometrics(sets["train"])
-    fit = surrogate.train_surrogate(h["train"], u_train, head, jax.random.key(0), root / "surrogate",
-                                    fingerprint=fingerprint(params), names=FEATURES, config=BED_SURROGATE)
-    c = {s: np.asarray(fit.model.encode(jnp.asarray(v))) for s, v in h.items()}
-    logits = {s: np.asarray(surrogate.head_logits(head, jnp.asarray(v))) for s, v in h.items()}
-    nodes = FEATURES + tuple(f"free{k}" for k in range(BED_SURROGATE.n_free)) + ("y_hat",)
-    x = np.concatenate([surrogate.standardise(u_train, fit.u_mean, fit.u_std)[0], c["train"][:, len(FEATURES):],
-                        causal.log_odds(logits["train"], EVEN)[:, None]], 1)
-    graph = causal.causal_graph(x, nodes, "y_hat")
-    causal.write_graph(graph, root / "graph")
-    test = sets["test"]
-    rebuilt = surrogate.head_logits(head, fit.model.decode(jnp.asarray(c["test"])))
-    agree = np.mean(np.argmax(np.asarray(rebuilt), -1) == np.argmax(logits["test"], -1))
+    train_set, test = (data_lib.load(name, s, image_size=28) for s in ("train", "test"))
+    u, names = fit.context_features(train_set)
+    assert names == FEATURES
+    g = fit.fit_global(split_model, params, train_set, u, names, root / "surrogate", key=jax.random.key(0),
+                       prediction_classes=EVEN, config=BED_SURROGATE)
+    h = surrogate.pooled_latents(split_model, params, image_reader(test), len(test))
+    logits = np.asarray(surrogate.head_logits(head, jnp.asarray(h)))
+    rebuilt = surrogate.head_logits(head, g.fitted.model.decode(g.fitted.model.encode(jnp.asarray(h))))
+    agree = np.mean(np.argmax(np.asarray(rebuilt), -1) == np.argmax(logits, -1))
     conflict = np.nonzero(np.sign(morpho_digits.factors(test)["slant"]) != np.where(test.labels % 2 == 0, 1, -1))[0]
-    p_true = np.asarray(jax.nn.softmax(logits["test"]))[np.arange(len(test)), test.labels]
+    p_true = np.asarray(jax.nn.softmax(logits))[np.arange(len(test)), test.labels]
     queries = conflict[np.argsort(p_true[conflict])[:50]]
-    out = explain.explain(fit.model, head, explain.concept_effects(graph, c["train"].std(0)), h["test"][queries],
+    out = explain.explain(g.fitted.model, head, explain.concept_effects(g.graph, g.sigma), h[queries],
                           test.labels[queries])
-    return graph, agree, out
+    return g.graph, agree, out
 
 
 @pytest.fixture(scope="module")

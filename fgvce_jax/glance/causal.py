@@ -142,8 +142,8 @@ def _sink(graph: Graph) -> int:
 
 def write_graph(graph: Graph, path: str | Path) -> tuple[Path, Path]:
     """Write ``path``.json (:meth:`Graph.to_json`) and ``path``.png (the sink, a node with in-edges only, in
-    the centre and the other nodes on a circle; edges between ring nodes bowed; each weight written 40% of the way along its arrow); returns
-    both absolute paths."""
+    the centre and the other nodes on a circle; edges between ring nodes bowed; each weight written 40% of
+    the way along its arrow); returns both absolute paths."""
     from matplotlib.figure import Figure
 
     base = Path(path).expanduser().absolute()

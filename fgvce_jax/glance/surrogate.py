@@ -14,9 +14,9 @@ Loss on a batch of B (each term a mean over the batch)::
 
 with Cov the batch covariance of c_free (B - 1 in the denominator). Adam; batches are a permutation of the
 N rows drawn per epoch from ``fold_in(key, epoch)``, the last partial batch dropped, so step s always sees
-the same rows; a progress bar shows the steps. Optimizer and model state go to an orbax ``CheckpointManager`` under ``OUT/surrogate_state``
-every ``save_every`` steps and after the last; the same call again resumes from the latest step and ends with
-the weights of an uninterrupted run. The checkpoint records the classifier's weight fingerprint
+the same rows; a progress bar shows the steps. Optimizer and model state go to an orbax
+``CheckpointManager`` under ``OUT/surrogate_state`` every ``save_every`` steps and after the last; the same
+call again resumes from the latest step and ends with the weights of an uninterrupted run. The checkpoint records the classifier's weight fingerprint
 (:func:`fgvce_jax.pipeline.fingerprint`); resuming or loading it for other weights is refused.
 """
 from __future__ import annotations
