@@ -270,7 +270,7 @@ def run_bed(name: str, root):
 def beds(tmp_path_factory):
     """The test bed on both twins (about 5 minutes on 2 CPU cores)."""
     root = tmp_path_factory.mktemp("bed")
-    return {name: run_bed(name, root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
+    return {name: (*run_bed(name, root / name), root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
 
 
 @pytest.mark.slow
@@ -278,7 +278,7 @@ def test_bed_shortcut_is_found(beds):
     """Shortcut twin: the train-split graph has slant -> y_hat; the surrogate agrees with the classifier on
     >= 95% of the 1000 test images; slant has the largest |ACE| for >= 50% of the 50 queries, and its mean
     |ACE| is >= 1.5 times that of every free concept (measured: 66%, 0.25 vs at most 0.13)."""
-    graph, agree, out = beds["morpho-digits-shortcut"]
+    graph, agree, out, _ = beds["morpho-digits-shortcut"]
     assert graph.has_edge("slant", "y_hat") and graph.weights[1, -1] > 0.2
     assert agree >= 0.95
     first = np.argmax(np.abs(out["importance"]), 1)
@@ -291,7 +291,25 @@ def test_bed_shortcut_is_found(beds):
 def test_bed_clean_twin_has_no_slant_edge(beds):
     """Clean twin (slant independent of the label): no edge between slant and y_hat, agreement >= 95%, and
     slant has the largest |ACE| for < 20% of the queries."""
-    graph, agree, out = beds["morpho-digits"]
+    graph, agree, out, _ = beds["morpho-digits"]
     assert not graph.has_edge("slant", "y_hat") and (1, len(graph.nodes) - 1) not in graph.undirected
     assert agree >= 0.95
     assert np.mean(np.argmax(np.abs(out["importance"]), 1) == FEATURES.index("slant")) < 0.2
+
+
+@pytest.mark.slow
+def test_train_surrogate_command(beds, capsys):
+    """``fgvce train-surrogate`` on the shortcut twin's classifier with the test bed's settings writes the same
+    graph as the library (same key and configuration, so the same surrogate), slant among y_hat's parents."""
+    import json
+
+    from fgvce_jax import cli
+
+    graph, _, _, root = beds["morpho-digits-shortcut"]
+    out = root / "cli"
+    assert cli.main(["train-surrogate", "--model", str(root / "model"), "--dataset", "morpho-digits-shortcut",
+                     "--out", str(out), "--prediction-classes", *map(str, EVEN), "--epochs", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "slant" in printed.split("parents of y_hat: ")[1]
+    written = json.loads((out / "graph.json").read_text())
+    assert written == graph.to_json() and (out / "graph.png").is_file()
