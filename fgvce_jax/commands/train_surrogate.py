@@ -1,5 +1,5 @@
 """``fgvce train-surrogate``: the GLANCE-style global model of a classifier (docs/glance.md; the generator is
-not built yet): the concept surrogate on the training split's pooled latents, then the causal graph.
+not wired in yet): the concept surrogate on the training split's pooled latents, then the causal graph.
 
 Example (morphometrics as the context features; y_hat = log-odds of an even digit)::
 
