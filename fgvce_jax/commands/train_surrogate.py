@@ -1,0 +1,54 @@
+"""``fgvce train-surrogate``: the GLANCE-style global model of a classifier (docs/glance.md; the generator is
+not wired in yet): the concept surrogate on the training split's pooled latents, then the causal graph.
+
+Example (morphometrics as the context features; y_hat = log-odds of an even digit)::
+
+    fgvce train-surrogate --model runs/morpho --dataset morpho-digits-shortcut --out runs/morpho/glance \\
+        --prediction-classes 0 2 4 6 8
+
+Re-running the same command resumes the surrogate's training; OUT then holds ``surrogate_state/``,
+``graph.json`` and ``graph.png``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from fgvce_jax.glance.surrogate import SurrogateConfig
+
+HELP = "train the GLANCE-style concept surrogate of a classifier and its causal graph; re-running resumes"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SurrogateConfig()
+    parser.add_argument("--model", required=True, help="model checkpoint directory")
+    parser.add_argument("--dataset", required=True, help="dataset name; its train split is used")
+    parser.add_argument("--out", required=True, help="output directory: surrogate_state/, graph.json, graph.png")
+    parser.add_argument("--context", default=None,
+                        help="CSV of context features keyed by image id (default: the measured morphometrics)")
+    parser.add_argument("--prediction-classes", type=int, nargs="+", required=True,
+                        help="the prediction node is the log-odds that the classifier says one of these classes")
+    parser.add_argument("--split", default="layer4", help="split point with a GAP + linear head")
+    parser.add_argument("--n-free", type=int, default=d.n_free, help="free concepts K")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="surrogate training epochs")
+    parser.add_argument("--method", choices=("pc", "ges"), default="pc", help="causal discovery")
+    parser.add_argument("--alpha", type=float, default=0.01, help="PC's Fisher-z test level")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the surrogate's initialisation and batches")
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from fgvce_jax import data, models
+    from fgvce_jax.glance import fit
+
+    model, info = models.load(args.model)
+    split_model, params = models.split(model, args.split)
+    train_set = data.load(args.dataset, "train", image_size=info.image_size)
+    u, names = fit.context_features(train_set, args.context)
+    config = SurrogateConfig(n_free=args.n_free, epochs=args.epochs)
+    g = fit.fit_global(split_model, params, train_set, u, names, args.out, key=jax.random.key(args.seed),
+                       prediction_classes=args.prediction_classes, config=config, method=args.method,
+                       alpha=args.alpha)
+    into = [e["from"] for e in g.graph.to_json()["directed"] if e["to"] == fit.SINK]
+    print(f"surrogate and graph written to {args.out}; parents of {fit.SINK}: {', '.join(into) or 'none'}")
+    return 0

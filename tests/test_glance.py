@@ -1,0 +1,315 @@
+"""GLANCE-style surrogate, causal graph and local explanations (fgvce_jax.glance; docs/glance.md).
+
+The default tests use synthetic latents, heads and data with known structure; the slow test bed trains a
+resnet_tiny on the morpho-digits twins (thresholds in its docstring).
+"""
+import csv
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgvce_jax.errors import FgvceError
+from fgvce_jax.glance import causal, explain, surrogate
+from fgvce_jax.glance.context import load_context_table
+
+NAMES = ("a", "b", "c")
+FITTED = surrogate.SurrogateConfig(n_free=4, hidden=64, epochs=20, batch_size=64)
+TINY = surrogate.SurrogateConfig(n_free=2, hidden=32, epochs=2, batch_size=32, save_every=3)
+
+
+def synthetic_classifier(n: int, seed: int = 0):
+    """Pooled latents h (n, 16) >= 0 of 5 classes (prototypes + noise), a linear head (W, b) that reads the
+    prototypes, context features u (n, 3) = linear functions of h plus noise."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 2, (5, 16))
+    labels = rng.integers(0, 5, n)
+    h = np.maximum(protos[labels] + rng.normal(0, 0.2, (n, 16)), 0).astype(np.float32)
+    w = (protos - protos.mean(0)).T.astype(np.float32)
+    b = np.zeros(5, np.float32)
+    u = h[:, :3] @ np.array([[1, 0.5, 0], [0, 1, 0], [0, 0, 2]]) + rng.normal(0, 0.1, (n, 3))
+    return h, u, (w, b)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A surrogate trained on 400 synthetic latents (20 epochs of 6 steps), with 300 held-out ones."""
+    h, u, head = synthetic_classifier(700)
+    out = tmp_path_factory.mktemp("surrogate")
+    config = FITTED
+    fit = surrogate.train_surrogate(h[:400], u[:400], head, jax.random.key(0), out, fingerprint="weights-A",
+                                    names=NAMES, config=config)
+    return fit, h, u, head, out
+
+
+def test_surrogate_agrees_with_the_classifier(fitted):
+    """argmax g(D(E(h))) == argmax g(h) on >= 95% of 300 held-out latents; the context concepts track the
+    standardised context features after 120 steps (R^2 > 0.3 each; an untrained encoder gives R^2 < 0)."""
+    fit, h, u, head, _ = fitted
+    test = jnp.asarray(h[400:])
+    c = fit.model.encode(test)
+    agree = np.mean(np.argmax(surrogate.head_logits(head, fit.model.decode(c)), -1)
+                    == np.argmax(surrogate.head_logits(head, test), -1))
+    assert agree >= 0.95
+    us = surrogate.standardise(u[400:], fit.u_mean, fit.u_std)[0]
+    r2 = 1 - np.mean((np.asarray(c[:, :3]) - us) ** 2, 0) / us.var(0)
+    assert np.all(r2 > 0.3), r2
+
+
+def test_surrogate_refuses_another_classifier(fitted):
+    """Loading or resuming a surrogate with another classifier's fingerprint is one line naming both."""
+    fit, h, u, head, out = fitted
+    loaded = surrogate.load_surrogate(out, "weights-A", h.shape[1])
+    np.testing.assert_array_equal(loaded.model.encode(jnp.asarray(h[:5])), fit.model.encode(jnp.asarray(h[:5])))
+    for call in (lambda: surrogate.load_surrogate(out, "weights-B", h.shape[1]),
+                 lambda: surrogate.train_surrogate(h[:400], u[:400], head, jax.random.key(0), out,
+                                                   fingerprint="weights-B", names=NAMES,
+                                                   config=FITTED)):
+        with pytest.raises(FgvceError, match="another classifier") as e:
+            call()
+        assert "\n" not in str(e.value) and "weights-A" in str(e.value) and "weights-B" in str(e.value)
+
+
+def test_surrogate_resume_gives_the_same_weights(tmp_path):
+    """Killed after step 4 of 6 (checkpoints every 3 steps and after the last, so it resumes mid-epoch from
+    step 3) and run again: the weights and the loss history equal those of an uninterrupted run bit for bit."""
+    h, u, head = synthetic_classifier(96, seed=1)
+    whole = surrogate.train_surrogate(h, u, head, jax.random.key(3), tmp_path / "whole", fingerprint="w",
+                                      names=NAMES, config=TINY)
+
+    def kill(step, _):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        surrogate.train_surrogate(h, u, head, jax.random.key(3), tmp_path / "cut", fingerprint="w", names=NAMES,
+                                  config=TINY, on_step=kill)
+    resumed = surrogate.train_surrogate(h, u, head, jax.random.key(3), tmp_path / "cut", fingerprint="w",
+                                        names=NAMES, config=TINY)
+    for a, b in zip(jax.tree.leaves(surrogate._pure(whole.model)), jax.tree.leaves(surrogate._pure(resumed.model))):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.history == whole.history and len(whole.history) == 2
+
+
+def test_surrogate_needs_a_pooled_latent(tmp_path):
+    """A split without a GAP + linear head (resnet_tiny at layer3: linear_head is None) is one line."""
+    from fgvce_jax import models
+    from fgvce_jax.models.split import split
+
+    from flax import nnx
+
+    split_model, params = split(nnx.eval_shape(lambda: models.create("resnet_tiny", 10)), "layer3")  # shapes only
+    h, u, _ = synthetic_classifier(64)
+    with pytest.raises(FgvceError, match="no GAP \\+ linear head") as e:
+        surrogate.train_surrogate(h, u, split_model.linear_head(params), jax.random.key(0), tmp_path,
+                                  fingerprint="w", names=NAMES, config=TINY)
+    assert "\n" not in str(e.value)
+
+
+def test_decorrelation_penalty():
+    """sum of squared off-diagonal covariances: 0 for independent columns (by construction), 2 cov^2 else."""
+    c = jnp.asarray([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert float(surrogate.off_diagonal_cov2(c)) == 0.0
+    d = jnp.asarray([[1.0, 2.0], [-1.0, -2.0]])  # cov = [[2, 4], [4, 8]]
+    assert float(surrogate.off_diagonal_cov2(d)) == pytest.approx(32.0)
+
+
+def planted(n: int, edge: bool, seed: int = 0) -> np.ndarray:
+    """Columns a -> b -> y, c (-> y when ``edge``), d independent, e = y + noise (a child of y in the data)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=n)
+    b = 0.8 * a + 0.6 * rng.normal(size=n)
+    c, d = rng.normal(size=n), rng.normal(size=n)
+    y = 0.7 * b + (0.6 * c if edge else 0) + 0.5 * rng.normal(size=n)
+    e = y + 0.5 * rng.normal(size=n)
+    return np.stack([a, b, c, d, y, e], 1)
+
+
+NODES = ("a", "b", "c", "d", "y", "e")
+
+
+@pytest.mark.parametrize("method", causal.METHODS)
+def test_causal_graph_finds_a_planted_edge_and_keeps_the_sink(method):
+    """1000 rows: c -> y is found when planted and absent when not; b -> y always; d is isolated; the
+    prediction y has no out-edge although e is its child in the data (e -> y instead); weights on
+    standardised columns equal the least-squares ones."""
+    for edge in (True, False):
+        x = planted(1000, edge)
+        g = causal.causal_graph(x, NODES, "y", method=method)
+        assert g.has_edge("c", "y") == edge
+        assert g.has_edge("b", "y") and g.has_edge("e", "y")
+        assert not any(p == 4 for p, _ in g.directed) and not any(4 in e for e in g.undirected)
+        assert not any(3 in e for e in g.directed + g.undirected)
+        xs = (x - x.mean(0)) / x.std(0)
+        pa = g.parents(4)
+        np.testing.assert_allclose(g.weights[pa, 4], np.linalg.lstsq(xs[:, pa], xs[:, 4], rcond=None)[0])
+
+
+def test_graph_files(tmp_path):
+    """The JSON lists nodes, directed edges with weights and undirected pairs; the PNG is a picture."""
+    g = causal.fit_linear_sem(planted(300, True), NODES, [(1, 4), (2, 4)], [(0, 1)])
+    js, png = causal.write_graph(g, tmp_path / "graph")
+    import json
+
+    data = json.loads(js.read_text())
+    assert data["nodes"] == list(NODES) and data["undirected"] == [{"a": "a", "b": "b"}]
+    assert [(e["from"], e["to"]) for e in data["directed"]] == [("b", "y"), ("c", "y")]
+    assert all(abs(e["weight"]) > 0.1 for e in data["directed"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_log_odds_and_bad_sink():
+    """y_hat = log p(S) - log p(not S) by hand; a sink that is not a node and S = all classes are refused."""
+    logits = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, -1.0]])
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(causal.log_odds(logits, [0, 2]), np.log((p[:, 0] + p[:, 2]) / p[:, 1]))
+    with pytest.raises(FgvceError, match="proper subset"):
+        causal.log_odds(logits, [0, 1, 2])
+    with pytest.raises(FgvceError, match="sink"):
+        causal.discover(planted(50, True), NODES, "z")
+
+
+def test_concept_effects_propagate_to_descendants():
+    """a -> b (0.5), b -> c (2): do(a += sigma_a) shifts b by 0.5 sigma_b and c by sigma_c; do(c) moves only c."""
+    w = np.zeros((4, 4))
+    w[0, 1], w[1, 2] = 0.5, 2.0
+    g = causal.Graph(("a", "b", "c", "y"), ((0, 1), (1, 2)), (), w)
+    e = explain.concept_effects(g, np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(e, [[1.0, 1.0, 3.0], [0.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+
+
+def test_explanations(fitted):
+    """On 8 held-out latents with y = the class the classifier ranks second: importances are the central
+    differences of p_y by hand; the greedy set reaches y for most queries (success agrees with the final
+    argmax, and the set stops once reached); a second call with new latents does not recompile."""
+    fit, h, u, head, _ = fitted
+    effects = np.diag(np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]))
+    q = jnp.asarray(h[400:408])
+    y = np.argsort(np.asarray(surrogate.head_logits(head, q)), -1)[:, -2]
+    out = explain.explain(fit.model, head, effects, h[400:408], y, max_set=2)
+    assert out["importance"].shape == (8, 7) and out["set"].shape == (8, 2)
+    c = fit.model.encode(q)
+    p = lambda cc: np.asarray(jax.nn.softmax(surrogate.head_logits(head, fit.model.decode(cc))))[np.arange(8), y]
+    np.testing.assert_allclose(out["importance"][:, 1], (p(c + effects[1]) - p(c - effects[1])) / 2, atol=1e-5)
+    np.testing.assert_allclose(out["p_y"], p(c), atol=1e-5)
+    assert out["success"].mean() >= 0.5
+    for row, steps, ok in zip(out["set"], out["set_steps"], out["success"]):
+        chosen = row[row >= 0]
+        assert len(set(chosen)) == len(chosen) and np.all(row[len(chosen):] == -1) and np.all(steps[row < 0] == 0)
+        assert ok or len(chosen) == 2
+    before = explain._explain._cache_size()
+    explain.explain(fit.model, head, effects, h[408:416], y, max_set=2)
+    assert explain._explain._cache_size() == before
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_context_table(tmp_path):
+    """Rows come back in the order of the ids asked for; missing ids, non-numeric columns, repeated ids and
+    a missing file are each one line naming the problem."""
+    path = write_csv(tmp_path / "ctx.csv", [["id", "wing", "beak"], ["x", "1", "2.5"], ["y", "3", "-1"], ["z", "0", "0"]])
+    values, names = load_context_table(path, ["y", "x"])
+    assert names == ("wing", "beak")
+    np.testing.assert_array_equal(values, [[3, -1], [1, 2.5]])
+    bad = [(["x", "q", "r", "s"], "no row for 3 of 4 images \\(e.g. q, r, s\\)", path),
+           (["x"], "column 'beak' is not numeric \\(line 3 has 'long'\\)",
+            write_csv(tmp_path / "text.csv", [["id", "wing", "beak"], ["x", "1", "2"], ["y", "3", "long"]])),
+           (["x"], "image id 'x' appears twice", write_csv(tmp_path / "twice.csv", [["id", "w"], ["x", "1"], ["x", "2"]])),
+           (["x"], "does not exist", tmp_path / "absent.csv")]
+    for ids, message, file in bad:
+        with pytest.raises(FgvceError, match=message) as e:
+            load_context_table(file, ids)
+        assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- the test bed (slow)
+FEATURES = ("thickness", "slant", "width", "height", "area", "intensity")
+EVEN = (0, 2, 4, 6, 8)
+BED_SURROGATE = surrogate.SurrogateConfig(epochs=20)
+
+
+def run_bed(name: str, root):
+    """resnet_tiny at 28 px trained for 1 epoch on ``name`` (lr 0.05, batch 64, seed 0), split at layer4; the
+    global model (:func:`fit.fit_global`: surrogate with F = 6 morphometrics, K = 4 free concepts, 20 epochs;
+    PC graph on the train split with y_hat = log-odds of an even digit); explanations of the 50 test images
+    whose slant sign contradicts the shortcut (even right, odd left) and whose true class the classifier gives
+    the least probability, y = the true class. Returns (graph, test agreement, explanations)."""
+    from fgvce_jax import data as data_lib
+    from fgvce_jax.data import morpho_digits
+    from fgvce_jax.glance import fit
+    from fgvce_jax.models.split import split
+    from fgvce_jax.train import TrainConfig, image_reader, train
+
+    config = TrainConfig(arch="resnet_tiny", dataset=name, epochs=1, lr=0.05, image_size=28)
+    model, _, _ = train(config, root / "model")
+    split_model, params = split(model, "layer4")
+    head = split_model.linear_head(params)
+    train_set, test = (data_lib.load(name, s, image_size=28) for s in ("train", "test"))
+    u, names = fit.context_features(train_set)
+    assert names == FEATURES
+    g = fit.fit_global(split_model, params, train_set, u, names, root / "surrogate", key=jax.random.key(0),
+                       prediction_classes=EVEN, config=BED_SURROGATE)
+    h = surrogate.pooled_latents(split_model, params, image_reader(test), len(test))
+    logits = np.asarray(surrogate.head_logits(head, jnp.asarray(h)))
+    rebuilt = surrogate.head_logits(head, g.fitted.model.decode(g.fitted.model.encode(jnp.asarray(h))))
+    agree = np.mean(np.argmax(np.asarray(rebuilt), -1) == np.argmax(logits, -1))
+    conflict = np.nonzero(np.sign(morpho_digits.factors(test)["slant"]) != np.where(test.labels % 2 == 0, 1, -1))[0]
+    p_true = np.asarray(jax.nn.softmax(logits))[np.arange(len(test)), test.labels]
+    queries = conflict[np.argsort(p_true[conflict])[:50]]
+    out = explain.explain(g.fitted.model, head, explain.concept_effects(g.graph, g.sigma), h[queries],
+                          test.labels[queries])
+    return g.graph, agree, out
+
+
+@pytest.fixture(scope="module")
+def beds(tmp_path_factory):
+    """The test bed on both twins (about 5 minutes on 2 CPU cores)."""
+    root = tmp_path_factory.mktemp("bed")
+    return {name: (*run_bed(name, root / name), root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
+
+
+@pytest.mark.slow
+def test_bed_shortcut_is_found(beds):
+    """Shortcut twin: the train-split graph has slant -> y_hat; the surrogate agrees with the classifier on
+    >= 95% of the 1000 test images; slant has the largest |ACE| for >= 50% of the 50 queries, and its mean
+    |ACE| is >= 1.5 times that of every free concept (measured: 66%, 0.25 vs at most 0.13)."""
+    graph, agree, out, _ = beds["morpho-digits-shortcut"]
+    assert graph.has_edge("slant", "y_hat") and graph.weights[1, -1] > 0.2
+    assert agree >= 0.95
+    first = np.argmax(np.abs(out["importance"]), 1)
+    assert np.mean(first == FEATURES.index("slant")) >= 0.5
+    mean = np.abs(out["importance"]).mean(0)
+    assert mean[1] >= 1.5 * mean[len(FEATURES):].max()
+
+
+@pytest.mark.slow
+def test_bed_clean_twin_has_no_slant_edge(beds):
+    """Clean twin (slant independent of the label): no edge between slant and y_hat, agreement >= 95%, and
+    slant has the largest |ACE| for < 20% of the queries."""
+    graph, agree, out, _ = beds["morpho-digits"]
+    assert not graph.has_edge("slant", "y_hat") and (1, len(graph.nodes) - 1) not in graph.undirected
+    assert agree >= 0.95
+    assert np.mean(np.argmax(np.abs(out["importance"]), 1) == FEATURES.index("slant")) < 0.2
+
+
+@pytest.mark.slow
+def test_train_surrogate_command(beds, capsys):
+    """``fgvce train-surrogate`` on the shortcut twin's classifier with the test bed's settings writes the same
+    graph as the library (same key and configuration, so the same surrogate), slant among y_hat's parents."""
+    import json
+
+    from fgvce_jax import cli
+
+    graph, _, _, root = beds["morpho-digits-shortcut"]
+    out = root / "cli"
+    assert cli.main(["train-surrogate", "--model", str(root / "model"), "--dataset", "morpho-digits-shortcut",
+                     "--out", str(out), "--prediction-classes", *map(str, EVEN), "--epochs", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "slant" in printed.split("parents of y_hat: ")[1]
+    written = json.loads((out / "graph.json").read_text())
+    assert written == graph.to_json() and (out / "graph.png").is_file()
