@@ -372,12 +372,13 @@ def test_a_ten_million_evaluation_request_runs_in_bounded_memory(tmp_path):
     assert got["peak_mb"] < 1500, got  # measured ~320 MB, most of it the JAX runtime
 
 
-def test_auto_runs_kernel_on_small_games_antithetic_cv_on_large_ones_and_exact_when_it_fits():
+def test_auto_runs_stratified_kernel_on_small_games_antithetic_cv_on_large_ones_and_exact_when_it_fits():
     from fgvce_jax.shapley.estimate import auto_method, estimator
 
-    assert [auto_method(n) for n in (9, 16, 20, 21, 196)] == ["kernel"] * 3 + ["antithetic_cv"] * 2
-    assert type(estimator("auto", 12, 1000)).name == "kernel" and type(estimator("auto", 8, 256)).name == "exact"
-    for n, budget, chosen in ((12, 600, "kernel"), (40, 2000, "antithetic_cv")):
+    assert [auto_method(n) for n in (9, 16, 20, 21, 196)] == ["stratified_kernel"] * 3 + ["antithetic_cv"] * 2
+    assert type(estimator("auto", 12, 1000)).name == "stratified_kernel"
+    assert type(estimator("auto", 8, 256)).name == "exact"
+    for n, budget, chosen in ((12, 600, "stratified_kernel"), (40, 2000, "antithetic_cv")):
         game = mlp_game(n)
         got = shapley.estimate(game, n, method="auto", budget=budget, key=KEY)
         want = shapley.estimate(game, n, method=chosen, budget=budget, key=KEY)

@@ -214,20 +214,20 @@ def _largest_divisor_at_most(r: int, limit: int) -> int:
     return max(d for d in range(1, min(r, max(1, limit)) + 1) if r % d == 0)
 
 
-AUTO_SMALL = 20  # ``method="auto"``: games of at most this many players take ``kernel``, larger ones ``antithetic_cv``
+AUTO_SMALL = 20  # ``method="auto"``: games of at most this many players take ``stratified_kernel``, larger ones ``antithetic_cv``
 
 
 def auto_method(n_players: int) -> str:
     """The estimator ``method="auto"`` runs for an n-player game (below the exact budget).
 
-    From ``benchmarks/results/estimators.json`` (error at equal evaluations, budgets 200 to 30,000):
-    for n <= 20 (the shapiq image games, n = 9, 14, 16) ``kernel`` has the least or nearly the least
-    error of ours at every budget (within 1.05x of ``leverage``, the other leader). For n = 196 no
-    estimator leads on every family: ``leverage`` has the least error on four families from 3,000
-    evaluations, but ``antithetic_cv`` leads on the size-dominated game, where ``kernel`` has 3.8x its
-    error, and is never more than 1.6x from the best MSE while taking 10-20x less time than ``leverage``.
-    So large games take ``antithetic_cv``."""
-    return "kernel" if n_players <= AUTO_SMALL else "antithetic_cv"
+    From the estimator benchmark (error at equal evaluations): on the shapiq image games (n = 9, 14, 16;
+    ``benchmarks/results/estimators_image_games.json``, budgets 200, 500, 1,000) ``stratified_kernel`` has the
+    least error of ours at 7 of the 9 (model, budget) points and is within 1.07x of the best at the other two.
+    For n = 196 (``estimators.json``) no estimator leads on every family: ``leverage`` has the least error on
+    four families from 3,000 evaluations, but ``antithetic_cv`` leads on the size-dominated game, where
+    ``kernel`` has 3.8x its error, and is never more than 1.6x from the best MSE while taking 10-20x less time
+    than ``leverage``. So large games take ``antithetic_cv``."""
+    return "stratified_kernel" if n_players <= AUTO_SMALL else "antithetic_cv"
 
 
 def estimator(method: str, n_players: int, budget: int) -> registry.Estimator:
