@@ -16,7 +16,7 @@ import sys
 
 from fgvce_jax.errors import FgvceError
 
-COMMANDS = ("demo", "convert", "train", "explain", "report", "evaluate")
+COMMANDS = ("demo", "convert", "train", "train-decoder", "explain", "report", "evaluate")
 # file-system conditions a user fixes (a path, permissions, space): one line, not a traceback
 USER_ERRNOS = {errno.EEXIST: None, errno.ENOTDIR: None, errno.EISDIR: None, errno.EACCES: None, errno.EPERM: None,
                errno.EROFS: None, errno.ENOENT: None,
@@ -28,9 +28,10 @@ def _available_commands() -> dict:
     mods = {}
     for name in COMMANDS:
         try:
-            mods[name] = importlib.import_module(f"fgvce_jax.commands.{name}")
+            module = f"fgvce_jax.commands.{name.replace('-', '_')}"  # `train-decoder` lives in train_decoder.py
+            mods[name] = importlib.import_module(module)
         except ModuleNotFoundError as e:  # command not built yet in this checkout
-            if e.name != f"fgvce_jax.commands.{name}":
+            if e.name != module:
                 raise
     return mods
 
