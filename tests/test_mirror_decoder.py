@@ -14,7 +14,10 @@ from flax import nnx
 from fgvce_jax import data, models
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.mirror import decoder as dec
+from fgvce_jax.mirror import explain as mx
 from fgvce_jax.mirror import geometry as geo
+from fgvce_jax.mirror import metrics as mm
+from fgvce_jax.mirror import train as mt
 
 TINY = dec.DecoderConfig(width=8)
 
@@ -76,3 +79,191 @@ def test_csp_mask_on_a_constructed_cam():
     # resized to a skip's resolution by nearest neighbour: every cell becomes a 2 x 2 block
     big = np.asarray(dec.resize_mask(jnp.asarray(m[:1]), (8, 10)))
     np.testing.assert_array_equal(big[0], np.kron(m[0], np.ones((2, 2))))
+
+
+# --------------------------------------------------------------------------- training
+TINY_LOSS = mt.LossConfig(lr=2e-3)  # a larger rate than the paper's 2e-4, so that a few steps show progress
+TINY_TRAIN = mt.DecoderTrainConfig(steps=24, batch_size=8, decoder=TINY, loss=TINY_LOSS, save_every=4)
+REC_L1_SHORT = 0.6  # mean |x - G(f(x))| in normalised units after TINY_TRAIN's 24 steps (about 0.79 at start)
+
+
+@pytest.fixture(scope="module")
+def train_subset():
+    return data.load("digits", "train").subset(np.arange(64))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, train_subset, tmp_path_factory):
+    """(out dir, weights, summary) of TINY_TRAIN on 64 training digits for the random-weight classifier."""
+    split_model, params, _, _ = tiny
+    out = tmp_path_factory.mktemp("decoder")
+    weights, summary = mt.train_decoder(split_model, params, train_subset, TINY_TRAIN, out)
+    return out, weights, summary
+
+
+def _reconstruction_l1(split_model, params, g_def, weights, x):
+    """mean |x - G(f(x))| (k = 0, s = t irrelevant for the masks at k = 0 beyond the prior)."""
+    W, _ = geo.linear_head(split_model, params)
+    z, skips = dec.source_stages(split_model, params, x)
+    s = jnp.argmax(split_model.head(params, z), -1)
+    return float(jnp.abs(x - dec.decode(g_def, weights, TINY, W, z, skips, s, (s + 1) % 10, jnp.zeros(len(x))))
+                 .mean())
+
+
+def test_short_training_lowers_the_reconstruction_error(tiny, train_subset, trained):
+    split_model, params, _, _ = tiny
+    out, weights, summary = trained
+    x = jnp.asarray(train_subset.images(np.arange(32)))
+    g_def, fresh = nnx.split(dec.build(split_model, params, 32, TINY))
+    before = _reconstruction_l1(split_model, params, g_def, nnx.to_pure_dict(fresh), x)
+    after = _reconstruction_l1(split_model, params, g_def, weights, x)
+    assert before > 0.7 and after < REC_L1_SHORT, (before, after)
+    assert summary["steps"] == 24 and set(summary["last"]) == {"cls", "rec", "feat", "adv", "tri", "disc"}
+    assert (out / mt.INFO_FILE).is_file() and (out / mt.DECODER_DIR).is_dir()
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny, train_subset, tmp_path, capsys):
+    split_model, params, _, _ = tiny
+    cfg = dataclasses.replace(TINY_TRAIN, steps=6, save_every=2)
+    straight, _ = mt.train_decoder(split_model, params, train_subset, cfg, tmp_path / "a")
+
+    def stop_at_5(step, _):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mt.train_decoder(split_model, params, train_subset, cfg, tmp_path / "b", on_step=stop_at_5)
+    assert not (tmp_path / "b" / mt.INFO_FILE).exists()
+    capsys.readouterr()
+    resumed, _ = mt.train_decoder(split_model, params, train_subset, cfg, tmp_path / "b")
+    assert "resuming from step 4/6" in capsys.readouterr().err
+    leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b)
+    fresh = nnx.to_pure_dict(nnx.split(dec.build(split_model, params, 32, TINY))[1])
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), leaves_a))  # it did train
+    with pytest.raises(FgvceError, match="another configuration or classifier"):
+        mt.train_decoder(split_model, params, train_subset, dataclasses.replace(cfg, seed=1), tmp_path / "b")
+
+
+def test_triangulation_is_zero_exactly_for_proportional_distances():
+    x0 = jnp.zeros((2, 4, 4, 3))
+    x1 = jnp.ones((2, 4, 4, 3))
+    k = jnp.array([0.25, 0.5])
+    on_path = x0 + k[:, None, None, None] * (x1 - x0)
+    assert float(mt.triangulation(x0, on_path, x1, k)) < 1e-8
+    off = on_path.at[:, 0].add(1.0)
+    assert float(mt.triangulation(x0, off, x1, k)) > 1e-2
+    assert float(mt.triangulation(x0, x1, x1, k)) > 0.1  # right distances for k = 1, wrong for these k
+
+
+def test_non_gap_head_is_refused_in_one_line(tiny, train_subset, tmp_path):
+    split_model, params = models.split(models.create("resnet_tiny", 10), at="layer4.0")
+    with pytest.raises(FgvceError, match="needs a GAP \\+ linear head") as err:
+        mt.train_decoder(split_model, params, train_subset, TINY_TRAIN, tmp_path)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- the per-query decode
+def test_decoder_for_another_model_or_missing_is_refused(tiny, trained, tmp_path):
+    split_model, params, _, _ = tiny
+    out, _, _ = trained
+    other = models.split(models.create("resnet_tiny", 10, seed=5), at="layer4")[1]
+    with pytest.raises(FgvceError, match="trained for other classifier weights") as err:
+        mx.load_decoder(out, split_model, other)
+    assert "\n" not in str(err.value)
+    with pytest.raises(FgvceError, match="holds no trained decoder"):
+        mx.load_decoder(tmp_path / "nothing", split_model, params)
+    loaded = mx.load_decoder(out, split_model, params)
+    assert loaded.config == TINY
+    for a, b in zip(jax.tree.leaves(loaded.weights), jax.tree.leaves(trained[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_explain_decodes_the_path_in_one_compiled_call(tiny, trained):
+    split_model, params, x, y = tiny
+    decoder = mx.load_decoder(trained[0], split_model, params)
+    s = np.asarray(split_model.logits(params, x).argmax(-1))
+    t = np.where(y == s, (s + 1) % 10, y)
+    first = mx.explain(split_model, params, decoder, x[:4], s[:4], t[:4])
+    size = mx.decode_paths._cache_size()
+    second = mx.explain(split_model, params, decoder, x[4:], s[4:], t[4:])
+    assert mx.decode_paths._cache_size() == size  # a second batch does not recompile
+    K = len(geo.DEFAULT_KS)
+    assert first.images.shape == (4, K, 32, 32, 3) and first.p_t.shape == (4, K)
+    for e in (first, second):
+        assert np.all((e.p_t >= 0) & (e.p_t <= 1))
+        np.testing.assert_array_equal(e.success, e.reason == mx.FLIPPED)
+        np.testing.assert_array_equal(e.success, ~np.isnan(e.k_first))
+    # the images are those of the decoder at each k: the end of the path decoded directly
+    W, b = geo.linear_head(split_model, params)
+    z, skips = dec.source_stages(split_model, params, x[:4])
+    end = geo.path_batch(W, b, z, jnp.asarray(s[:4]), jnp.asarray(t[:4]), jnp.ones(1)).z[:, 0]
+    direct = dec.decode(decoder.graphdef, decoder.weights, TINY, W, end, skips, jnp.asarray(s[:4]),
+                        jnp.asarray(t[:4]), jnp.ones(4))
+    np.testing.assert_allclose(first.images[:, -1], direct, atol=1e-4)
+    with pytest.raises(FgvceError, match="source and target are both"):
+        mx.explain(split_model, params, decoder, x[:1], s[:1], s[:1])
+
+
+def test_first_flip_on_constructed_curves():
+    ks = np.asarray(geo.DEFAULT_KS)  # 21 points, index 10 is k = 0.5
+    t = np.array([3, 3, 3, 3])
+    pred = np.full((4, 21), 5)
+    pred[0, 13:] = 3  # flips at k = 0.65
+    pred[1, 4:] = 3  # t from k = 0.2: the first counterfactual is still counted from k = 0.5
+    pred[2, 2:6] = 3  # only before the boundary
+    pred[3, 12] = 3  # flips at 0.6 then back: still the first at 0.6
+    k_first, success, reason = mx.first_flip(pred, t, ks)
+    np.testing.assert_allclose(k_first[[0, 1, 3]], [0.65, 0.5, 0.6])
+    assert np.isnan(k_first[2])
+    np.testing.assert_array_equal(success, [True, True, False, True])
+    np.testing.assert_array_equal(reason, [mx.FLIPPED, mx.FLIPPED, mx.T_ONLY_BELOW_HALF, mx.FLIPPED])
+    _, success, reason = mx.first_flip(np.full((1, 21), 5), np.array([3]), ks)
+    assert not success[0] and reason[0] == mx.NEVER_T
+
+
+# --------------------------------------------------------------------------- metrics
+def test_frechet_distance_against_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    # diagonal covariances: tr(S1 + S2 - 2 (S1 S2)^1/2) = sum (sqrt(a) - sqrt(b))^2
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert mm.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
+    # non-commuting: S1 = c I, S2 = Q diag(e) Q^T: (S1 S2)^1/2 = sqrt(c) S2^1/2, trace sqrt(c) sum sqrt(e)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    e = rng.uniform(0.1, 3, 5)
+    s2 = q @ np.diag(e) @ q.T
+    want = 5 * 2.0 + e.sum() - 2 * np.sqrt(2.0) * np.sqrt(e).sum()
+    assert mm.frechet_distance(np.zeros(5), 2 * np.eye(5), np.zeros(5), s2) == pytest.approx(want, rel=1e-8)
+    assert mm.frechet_distance(mu1, s2, mu1, s2) == pytest.approx(0, abs=1e-8)
+    # rank-deficient covariances (fewer images than dimensions) stay finite and real
+    f = rng.normal(size=(3, 6))
+    assert np.isfinite(mm.frechet_distance(*mm.gaussian_fit(f), *mm.gaussian_fit(f + 1.0)))
+
+
+def test_blur_matches_scipy_and_d_val_uses_it(tiny):
+    import scipy.ndimage
+
+    split_model, params, x, _ = tiny
+    want = scipy.ndimage.gaussian_filter(np.asarray(x), sigma=(0, 1, 1, 0), mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(mm.blur(x), want, atol=1e-5)
+    assert float(jnp.abs(mm.blur(x) - x).max()) > 0.1
+    pred_blurred = np.asarray(split_model.logits(params, mm.blur(x)).argmax(-1))
+    for t in (pred_blurred, (pred_blurred + 1) % 10):
+        assert mm.d_val(split_model, params, x, t) == pytest.approx(np.mean(pred_blurred == t))
+    assert mm.d_val(split_model, params, x, pred_blurred) == 1.0
+
+
+def test_l1_and_lpips_in_pixel_units(tiny):
+    _, _, x, _ = tiny
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    shifted = x + 0.4  # 0.1 in [0, 1] units where nothing is clipped
+    u = mm.to_unit(x, mean, std)
+    inner = (u > 0) & (u < 0.9)
+    got = mm.l1(shifted, x, mean, std)
+    assert got.shape == (8,) and np.all(got <= 0.1 + 1e-6) and np.all(got >= 0.1 * inner.mean((1, 2, 3)) - 1e-6)
+    d = mm.lpips(shifted, x, mean, std)
+    assert d.shape == (8,) and np.all(d > 0) and np.all(mm.lpips(x, x, mean, std) < 1e-6)
