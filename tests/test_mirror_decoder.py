@@ -267,3 +267,57 @@ def test_l1_and_lpips_in_pixel_units(tiny):
     assert got.shape == (8,) and np.all(got <= 0.1 + 1e-6) and np.all(got >= 0.1 * inner.mean((1, 2, 3)) - 1e-6)
     d = mm.lpips(shifted, x, mean, std)
     assert d.shape == (8,) and np.all(d > 0) and np.all(mm.lpips(x, x, mean, std) < 1e-6)
+
+
+# --------------------------------------------------------------------------- slow: a trained classifier
+PAIRS = {3: 8, 8: 3, 4: 9, 9: 4, 5: 6, 6: 5}  # the paper's MNIST pairs
+SLOW_TRAIN = mt.DecoderTrainConfig(steps=300, batch_size=16, decoder=dec.DecoderConfig(width=16),
+                                   loss=mt.LossConfig(lr=1e-3), save_every=100)
+REC_L1_SLOW = 0.35  # mean |x - G(f(x))| in normalised units on 64 test digits after SLOW_TRAIN
+
+
+def mirror_figures(split_model, params, train_set, test_set, config, out):
+    """Train a decoder with ``config`` and measure it on the pair queries of the first 200 test digits:
+    {"rec_l1", "validity_k1", "success", "mean_k_first", "p_t_rising", "steps_per_s"}."""
+    weights, summary = mt.train_decoder(split_model, params, train_set, config, out)
+    decoder = mx.load_decoder(out, split_model, params)
+    x = jnp.asarray(test_set.images(np.arange(200)))
+    s = np.asarray(split_model.logits(params, x).argmax(-1))
+    rows = np.flatnonzero(np.isin(s, list(PAIRS)))[:48]
+    t = np.array([PAIRS[c] for c in s[rows]])
+    e = mx.explain(split_model, params, decoder, x[rows], s[rows], t)
+    half = len(geo.DEFAULT_KS) // 2
+    W, _ = geo.linear_head(split_model, params)
+    z, skips = dec.source_stages(split_model, params, x[:64])
+    s64 = jnp.asarray(s[:64])
+    rec = jnp.abs(x[:64] - dec.decode(decoder.graphdef, decoder.weights, config.decoder, W, z, skips, s64,
+                                      (s64 + 1) % 10, jnp.zeros(64))).mean()
+    return {"queries": len(rows), "rec_l1": float(rec), "validity_k1": float(np.mean(e.pred[:, -1] == t)),
+            "success": float(e.success.mean()), "mean_k_first": float(np.nanmean(e.k_first)) if e.success.any()
+            else float("nan"), "p_t_rising": float(np.mean((e.p_t[:, -1] > e.p_t[:, half]) &
+                                                          (e.p_t[:, half] > e.p_t[:, 0]))),
+            "steps_per_s": summary["steps_per_s"]}
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(tmp_path_factory):
+    """resnet_tiny trained 2 epochs on the digits (as `fgvce train`), split at layer4."""
+    from fgvce_jax.train import TrainConfig, train
+
+    model, _, _ = train(TrainConfig(epochs=2, batch_size=64, lr=0.05), tmp_path_factory.mktemp("classifier"))
+    split_model, params = models.split(model, at="layer4")
+    return split_model, params, data.load("digits", "train"), data.load("digits", "test")
+
+
+@pytest.mark.slow
+def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, capsys):
+    split_model, params, train_set, test_set = digits_classifier
+    ablation = dataclasses.replace(SLOW_TRAIN, decoder=dataclasses.replace(SLOW_TRAIN.decoder, prior=False),
+                                   loss=dataclasses.replace(SLOW_TRAIN.loss, triangulation=False))
+    full = mirror_figures(split_model, params, train_set, test_set, SLOW_TRAIN, tmp_path / "full")
+    ablated = mirror_figures(split_model, params, train_set, test_set, ablation, tmp_path / "ablation")
+    with capsys.disabled():
+        print(f"\nMirror-CFE figures: full {full}\nablation (no triangulation, no prior) {ablated}")
+    assert full["rec_l1"] < REC_L1_SLOW
+    assert full["p_t_rising"] > 0.5
+    assert full["validity_k1"] >= ablated["validity_k1"] + 0.1
