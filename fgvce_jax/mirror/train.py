@@ -204,7 +204,8 @@ def train_decoder(split_model, params, train_set, config: DecoderTrainConfig, ou
     """Train (or resume) G for the frozen classifier (``split_model``, ``params``) on ``train_set`` and write
     it to ``out/decoder`` (+ ``out/decoder.json``).
 
-    Returns (the decoder's weights as a pure dict, summary {"steps", "steps_per_s", "last": {term: value}}).
+    Returns (the decoder's weights as a pure dict, summary {"steps", "steps_per_s", "last": {term: value}});
+    steps_per_s counts this run's steps after its first (which includes the compilation), NaN below 2 steps.
     ``on_step(step, terms)`` is called after every step (a test stops a run there).
     """
     config.validate()
@@ -236,7 +237,7 @@ def train_decoder(split_model, params, train_set, config: DecoderTrainConfig, ou
         manager.save(at, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   meta=ocp.args.JsonSave({**meta, "last": last})), force=True)
 
-    images, key, start, t0 = image_reader(train_set), jax.random.key(config.seed), step, time.perf_counter()
+    images, key, start, t_first = image_reader(train_set), jax.random.key(config.seed), step, None
     try:
         bar = progress.bar(range(step, config.steps), desc="train-decoder", unit="step")
         for i in bar:
@@ -244,6 +245,7 @@ def train_decoder(split_model, params, train_set, config: DecoderTrainConfig, ou
             state, terms = train_step(state, g_def, d_def, split_model, params, config.decoder, config.loss,
                                       jnp.asarray(images(idx)), jax.random.fold_in(key, i))
             step, last = i + 1, {name: float(v) for name, v in terms.items()}
+            t_first = t_first or time.perf_counter()  # after the first step of this run: its compilation
             bar.set_postfix(rec=f"{last['rec']:.3f}", cls=f"{last['cls']:.3f}")
             if on_step is not None:
                 on_step(step, last)
@@ -252,7 +254,7 @@ def train_decoder(split_model, params, train_set, config: DecoderTrainConfig, ou
     finally:
         manager.wait_until_finished()
         manager.close()
-    rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+    rate = (step - start - 1) / (time.perf_counter() - t_first) if step - start > 1 else float("nan")
     write_decoder(out, state["g"], {**meta, "image_size": image_size, "arch": split_model.arch, "steps": step})
     return state["g"], {"steps": step, "steps_per_s": rate, "last": last}
 
