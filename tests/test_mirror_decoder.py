@@ -322,3 +322,22 @@ def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, cap
     assert full["rec_l1"] < REC_L1_SLOW
     assert full["p_t_rising"] > 0.5
     assert full["validity_k1"] >= ablated["validity_k1"] + 0.1
+
+
+# --------------------------------------------------------------------------- the command
+def test_train_decoder_command_and_its_one_line_errors(tmp_path, capsys):
+    from fgvce_jax import cli
+    from fgvce_jax.models import checkpoint
+
+    model = models.create("resnet_tiny", 10, seed=0)
+    checkpoint.save(tmp_path / "model", model, checkpoint.ModelInfo.for_model(model, [str(c) for c in range(10)]))
+    args = ["train-decoder", "--model", str(tmp_path / "model"), "--dataset", "digits", "--out",
+            str(tmp_path / "dec"), "--steps", "2", "--batch-size", "8", "--width", "8", "--lr", "0.002"]
+    assert cli.main(args) == 0  # TINY's architecture and loss settings: the compiled step is shared
+    assert "decoder written to" in capsys.readouterr().out
+    split_model, params = models.split(model, at="layer4")
+    assert mx.load_decoder(tmp_path / "dec", split_model, params).config == TINY
+    assert cli.main(["train-decoder", "--model", str(tmp_path / "none"), "--dataset", "digits", "--out",
+                     str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fgvce train-decoder: error:") and "not a model checkpoint" in err and "\n" not in err
