@@ -39,7 +39,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -49,7 +48,7 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.mirror import decoder as dec
 from fgvce_jax.mirror import geometry as geo
 from fgvce_jax.pipeline import fingerprint
-from fgvce_jax.train import _pure, _restore, epoch_batches, image_reader
+from fgvce_jax.train import epoch_batches, image_reader
 
 STATE_DIR = "decoder_state"
 DECODER_DIR = "decoder"
