@@ -273,7 +273,7 @@ def test_l1_and_lpips_in_pixel_units(tiny):
 # --------------------------------------------------------------------------- slow: a trained classifier
 PAIRS = {3: 8, 8: 3, 4: 9, 9: 4, 5: 6, 6: 5}  # the paper's MNIST pairs
 SLOW_TRAIN = mt.DecoderTrainConfig(steps=300, batch_size=16, decoder=dec.DecoderConfig(width=16),
-                                   loss=mt.LossConfig(lr=1e-3), save_every=100)
+                                   loss=mt.LossConfig(lr=1e-3, w_cls=10.0, w_feat=10.0), save_every=100)
 REC_L1_SLOW = 0.35  # mean |x - G(f(x))| in normalised units on 64 test digits after SLOW_TRAIN
 
 
