@@ -16,7 +16,7 @@ import sys
 
 from fgvce_jax.errors import FgvceError
 
-COMMANDS = ("demo", "convert", "train", "explain", "report", "evaluate", "train-surrogate")
+COMMANDS = ("demo", "convert", "train", "train-decoder", "train-surrogate", "explain", "report", "evaluate")
 # file-system conditions a user fixes (a path, permissions, space): one line, not a traceback
 USER_ERRNOS = {errno.EEXIST: None, errno.ENOTDIR: None, errno.EISDIR: None, errno.EACCES: None, errno.EPERM: None,
                errno.EROFS: None, errno.ENOENT: None,
@@ -27,7 +27,7 @@ USER_ERRNOS = {errno.EEXIST: None, errno.ENOTDIR: None, errno.EISDIR: None, errn
 def _available_commands() -> dict:
     mods = {}
     for name in COMMANDS:
-        module = f"fgvce_jax.commands.{name.replace('-', '_')}"
+        module = f"fgvce_jax.commands.{name.replace('-', '_')}"  # `train-decoder` lives in train_decoder.py
         try:
             mods[name] = importlib.import_module(module)
         except ModuleNotFoundError as e:  # command not built yet in this checkout
