@@ -231,7 +231,7 @@ def by_id(e: StoredExplanations, ds, ref_ds=None) -> StoredExplanations:
     return out
 
 
-RUN_KEYS = ("model", "at", "dataset", "split", "reference_split", "image_size")
+RUN_KEYS = ("model", "at", *data.RUN_KEYS)
 
 
 def _shared_run(configs: Mapping[str, dict]) -> dict:
@@ -332,12 +332,11 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
         for key in ("dataset", "split"):
             if not run.get(key):
                 raise FgvceError(f"the explain manifest does not name the {key}; pass --no-rise --no-parts")
-        ds = data.load(run["dataset"], run["split"], image_size=run.get("image_size"))
+        ds = data.load_as_run(run, run["split"])
         ref_ds = None
         if parts:
             ref_split = run.get("reference_split") or run["split"]
-            ref_ds = ds if ref_split == run["split"] else data.load(run["dataset"], ref_split,
-                                                                     image_size=run.get("image_size"))
+            ref_ds = ds if ref_split == run["split"] else data.load_as_run(run, ref_split)
         explanations = {m: by_id(e, ds, ref_ds) for m, e in explanations.items()}
         if parts:
             part_masks = _parts_for_runs(ds, ref_ds, explanations)

@@ -4,19 +4,23 @@ Passes, each with its own progress bar:
 
 1. ``f`` and ``g`` over the split and over the reference split, batched and
    sharded over a 1-D mesh of all devices: probabilities (N, C), predictions
-   (N,) and pooled features (N, D). Cached in ``OUT/predictions-<split>.npz``.
+   (N,) and pooled features (N, D). Cached in ``OUT/predictions-<split>.npz``, keyed by the weights, the
+   split point, the preprocessing and the split's content fingerprint (``Dataset.fingerprint``).
 2. Queries = the misclassified images of the split (or the given ids), in
    dataset order, at most ``limit``; references = the correctly classified
    images of the reference split whose class is the true class of some query
    (with ``reference_mode="nearest"``: only the union of each query's N nearest).
 3. Phi of every reference on its own class, one reference at a time, cached in
    ``OUT/cache-reference-phi-<hash>.npz`` (:func:`reference_phi`): computed once
-   for all methods and runs that share the weights, split and saliency settings;
+   for all methods and runs that share the weights, split and saliency settings (each row is keyed by the
+   reference's id and a fingerprint of its features, so an image replaced under its id is recomputed);
    Phi of the queries on ŷ, per shard.
 4. The batched counterfactual search, one shard of queries at a time.
 5. Each shard written atomically (:mod:`fgvce_jax.store`); a re-run with the
    same arguments skips the shards the manifest lists, and one with a larger
-   ``limit`` those whose queries are unchanged (:func:`shard_inputs`).
+   ``limit`` those whose queries are unchanged (:func:`shard_inputs`). The stored config holds the model's
+   preprocessing and the content fingerprints of both splits: a directory written for other images is
+   refused (``--overwrite`` replaces it).
 
 Every random draw of an image comes from its own key, derived from the run's seed, the draw's stream, the
 split and the image's id (:mod:`fgvce_jax.keys`), so a resumed, re-sharded or extended run reproduces an
@@ -128,7 +132,8 @@ def predict_split(split_model, params, dataset, *, batch_size, mesh, cache: Path
     """Pass 1 for one split: ``{"label", "pred", "probs" (N,C), "pooled" (N,D)}``.
 
     Reuses ``cache`` when it was written for the same ``key`` (model, dataset,
-    split, preprocessing); otherwise computes and writes it atomically. Under several processes the
+    split, preprocessing, the split's content fingerprint); otherwise, with a notice if it was written for
+    another key, computes and writes it atomically. Under several processes the
     batches are shared out (:mod:`fgvce_jax.multihost`) and process 0 writes the cache.
     """
     cached = None if overwrite else store.load_cache(cache, key)
@@ -413,8 +418,9 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     model, info = models.load(model_dir)
     split_model, params = models.split(model, at)
     at = split_model.at
-    ds = data.load(dataset, split, image_size=info.image_size)
-    ref_ds = ds if reference_split == split else data.load(dataset, reference_split, image_size=info.image_size)
+    pre = data.Preprocessing.of_model(info)  # the checkpoint's preprocessing wins over the source's default
+    ds = data.load(dataset, split, preprocessing=pre)
+    ref_ds = ds if reference_split == split else data.load(dataset, reference_split, preprocessing=pre)
     check_classes(ds, info)
     mesh = device_mesh()  # 1-D over all devices, shared with the Shapley engine
     params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -422,7 +428,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
     # Neither the checkpoint's path (moving it changes nothing; kept as a note) nor the limit (a larger one reuses
     # the shards whose queries are unchanged: _explain_method) is part of the config.
     run = {"weights": fingerprint(params), "at": at, "dataset": dataset, "split": split,
-           "image_size": ds.preprocessing.image_size, "reference_split": reference_split,
+           "image_size": ds.preprocessing.image_size, "preprocessing": dataclasses.asdict(ds.preprocessing),
+           "data": {split: ds.fingerprint, reference_split: ref_ds.fingerprint}, "reference_split": reference_split,
            "queries": list(dict.fromkeys(queries)) if queries else None,  # each once, as select_queries has them
            "shard_size": shard_size,
            # every image's key comes from (seed, stream, split, id) since schema 2; a directory of schema 1 is
@@ -440,7 +447,8 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
                                out_dir / c.method, {**run, **settings(c), **draws_note(c)}, overwrite=overwrite,
                                process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)},
                                names={**{k: setting_flag(c, k) for k in settings(c) if k != "method"},
-                                      **{k: flag(k) for k in RUN_FLAGS}, "reference_draws": "reference draws"}))
+                                      **{k: flag(k) for k in RUN_FLAGS}, "reference_draws": "reference draws",
+                                      "data": f"the images of {dataset} (content fingerprint by split)"}))
                            for c in configs]
                 if overwrite and turn == 0:
                     for p in out_dir.glob("cache-reference-phi-*.npz"):
@@ -457,8 +465,7 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
         preds = {}
         for s, d in {split: ds, reference_split: ref_ds}.items():
             key = json.dumps({"weights": run["weights"], "at": at, "dataset": dataset, "split": s,
-                              "ids": hashlib.sha256("\n".join(map(str, d.ids)).encode()).hexdigest()[:16],
-                              "preprocessing": dataclasses.asdict(d.preprocessing)}, sort_keys=True, default=str)
+                              "data": d.fingerprint, "preprocessing": run["preprocessing"]}, sort_keys=True)
             preds[s] = predict_split(split_model, params, d, batch_size=batch_size, mesh=mesh,
                                      cache=out_dir / f"predictions-{s}.npz", key=key, overwrite=overwrite)
         q_idx = select_queries(ds, preds[split]["pred"], queries, limit)

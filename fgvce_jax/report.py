@@ -234,17 +234,17 @@ def _method_section(method: str, config: dict, state: Completeness, rows: list[d
 
 
 class _Datasets:
-    """The query and reference datasets of each (dataset, split, reference split, image size), loaded once."""
+    """The query and reference datasets of each run config's ``data.RUN_KEYS`` (dataset, splits, preprocessing,
+    content), loaded once."""
 
     def __init__(self):
         self._loaded = {}
 
     def __call__(self, cfg: dict):
-        key = (cfg["dataset"], cfg["split"], cfg["reference_split"], cfg["image_size"])
+        key = json.dumps({k: cfg.get(k) for k in data.RUN_KEYS}, sort_keys=True)
         if key not in self._loaded:
-            q = data.load(cfg["dataset"], cfg["split"], image_size=cfg["image_size"])
-            r = q if cfg["reference_split"] == cfg["split"] else data.load(
-                cfg["dataset"], cfg["reference_split"], image_size=cfg["image_size"])
+            q = data.load_as_run(cfg, cfg["split"])
+            r = q if cfg["reference_split"] == cfg["split"] else data.load_as_run(cfg, cfg["reference_split"])
             self._loaded[key] = (q, r)
         return self._loaded[key]
 

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from fgvce_jax import cli, store
+from fgvce_jax import cli, data, store
 
 DOCS = Path(__file__).parent.parent / "docs" / "output_format.md"
 EXPLAIN = ["--dataset", "digits", "--split", "test", "--limit", "5", "--samples", "4", "--t-max", "4",
@@ -209,6 +211,56 @@ def test_a_process_killed_in_a_two_process_run_resumes(run_dir, tmp_path):
     err = _finish(_start_processes(run_dir / "model", out))[0]
     assert f"{len(written)} of 5 shards were done already" in err
     assert _run_files(out) == _run_files(run_dir / "explanations")
+
+
+def _export_digits(root, sizes):
+    """The first ``sizes[split]`` images of each digits split as a ``folder:`` dataset, the way a user exports
+    them: ROOT/<split>/<class>/<index>.png with the original 8 x 8 pixels (PNG is lossless)."""
+    for split, n in sizes.items():
+        ds = data.load("digits", split)
+        for i, (image_id, label) in enumerate(zip(ds.ids[:n], ds.labels[:n])):
+            path = root / split / str(label) / f"{int(image_id.split('/')[1]):04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ds.read(i)).save(path)
+
+
+def test_a_folder_export_is_read_as_the_model_was_trained_and_a_replaced_image_is_noticed(run_dir, tmp_path,
+                                                                                          capsys):
+    """digits exported as PNGs and read through ``folder:`` are predicted exactly as through ``digits``: the
+    checkpoint's preprocessing replaces the folder's ImageNet default, and a notice names the change. Then one
+    PNG is replaced in place by another digit: adding to the results is refused in one line naming the dataset
+    and --overwrite, the report refuses the stale results, and another method's run recomputes the predictions
+    cache with a notice, predicting the new image as digits predicts it. (Part of the splits, and the cheap
+    methods cve and random, to keep it short.)"""
+    root, out = tmp_path / "digits-png", tmp_path / "explanations"
+    _export_digits(root, {"train": 300, "test": 150})
+    name = f"folder:{root}"
+    argv = ["explain", "--model", str(run_dir / "model"), "--out", str(out),
+            *[name if a == "digits" else a for a in EXPLAIN], "--limit", "1", "--method", "cve", "--batch-size", "32"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert (f"notice: {name} is read with the model's preprocessing, not the dataset's default "
+            "(resize 37 -> 32; mean (0.485, 0.456, 0.406) -> (0.3055") in err
+    digits_ids = data.load("digits", "test").ids.tolist()
+    folder_ids = data.load(name, "test").ids  # test/<class>/<index>.png
+    at = np.array([digits_ids.index(f"digits/{int(Path(i).stem)}") for i in folder_ids])  # folder -> digits row
+    expected = np.load(run_dir / "explanations" / "predictions-test.npz")  # of all digits test images
+    got = np.load(out / "predictions-test.npz")
+    np.testing.assert_array_equal(got["pred"], expected["pred"][at])
+    np.testing.assert_allclose(got["probs"], expected["probs"][at], atol=1e-5)  # another batch shape: not bit-equal
+
+    k = 0  # replace folder image k by the first exported digit (digits row j) that the model predicts otherwise
+    other = next(m for m in range(len(at)) if expected["pred"][at[m]] != expected["pred"][at[k]])
+    j = at[other]
+    (root / folder_ids[k]).write_bytes((root / folder_ids[other]).read_bytes())
+    line = _error(capsys, argv)
+    assert f"the images of {name} (content fingerprint by split)" in line and "--overwrite" in line
+    assert "changed since the explain run" in _error(capsys, ["report", str(out)])
+    assert cli.main([*argv, "--method", "random"]) == 0
+    assert f"cache {out / 'predictions-test.npz'} is stale" in capsys.readouterr().err
+    again = np.load(out / "predictions-test.npz")
+    assert again["pred"][k] == expected["pred"][j]
+    np.testing.assert_array_equal(np.delete(again["pred"], k), np.delete(got["pred"], k))
 
 
 def test_explain_ends_with_the_confusions_and_where_to_look(run_dir, capsys):

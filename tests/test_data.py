@@ -146,6 +146,36 @@ def test_folder_with_train_test_subfolders(tmp_path):
     assert test.raw_image(3).shape == (8, 8, 3)
 
 
+def test_fingerprints_follow_the_content_and_the_models_preprocessing_wins_with_one_notice(tmp_path, capsys):
+    """A folder's fingerprint is stable across loads and changes when one file is replaced under its name;
+    digits' is stable and a subset has its own. Given a model's preprocessing, a source uses it, and one
+    notice (per process) names the fields that differ from the source's default."""
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for k in range(3):
+            _write_png(tmp_path / split / "a" / f"{k}.png", rng)
+    name = f"folder:{tmp_path}"
+    before = data.load(name, "test", image_size=8).fingerprint
+    assert data.load(name, "test", image_size=8).fingerprint == before
+    _write_png(tmp_path / "test" / "a" / "1.png", rng)  # the same name, other pixels
+    assert data.load(name, "test", image_size=8).fingerprint != before
+    digits = data.load("digits", "test")
+    assert digits.fingerprint == data.load("digits", "test").fingerprint != digits.subset([0, 1]).fingerprint
+    assert digits.subset([0, 1]).fingerprint == digits.subset([0, 1]).fingerprint
+
+    model = data.Preprocessing(8, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ds = data.load(name, "test", preprocessing=model)
+    err = capsys.readouterr().err
+    assert err == (f"notice: {name} is read with the model's preprocessing, not the dataset's default "
+                   "(resize 9 -> 8; mean (0.485, 0.456, 0.406) -> (0.5, 0.5, 0.5); "
+                   "std (0.229, 0.224, 0.225) -> (0.25, 0.25, 0.25))\n")
+    assert ds.preprocessing == model
+    np.testing.assert_allclose(ds.images([0])[0], (ds.raw_image(0) / 255 - 0.5) / 0.25, atol=1e-5)
+    data.load(name, "train", preprocessing=model)
+    data.load("digits", "test", preprocessing=digits.preprocessing)
+    assert capsys.readouterr().err == ""  # said once; and nothing when the model's is the source's own
+
+
 # ---------------------------------------------------------------- TFDS (mocked, no TensorFlow)
 
 @pytest.mark.parametrize("name, n_classes", [("caltech_birds2011", 200), ("stanford_dogs", 120)])

@@ -12,11 +12,12 @@ from flax import nnx
 
 from fgvce_jax import counterfactual, data, models, pipeline, store
 from fgvce_jax.counterfactual import CounterfactualConfig
-from fgvce_jax.data.dataset import Preprocessing
+from fgvce_jax.data.dataset import Preprocessing, array_stamp
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models.base import Classifier
 
 C = 3
+PREPROCESSING = dataclasses.asdict(Preprocessing(8, 8))  # the toy checkpoint's (ModelInfo's fields)
 MODEL_DIR = Path(__file__).parent  # models.load is patched; the path only has to exist
 CONFIG = CounterfactualConfig(kernel=3, samples=2, max_regions=4, n_references=2, candidates_per_reference=2, t_max=3)
 
@@ -54,6 +55,10 @@ class ToyData:
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def fingerprint(self):
+        return array_stamp(self._x)
+
     def images(self, idx):
         return self._x[np.asarray(idx)]
 
@@ -72,14 +77,14 @@ def toy():
             labels[::3] = order[::3, 1]  # 8 mistakes
         sets[split] = ToyData(split, x, labels)
     assert len(set(sets["train"].labels)) == C  # every class has references
-    info = types.SimpleNamespace(class_names=sets["test"].class_names, image_size=8, default_split="z")
+    info = types.SimpleNamespace(class_names=sets["test"].class_names, default_split="z", **PREPROCESSING)
     return model, info, sets
 
 
 def _patch(mp, toy):
     model, info, sets = toy
     mp.setattr(models, "load", lambda path: (model, info))
-    mp.setattr(data, "load", lambda name, split, image_size=None: sets[split])
+    mp.setattr(data, "load", lambda name, split, **kw: sets[split])
 
 
 @pytest.fixture
@@ -183,13 +188,13 @@ def test_a_checkpoint_without_class_names_takes_the_datasets(toy, tmp_path, monk
     one with another number of outputs is refused in one line."""
     model, info, sets = toy
     monkeypatch.setattr(models, "load", lambda path: (model, types.SimpleNamespace(
-        class_names=None, num_classes=C, image_size=8, default_split="z")))
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: sets[split])
+        class_names=None, num_classes=C, default_split="z", **PREPROCESSING)))
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: sets[split])
     (summary,) = _run(tmp_path / "a")
     assert "no class names" in capsys.readouterr().err
     assert summary.queries == 8
     monkeypatch.setattr(models, "load", lambda path: (model, types.SimpleNamespace(
-        class_names=None, num_classes=C + 1, image_size=8, default_split="z")))
+        class_names=None, num_classes=C + 1, default_split="z", **PREPROCESSING)))
     with pytest.raises(FgvceError, match=f"3 classes but the checkpoint has {C + 1} outputs"):
         _run(tmp_path / "b")
 
@@ -359,18 +364,24 @@ def test_a_damaged_shard_is_named_then_recomputed_alone_to_identical_results(tmp
     assert _files(b / "fgvce") == _files(a / "fgvce")
 
 
-def test_a_split_that_lost_an_image_is_predicted_again_not_read_from_the_stale_cache(toy, tmp_path, monkeypatch):
-    """Pass 1's cache is keyed by the split's image ids: after one test image is removed, the cached
-    predictions (one row per old image) are not used, and the run equals a fresh one on the smaller split."""
+def test_a_split_that_lost_an_image_is_predicted_again_not_read_from_the_stale_cache(toy, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Pass 1's cache is keyed by the split's content: after one test image is removed, the cached
+    predictions (one row per old image) are not used (a notice says so), adding to the old results is refused
+    naming the data, and a run of another method equals a fresh one on the smaller split."""
     model, info, sets = toy
     _patch(monkeypatch, toy)
     _run(tmp_path / "a", limit=3)
     t = sets["test"]
     smaller = ToyData("test", t._x[1:], t.labels[1:])
     smaller.ids = t.ids[1:]
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: smaller if split == "test" else sets[split])
-    (again,) = _run(tmp_path / "a", limit=3)
-    (fresh,) = _run(tmp_path / "b", limit=3)
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: smaller if split == "test" else sets[split])
+    with pytest.raises(FgvceError, match=r"different config \(the images of toy \(content fingerprint by split\)"):
+        _run(tmp_path / "a", limit=3)
+    capsys.readouterr()
+    (again,) = _run(tmp_path / "a", dataclasses.replace(CONFIG, method="cve"), limit=3)
+    assert "predictions-test.npz is stale" in capsys.readouterr().err
+    (fresh,) = _run(tmp_path / "b", dataclasses.replace(CONFIG, method="cve"), limit=3)
     assert (again.queries, again.success_rate, again.mean_edits) == (fresh.queries, fresh.success_rate,
                                                                      fresh.mean_edits)
     cached = np.load(tmp_path / "a" / "predictions-test.npz")

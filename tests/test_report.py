@@ -221,7 +221,7 @@ def test_report_page_structure(tmp_path, monkeypatch, capsys):
     from fgvce_jax import data
 
     rows, qds, rds = _write_methods(tmp_path / "out")
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: qds if split == "test" else rds)
     path = report.write_report(tmp_path / "out")
     err = capsys.readouterr().err
     assert f"warning: random ({tmp_path / 'out' / 'random'}): partial: 2 queries, run not finished" in err
@@ -270,7 +270,7 @@ def test_report_redraws_and_includes_the_evaluation(tmp_path, monkeypatch):
     from fgvce_jax import data
 
     _, qds, rds = _write_methods(tmp_path / "out", partial_random=False)
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: qds if split == "test" else rds)
     page = report.write_report(tmp_path / "out", max_queries=1)
     assert len(_Page(page.read_text()).srcs) == 3
     assert len(list((page.parent / "report_files" / "fgvce").iterdir())) == 1
@@ -294,7 +294,7 @@ def test_cli_warns_about_a_partial_run(tmp_path, monkeypatch, capsys):
 
     _, qds, rds = _write_methods(tmp_path / "out")
     write_run(tmp_path / "out" / "global", {"method": "global"}, None, {}, [], summary=False)  # no shard yet
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: qds if split == "test" else rds)
     assert main(["report", str(tmp_path / "out"), "--max-queries", "1"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning:") == 2 and "random" in err and "partial: 2 queries" in err
@@ -309,7 +309,7 @@ def test_report_html_that_is_a_directory_is_one_line_and_leaves_nothing(tmp_path
     from fgvce_jax import data
 
     _, qds, rds = _write_methods(tmp_path / "out", partial_random=False)
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: qds if split == "test" else rds)
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: qds if split == "test" else rds)
     (tmp_path / "pages").mkdir()
     assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "pages")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -339,7 +339,7 @@ def test_report_and_evaluate_find_images_by_id_when_the_dataset_changed(tmp_path
     monkeypatch.setattr(report, "query_figure", lambda path, image, phi, row, refs: (
         drawn.append((row["query_id"], image, {r: refs[r] for r in refs})), path.write_bytes(b"png")))
     new_q, new_r = _shifted(qds), _shifted(rds)
-    monkeypatch.setattr(data, "load", lambda name, split, image_size=None: new_q if split == "test" else new_r)
+    monkeypatch.setattr(data, "load", lambda name, split, **kw: new_q if split == "test" else new_r)
     report.write_report(tmp_path / "out", max_queries=3)
     assert len(drawn) == 9
     for qid, image, refs in drawn:

@@ -23,12 +23,15 @@ the image border); its keypoint is the mask pixel nearest the mask's centroid
 Sample k (0 <= k < 16 * samples_per_class) has class ``k % 16`` and the
 nuisance drawn by ``numpy.random.default_rng([seed, k])``; it is in the test
 split when ``(k // 16) % 4 == 3`` (a quarter of each class). Images are drawn
-on first read and cached in memory.
+on first read and cached in memory. The fingerprint of an image is the generator's version
+(:data:`GENERATOR`, a hash of this file), the seed and the side drawn at: drawing every image to hash it
+would cost more than the run it guards.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -37,11 +40,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fgvce_jax.data.dataset import Dataset, Preprocessing, require_split
-from fgvce_jax.data.parts import PartAnnotation
+from fgvce_jax.data.parts import PartAnnotation, transform_points
 from fgvce_jax.errors import FgvceError
 
 SPLITS = ("train", "test")
 SEED = 0
+GENERATOR = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]  # changes with any edit of the generator
 DEFAULT_SIZE = 64
 SAMPLES_PER_CLASS = 100
 TEST_EVERY = 4  # sample k is a test sample when (k // n_classes) % TEST_EVERY == TEST_EVERY - 1
@@ -321,17 +325,21 @@ def load(split: str, *, image_size: int | None = None, samples_per_class: int = 
     size = image_side(image_size)
     ks = sample_ids(split, samples_per_class)
 
-    def part_annotation(i: int) -> PartAnnotation:
+    def part_annotation(i: int, pre: Preprocessing) -> PartAnnotation:
+        """Keypoints and box of the S-pixel drawing, mapped through ``pre``'s resize and crop (the identity
+        for the default ``Preprocessing(S, S)``)."""
         _, masks = sample(int(ks[i]), size, seed)
         xy, visible = keypoints(masks)
-        return PartAnnotation(names=PARTS, types=np.flatnonzero(visible), xy=xy[visible], image_size=size,
-                              bbox=bird_box(masks))
+        box = transform_points(bird_box(masks).reshape(2, 2), size, size, pre.resize_size, pre.image_size)
+        return PartAnnotation(names=PARTS, types=np.flatnonzero(visible), image_size=pre.image_size,
+                              xy=transform_points(xy[visible], size, size, pre.resize_size, pre.image_size),
+                              bbox=box.reshape(4))
 
     return Dataset(name="birds", split=split, ids=[f"birds/{k:05d}" for k in ks],
                    labels=np.array([label_of(k) for k in ks], np.int64), class_names=CLASS_NAMES, splits=SPLITS,
-                   read=lambda i: sample(int(ks[i]), size, seed)[0], preprocessing=Preprocessing(size, size),
-                   parts=part_annotation, part_masks=lambda i: sample(int(ks[i]), size, seed)[1],
-                   cause_parts=cause_parts, part_names=PARTS)
+                   read=lambda i: sample(int(ks[i]), size, seed)[0], stamp=lambda i: f"{GENERATOR}:{seed}:{size}",
+                   preprocessing=Preprocessing(size, size), parts=part_annotation,
+                   part_masks=lambda i: sample(int(ks[i]), size, seed)[1], cause_parts=cause_parts, part_names=PARTS)
 
 
 def cause_parts(y, y_hat) -> np.ndarray:

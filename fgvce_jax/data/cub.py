@@ -5,7 +5,7 @@
 ``train_test_split.txt`` (``id is_train``), ``classes.txt`` (``class
 NNN.Name``), ``bounding_boxes.txt`` (``id x y w h``) and the part files of
 :mod:`fgvce_jax.data.parts`. Ids are the relative image paths; unreadable
-images are skipped with one warning.
+images are skipped with one warning. The fingerprint is each image file's id, size and mtime.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from fgvce_jax.data import parts as parts_lib
-from fgvce_jax.data.dataset import (Dataset, Preprocessing, drop_unreadable, read_rgb, require_dir,
+from fgvce_jax.data.dataset import (Dataset, Preprocessing, drop_unreadable, file_stamp, read_rgb, require_dir,
                                     require_split)
 from fgvce_jax.errors import FgvceError
 
@@ -59,9 +59,8 @@ def load(directory: str | Path, split: str, *, image_size: int | None = None) ->
 
     type_names, type_of_part = parts_lib.merge_sides(parts_lib.read_part_names(root / "parts" / "parts.txt"))
     locations = parts_lib.read_part_locations(root / "parts" / "part_locs.txt")
-    pre = Preprocessing.imagenet(image_size)
 
-    def part_annotation(i: int) -> parts_lib.PartAnnotation:
+    def part_annotation(i: int, pre: Preprocessing) -> parts_lib.PartAnnotation:
         image_id = int(image_ids[i])
         with Image.open(files[i]) as img:
             width, height = img.size
@@ -77,4 +76,5 @@ def load(directory: str | Path, split: str, *, image_size: int | None = None) ->
     return Dataset(name=f"cub:{directory}", split=split, ids=[paths[i][0] for i in image_ids],
                    labels=np.array([int(label_of[i][0]) - 1 for i in image_ids], np.int64),
                    class_names=class_names, splits=SPLITS, read=lambda i: read_rgb(files[i]),
-                   preprocessing=pre, parts=part_annotation)
+                   stamp=lambda i: file_stamp(files[i]), preprocessing=Preprocessing.imagenet(image_size),
+                   parts=part_annotation)

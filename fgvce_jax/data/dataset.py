@@ -10,6 +10,8 @@ turns those into model inputs with the torchvision eval transform
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,11 +35,45 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self):  # as read back from JSON (lists) or numpy: compare equal to the same numbers
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
     @classmethod
     def imagenet(cls, image_size: int | None) -> "Preprocessing":
         """The standard 256 -> 224 recipe, scaled to ``image_size`` (default 224)."""
         size = 224 if image_size is None else int(image_size)
         return cls(size, int(round(size * 256 / 224)))
+
+    @classmethod
+    def of_model(cls, info) -> "Preprocessing":
+        """What a checkpoint's :class:`~fgvce_jax.models.checkpoint.ModelInfo` records the model was trained on."""
+        return cls(info.image_size, info.resize_size, info.mean, info.std)
+
+    def changes_from(self, default: "Preprocessing") -> str:
+        """``"mean (0.485, ...) -> (0.1, ...); resize 73 -> 64"``: each field that differs from ``default``."""
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(default)
+        return "; ".join(f"{k.replace('_size', '')} {_short(theirs[k])} -> {_short(mine[k])}"
+                         for k in mine if _short(mine[k]) != _short(theirs[k]))
+
+
+def _short(value) -> str:
+    """A preprocessing field as the notice shows it (floats to 4 significant digits)."""
+    return str(value) if isinstance(value, int) else "(" + ", ".join(f"{v:.4g}" for v in value) + ")"
+
+
+def file_stamp(path) -> str:
+    """``"size:mtime_ns"`` of a file: changes when the file is replaced or rewritten in place."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def array_stamp(array: np.ndarray) -> str:
+    """First 16 hex digits of sha256 over an array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(array)
+    return hashlib.sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
 
 
 class Dataset:
@@ -52,12 +88,17 @@ class Dataset:
       preprocessing: :class:`Preprocessing` applied by :meth:`images`.
       part_names: (P,) names of the parts :meth:`part_masks` and :meth:`cause_parts` index, or None
         (a dataset without part masks and known causes, e.g. everything but ``birds``).
+      fingerprint: str, 16 hex digits, of the split's content (:attr:`fingerprint`).
+
+    ``stamp(i)`` is a short string that changes when image ``i``'s pixels may have (its file's size and mtime,
+    a hash of its array, the generator's version); ``parts(i, preprocessing)`` annotates image ``i`` in the
+    coordinates of the model input that ``preprocessing`` makes of it.
     """
 
     def __init__(self, *, name: str, split: str, ids: Sequence[str], labels: np.ndarray,
                  class_names: Sequence[str], splits: Sequence[str],
-                 read: Callable[[int], np.ndarray], preprocessing: Preprocessing,
-                 parts: Callable[[int], object] | None = None,
+                 read: Callable[[int], np.ndarray], stamp: Callable[[int], str], preprocessing: Preprocessing,
+                 parts: Callable[[int, Preprocessing], object] | None = None,
                  part_masks: Callable[[int], np.ndarray] | None = None,
                  cause_parts: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                  part_names: Sequence[str] | None = None):
@@ -67,7 +108,8 @@ class Dataset:
         self.class_names = list(class_names)
         self.splits = tuple(splits)
         self.preprocessing = preprocessing
-        self._read, self._parts = read, parts
+        self._read, self._stamp, self._parts = read, stamp, parts
+        self._fingerprint = None
         self._part_masks, self._cause_parts = part_masks, cause_parts
         self.part_names = None if part_names is None else tuple(part_names)
         if (part_masks is None) != (part_names is None) or (cause_parts is not None and part_names is None):
@@ -81,6 +123,15 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, split={self.split!r}, n={len(self)}, "
                 f"classes={len(self.class_names)}, image_size={self.preprocessing.image_size})")
+
+    @property
+    def fingerprint(self) -> str:
+        """First 16 hex digits of sha256 over the lines ``id \\t stamp(i)`` of every image, in order: another
+        image under the same id, or another set or order of ids, gives another fingerprint."""
+        if self._fingerprint is None:
+            lines = "".join(f"{self.ids[i]}\t{self._stamp(i)}\n" for i in range(len(self)))
+            self._fingerprint = hashlib.sha256(lines.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def read(self, i: int) -> np.ndarray:
         """The original image ``i``: uint8 (h, w, 3), before any resize."""
@@ -99,16 +150,24 @@ class Dataset:
     def subset(self, indices) -> "Dataset":
         """The same split restricted to ``indices`` (in that order)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        parts = None if self._parts is None else (lambda i: self._parts(int(idx[i])))
+        parts = None if self._parts is None else (lambda i, pre: self._parts(int(idx[i]), pre))
         masks = None if self._part_masks is None else (lambda i: self._part_masks(int(idx[i])))
         return Dataset(name=self.name, split=self.split, ids=self.ids[idx], labels=self.labels[idx],
                        class_names=self.class_names, splits=self.splits, read=lambda i: self._read(int(idx[i])),
-                       preprocessing=self.preprocessing, parts=parts, part_masks=masks,
+                       stamp=lambda i: self._stamp(int(idx[i])), preprocessing=self.preprocessing, parts=parts,
+                       part_masks=masks, cause_parts=self._cause_parts, part_names=self.part_names)
+
+    def with_preprocessing(self, preprocessing: Preprocessing) -> "Dataset":
+        """The same images, made into model inputs (and part coordinates) by ``preprocessing`` instead. Part
+        masks (``birds``) stay as drawn, at the generator's image size."""
+        return Dataset(name=self.name, split=self.split, ids=self.ids, labels=self.labels,
+                       class_names=self.class_names, splits=self.splits, read=self._read, stamp=self._stamp,
+                       preprocessing=preprocessing, parts=self._parts, part_masks=self._part_masks,
                        cause_parts=self._cause_parts, part_names=self.part_names)
 
     def parts(self, i: int):
-        """:class:`fgvce_jax.data.parts.PartAnnotation` of image ``i`` (CUB only), else None."""
-        return None if self._parts is None else self._parts(int(i))
+        """:class:`fgvce_jax.data.parts.PartAnnotation` of image ``i`` (CUB, birds), else None."""
+        return None if self._parts is None else self._parts(int(i), self.preprocessing)
 
     def part_masks(self, i: int) -> np.ndarray | None:
         """(P, S, S) bool pixel masks of image ``i``'s parts on the model input (``part_names`` order;

@@ -1,7 +1,7 @@
 """``digits``: scikit-learn's 8x8 handwritten digits, the dataset that works offline.
 
 The 1797 images (grey levels 0..16) become uint8 RGB (``round(v * 255 / 16)``
-on all three channels) and are upsampled bilinearly to ``image_size``
+on all three channels; fingerprinted by their bytes) and are upsampled bilinearly to ``image_size``
 (default 32) by the same eval transform as every other source. Normalisation
 uses one mean and std for all channels: the train split's pixel statistics in
 [0, 1]. The split is a fixed seeded stratified one, two thirds train.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.datasets import load_digits
 
-from fgvce_jax.data.dataset import Dataset, Preprocessing, require_split, stratified_split
+from fgvce_jax.data.dataset import Dataset, Preprocessing, array_stamp, require_split, stratified_split
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 1 / 3
@@ -34,5 +34,6 @@ def load(split: str, *, image_size: int | None = None) -> Dataset:
     return Dataset(
         name="digits", split=split, ids=[f"digits/{i}" for i in idx], labels=labels[idx],
         class_names=[str(c) for c in range(10)], splits=SPLITS, read=lambda i: rgb[i],
+        stamp=lambda i: array_stamp(rgb[i]),
         preprocessing=Preprocessing(size, size, (mean,) * 3, (std,) * 3),
     )

@@ -4,7 +4,7 @@ Class names are the sorted sub-folder names. If ``DIR/train`` and ``DIR/test``
 exist they are the splits (classes taken from ``train/``); otherwise all
 images are split per class with a fixed seed, a fifth to test. Files are
 kept if their extension is an image one; those that do not decode are
-skipped with one warning listing them.
+skipped with one warning listing them. The fingerprint is each file's id, size and mtime.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fgvce_jax.data.dataset import (IMAGE_EXTENSIONS, Dataset, Preprocessing, drop_unreadable, read_rgb,
+from fgvce_jax.data.dataset import (IMAGE_EXTENSIONS, Dataset, Preprocessing, drop_unreadable, file_stamp, read_rgb,
                                     require_dir, require_split, stratified_split)
 from fgvce_jax.errors import FgvceError
 
@@ -55,4 +55,4 @@ def load(directory: str | Path, split: str, *, image_size: int | None = None) ->
         raise FgvceError(f"{name}: no readable images in split {split!r}; {HOW}")
     return Dataset(name=name, split=split, ids=[str(p.relative_to(root)) for p in files], labels=labels,
                    class_names=class_names, splits=SPLITS, read=lambda i: read_rgb(files[i]),
-                   preprocessing=Preprocessing.imagenet(image_size))
+                   stamp=lambda i: file_stamp(files[i]), preprocessing=Preprocessing.imagenet(image_size))

@@ -37,7 +37,7 @@ from scipy.ndimage import distance_transform_edt
 from skimage.morphology import skeletonize
 
 from fgvce_jax import morphometrics as morpho
-from fgvce_jax.data.dataset import Dataset, Preprocessing, require_split
+from fgvce_jax.data.dataset import Dataset, Preprocessing, array_stamp, require_split
 from fgvce_jax.errors import FgvceError
 
 NAMES = {"morpho-digits": False, "morpho-digits-shortcut": True}  # name -> shortcut planted
@@ -134,7 +134,8 @@ def train_pixel_stats(shortcut: bool) -> tuple[float, float]:
 
 def load(name: str, split: str, *, image_size: int | None = None) -> Dataset:
     """Split ``split`` of ``name`` (a key of ``NAMES``): (N,) labels 0..9, images (N, S, S, 3),
-    S = ``image_size`` or 28; normalised by the train split's pixel mean and std (one for all channels)."""
+    S = ``image_size`` or 28; normalised by the train split's pixel mean and std (one for all channels);
+    fingerprinted by a hash of each generated image."""
     require_split(split, SPLITS, name)
     shortcut = NAMES[name]
     images, f = generate(split, shortcut)
@@ -143,7 +144,7 @@ def load(name: str, split: str, *, image_size: int | None = None) -> Dataset:
     return Dataset(
         name=name, split=split, ids=[f"{name}/{split}/{i}" for i in range(len(images))], labels=f["label"],
         class_names=[str(c) for c in range(10)], splits=SPLITS,
-        read=lambda i: np.repeat(images[i][..., None], 3, axis=-1),
+        read=lambda i: np.repeat(images[i][..., None], 3, axis=-1), stamp=lambda i: array_stamp(images[i]),
         preprocessing=Preprocessing(size, size, (mean,) * 3, (std,) * 3),
     )
 

@@ -4,7 +4,8 @@
 Examples are indexed one at a time; the image is feature ``image`` and the
 label feature ``label`` (a ``ClassLabel``, whose names become the class
 names). Nothing is ever downloaded here: a dataset that is not prepared is an
-error that says how to build it.
+error that says how to build it. The fingerprint is the dataset's name, version and the example ids
+(the prepared files are taken to be what that version defines).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def load(name: str, split: str, *, image_size: int | None = None, data_dir: str 
                                                                     leave=False, disable=len(source) < 1000)],
                       dtype=np.int64)
     splits = tuple(source.dataset_info.splits) or (split,)
+    version = str(source.dataset_info.version)
 
     def read(i: int) -> np.ndarray:
         img = np.asarray(source[i]["image"])
@@ -50,4 +52,5 @@ def load(name: str, split: str, *, image_size: int | None = None, data_dir: str 
 
     return Dataset(name=f"tfds:{name}", split=split, ids=[f"{name}/{split}/{i}" for i in range(len(source))],
                    labels=labels, class_names=features["label"].names, splits=splits, read=read,
+                   stamp=lambda i: version,
                    preprocessing=Preprocessing.imagenet(image_size))
