@@ -141,7 +141,10 @@ def digits_model(cache: Path, epochs: int, image_size: int | None = None) -> Pat
         train_set = data.load("digits", "train")
         model, _ = calibrated_random_model("resnet_tiny", 10, lambda i, j: train_set.images(np.arange(i, j)),
                                            256, seed=0)
-        models.save(path, model, models.ModelInfo.for_model(model, class_names=train_set.class_names))
+        pre = train_set.preprocessing  # the fc is calibrated on inputs made with the dataset's own preprocessing
+        info = models.ModelInfo.for_model(model, class_names=train_set.class_names)
+        models.save(path, model, dataclasses.replace(info, image_size=pre.image_size, resize_size=pre.resize_size,
+                                                     mean=pre.mean, std=pre.std))
     else:
         t0 = time.perf_counter()
         train(TrainConfig(**{**DEMO_TRAIN, "epochs": epochs, "image_size": image_size}), path)

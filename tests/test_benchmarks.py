@@ -1,7 +1,7 @@
 """The benchmarks of issues 6 and 11: their pure helpers, a --quick smoke run of each, and the README table.
 
-The --quick runs start together in one fixture (subprocesses, about a
-minute on 2 idle cores); the other tests are instant.
+The --quick runs start together in one fixture (subprocesses); estimators' and scaling's, the two longest,
+in a second one under ``-m slow``. The other tests are instant.
 """
 from __future__ import annotations
 
@@ -205,20 +205,32 @@ def test_make_table_main_writes_and_checks_a_readme(tmp_path):
 
 
 # --------------------------------------------------------------------------- --quick smoke runs
-@pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory):
-    """Start every benchmark's --quick run at once; {name: (returncode, output, JSON path)}."""
-    tmp = tmp_path_factory.mktemp("bench")
-    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "scaling": [], "estimators": [], "opaque_game": [],
-                "bf16_head": [], "screening": []}
-    if HAS_PEERS:
-        commands["peers"] = []
+def _start_quick_runs(tmp, commands: dict) -> dict:
+    """Start the given benchmarks' --quick runs at once; {name: (returncode, output, JSON path)}."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out",
                                      str(tmp / f"{name}.json"), *extra], cwd=BENCH, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for name, extra in commands.items()}
     return {name: (p.wait(timeout=900), p.stdout.read(), tmp / f"{name}.json") for name, p in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """The default suite's --quick runs, started at once (the two longest, estimators and scaling, are in
+    ``slow_quick_runs``: the suite runs on 2 cores)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    commands = {"end_to_end": ["--cache", str(tmp / "cache")], "opaque_game": [], "bf16_head": [], "screening": []}
+    if HAS_PEERS:
+        commands["peers"] = []
+    return _start_quick_runs(tmp, commands)
+
+
+@pytest.fixture(scope="module")
+def slow_quick_runs(tmp_path_factory):
+    """The --quick runs of estimators (every estimator on every family) and scaling (1 against 2 devices and
+    processes); about 2 minutes each on 2 idle cores, so they run with ``-m slow``."""
+    return _start_quick_runs(tmp_path_factory.mktemp("bench_slow"), {"scaling": [], "estimators": []})
 
 
 def _document(quick_runs, name):
@@ -274,8 +286,9 @@ def test_screening_quick_compares_each_run_with_the_full_one(quick_runs):
     assert doc["summary"]["default"].startswith("screening")
 
 
-def test_scaling_quick_records_identical_results(quick_runs):
-    doc = _document(quick_runs, "scaling")
+@pytest.mark.slow
+def test_scaling_quick_records_identical_results(slow_quick_runs):
+    doc = _document(slow_quick_runs, "scaling")
     runs = doc["results"]["runs"]
     assert [r["devices"] for r in runs] == [1, 2]
     assert all(r["saliency"]["images_per_s"] > 0 and r["search"]["queries_per_s"] > 0 for r in runs)
@@ -305,12 +318,13 @@ def test_peers_quick_compares_every_estimator_on_one_game(quick_runs):
     assert quick_runs["peers"][2].with_suffix(".png").stat().st_size > 0
 
 
-def test_estimators_quick_scores_every_estimator_on_every_family(quick_runs):
+@pytest.mark.slow
+def test_estimators_quick_scores_every_estimator_on_every_family(slow_quick_runs):
     from estimators import IMAGE_MODELS, TABLES
 
     from fgvce_jax import shapley
 
-    doc = _document(quick_runs, "estimators")
+    doc = _document(slow_quick_runs, "estimators")
     fams = {f["name"]: f for f in doc["results"]["families"]}
     want = {"unanimity_random", "unanimity_local", "tree", "cub_independent", "cub_size_dominated"}
     assert want | (set(IMAGE_MODELS) if TABLES.is_dir() else set()) == set(fams)
@@ -332,4 +346,4 @@ def test_estimators_quick_scores_every_estimator_on_every_family(quick_runs):
             peers = {r["estimator"] for r in fams["vit_9patches"]["rows"] if "skipped" not in r and r["library"] != "ours"}
             assert {"SVARM", "KernelSHAP (paired)", "ShapleyValueSampling", "KernelShap"} <= peers
     assert any("fewer evaluations than permutation" in k for k in doc["summary"])
-    assert quick_runs["estimators"][2].with_suffix(".png").stat().st_size > 0
+    assert slow_quick_runs["estimators"][2].with_suffix(".png").stat().st_size > 0

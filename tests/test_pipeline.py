@@ -51,6 +51,7 @@ class ToyData:
         self.ids = np.asarray([f"{split}-{i}" for i in range(len(labels))])
         self.class_names = ["a", "b", "c"]
         self.preprocessing = Preprocessing(8, 8)
+        self.part_names = None  # no part masks or known causes (see Dataset.part_names)
 
     def __len__(self):
         return len(self.labels)

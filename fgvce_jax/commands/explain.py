@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from fgvce_jax import data
 from fgvce_jax.counterfactual.config import CounterfactualConfig, flag, param_flag
 
 HELP = "explain the misclassified images of a dataset split (resumable, sharded output)"
@@ -50,7 +51,7 @@ def add_arguments(parser) -> None:
     from fgvce_jax.counterfactual import methods
 
     parser.add_argument("--model", required=True, help="checkpoint directory (from `fgvce train` or `fgvce convert`)")
-    parser.add_argument("--dataset", required=True, help="digits | tfds:NAME | cub:DIR | folder:DIR")
+    parser.add_argument("--dataset", required=True, help=" | ".join(data.NAMES))
     parser.add_argument("--split", default="test", help="split whose mistakes are explained (default: test)")
     parser.add_argument("--out", required=True, help="output directory (one sub-directory per method)")
     parser.add_argument("--reference-split", default="train", help="split the references come from (default: train)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from fgvce_jax import data
 from fgvce_jax.train import OPTIMIZERS, SCHEDULES, TrainConfig, train
 
 HELP = "train or fine-tune a classifier on a dataset; re-running the same command resumes"
@@ -13,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=d.arch, help="model architecture")
     parser.add_argument("--init", default=None, help="start from this checkpoint (e.g. from `fgvce convert`); "
                         "its classifier layer is re-initialised if the number of classes differs")
-    parser.add_argument("--dataset", default=d.dataset, help="digits | tfds:NAME | cub:DIR | folder:DIR")
+    parser.add_argument("--dataset", default=d.dataset, help=" | ".join(data.NAMES))
     parser.add_argument("--out", required=True, help="output directory: the model, and train_state/ to resume from")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
