@@ -36,9 +36,10 @@ demo: $(VENV)/.core-installed
 birds: $(VENV)/.core-installed
 	$(VENV)/bin/fgvce demo --dataset birds --out $(BIRDS_OUT)
 
-# 4 fake CPU devices so that the sharding tests compare 1 vs 4 devices.
+# 4 fake CPU devices so that the sharding tests compare 1 vs 4 devices. --dist loadscope keeps each test module on
+# one worker, so a module's expensive fixture (a trained model, the benchmarks' smoke runs) runs once, not twice.
 test: $(VENV)/.test-installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 --dist loadscope -q $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.test-installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -q -m slow
