@@ -38,9 +38,9 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import causes as cause_metrics
 from fgvce_jax.metrics import counterfactual as cf_metrics
 from fgvce_jax.metrics import parts as part_metrics
-from fgvce_jax.metrics import rise
+from fgvce_jax.metrics import rise, validity
 from fgvce_jax.data.dataset import positions_of
-from fgvce_jax.results import StoredExplanations, find_runs, load_run
+from fgvce_jax.results import StoredExplanations, find_runs, is_rendered, load_run
 from fgvce_jax.sharding import device_mesh, pad_to
 
 COLUMNS = {  # key -> header (arrows: which direction is better)
@@ -61,7 +61,7 @@ COLUMNS = {  # key -> header (arrows: which direction is better)
 CF_COLUMNS = ("validity", "edits_regions", "edits_cells")
 RISE_COLUMNS = ("deletion_auc", "insertion_auc", "del_ins")
 GRADCAM = "gradcam"
-PAPER_TABLES = {  # the paper's tables: name -> (methods in this order, None: every registered one; columns)
+PAPER_TABLES = {  # the paper's tables: name -> (methods in this order, None: every region-swap one; columns)
     "main": (("fgvce", GRADCAM, "gradient", "cve"), (*CF_COLUMNS, *RISE_COLUMNS)),
     # full, w/o saliency partition (global Shapley), w/o Shapley (gradient), single-step, random regions
     "ablation": (("fgvce", "global", "gradient", "single-step", "random"), (*CF_COLUMNS, *RISE_COLUMNS)),
@@ -128,8 +128,19 @@ def summarise(explanations_by_method: Mapping[str, object], *,
     return rows
 
 
+def header(column: str) -> str:
+    """A metric's table header: :data:`COLUMNS`, or a rendering method's ``metric_columns``."""
+    if column in COLUMNS:
+        return COLUMNS[column]
+    return next((m.metric_columns[column] for m in map(methods.get, methods.names())
+                 if column in getattr(m, "metric_columns", {})), column)
+
+
 def _columns(rows: list[dict]) -> list[str]:
-    return [c for c in COLUMNS if rows and c in rows[0]]
+    """The metric keys of ``rows`` (all but method and queries): :data:`COLUMNS` order first, then the others
+    as they first appear."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("method", "queries")))
+    return [c for c in COLUMNS if c in keys] + [c for c in keys if c not in COLUMNS]
 
 
 def _fmt(v: float) -> str:
@@ -137,23 +148,30 @@ def _fmt(v: float) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    """A GitHub-Markdown table: rows = methods, NaN shown as '–'."""
-    cols = _columns(rows)
-    lines = ["| Method | Queries | " + " | ".join(COLUMNS[c] for c in cols) + " |",
-             "|---|---:|" + "---:|" * len(cols)]
+    """GitHub-Markdown tables: rows = methods, NaN shown as '–'. Rows with the same metrics share a table
+    (the region-swap methods; each rendering method has metrics of its own, so a table of its own)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        lines.append(f"| {r['method']} | {r['queries']} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+        groups.setdefault(tuple(_columns([r])), []).append(r)
+    tables = []
+    for cols, group in groups.items():
+        lines = ["| Method | Queries | " + " | ".join(header(c) for c in cols) + " |",
+                 "|---|---:|" + "---:|" * len(cols)]
+        lines += [f"| {r['method']} | {r['queries']} | " + " | ".join(_fmt(r[c]) for c in cols) + " |"
+                  for r in group]
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
 
 
 def to_csv(rows: list[dict]) -> str:
-    """CSV with a header of metric keys; NaN left empty."""
+    """CSV with a header of metric keys (every row's); NaN and a metric a method does not have left empty."""
     cols = ["method", "queries", *_columns(rows)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
-        w.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in cols])
+        w.writerow(["" if r.get(c) is None or (isinstance(r[c], float) and math.isnan(r[c])) else r[c]
+                    for c in cols])
     return buf.getvalue()
 
 
@@ -167,7 +185,7 @@ def paper_tables(rows: list[dict]) -> dict[str, list[dict]]:
         present = [c for c in columns if rows and c in rows[0]]
         if present:
             out[name] = [{k: by_method[m][k] for k in ("method", "queries", *present)}
-                         for m in (methods.names() if names is None else names) if m in by_method]
+                         for m in (methods.names("swap") if names is None else names) if m in by_method]
     return out
 
 
@@ -325,14 +343,16 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
     warn_partial(runs, "the evaluation")
     loaded = {m: load_run(d) for m, d in progress.bar(runs.items(), desc="evaluate: reading results", unit="method",
                                                       leave=False)}
-    explanations = {m: e for m, (e, _) in loaded.items()}
+    explanations = {m: e for m, (e, c) in loaded.items() if not is_rendered(c)}
+    rendered = {m: (e, c) for m, (e, c) in loaded.items() if is_rendered(c)}
     run = _shared_run({m: c for m, (_, c) in loaded.items()})
-    curves, part_masks, causes = None, None, None
-    if use_rise or parts:
+    curves, part_masks, causes, rendered_rows = None, None, None, []
+    if explanations and (use_rise or parts) or rendered:
         for key in ("dataset", "split"):
             if not run.get(key):
                 raise FgvceError(f"the explain manifest does not name the {key}; pass --no-rise --no-parts")
         ds = data.load_as_run(run, run["split"])
+    if explanations and (use_rise or parts):
         ref_ds = None
         if parts:
             ref_split = run.get("reference_split") or run["split"]
@@ -342,16 +362,35 @@ def evaluate_directory(directory, out=None, *, steps: int = 50, chunk_size: int 
             part_masks = _parts_for_runs(ds, ref_ds, explanations)
             causes = causes_for_runs(ds, explanations)
         if use_rise:
-            model_dir = Path(run.get("model") or "")
-            if not (model_dir.is_absolute() and model_dir.exists()):
-                raise FgvceError(f"model checkpoint {model_dir} of the explain run is not there; pass --no-rise")
-            model, _ = models.load(model_dir)
-            split_model, params = models.split(model, run.get("at"))
+            split_model, params = _model(run, "pass --no-rise")
             curves = rise_for_runs(split_model, params, ds, explanations, steps=steps, chunk_size=chunk_size,
                                    batch_size=batch_size, gradcam=gradcam)
+    if rendered:
+        split_model, params = _model(run, "a rendering method's metrics need it")
+        for m, (e, c) in rendered.items():
+            method = methods.get(m)(stored_params(m, c))
+            rendered_rows.append({"method": m, "queries": int(len(e.success)), "validity": validity(e.success),
+                                  **method.metrics(split_model, params, ds, e)})
     rows = summarise(explanations, curves_by_method=curves, parts_by_method=part_masks, causes_by_method=causes)
+    rows += rendered_rows
     out = Path(out) if out is not None else Path(directory) / "evaluation"
     return rows, write_outputs(rows, out, curves)
+
+
+def _model(run: dict, why: str):
+    """(split model, params) of the explain run's checkpoint at its split point; FgvceError naming ``why`` when
+    the checkpoint is not there."""
+    model_dir = Path(run.get("model") or "")
+    if not (model_dir.is_absolute() and model_dir.exists()):
+        raise FgvceError(f"model checkpoint {model_dir} of the explain run is not there; {why}")
+    model, _ = models.load(model_dir)
+    return models.split(model, run.get("at"))
+
+
+def stored_params(method: str, config: dict):
+    """Method ``method``'s ``Params`` as stored in a run ``config`` (its ``params.<name>`` keys)."""
+    cls = methods.get(method).Params
+    return cls(**{f.name: config[f"params.{f.name}"] for f in dataclasses.fields(cls) if f"params.{f.name}" in config})
 
 
 def _parts_for_runs(ds, ref_ds, explanations_by_method) -> dict | None:

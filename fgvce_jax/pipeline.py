@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -50,9 +49,10 @@ from fgvce_jax.counterfactual.config import flag, setting_flag, settings
 from fgvce_jax.counterfactual.explain import ROLES, FeatureBatch, phi_and_samples, phi_stream, saliency_settings
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.metrics import edits_in_regions, validity
-from fgvce_jax.results import SCHEMA, check_writable, results_table
+from fgvce_jax.results import SCHEMA, check_writable, rendered_table, results_table
 from fgvce_jax.shapley.local_screening import saves
 from fgvce_jax.sharding import device_mesh, pad_to
+from fgvce_jax.store import fingerprint
 
 # How a reference's Phi is computed (its key: fgvce_jax.keys); part of the reference-Phi cache key.
 REFERENCE_KEY = run_keys.DERIVATION + ", alone in its call"
@@ -60,15 +60,6 @@ SAVE_EVERY_S = 60.0  # the reference-Phi cache is rewritten at least this often 
 
 
 # --------------------------------------------------------------------------- pass 1
-def fingerprint(tree) -> str:
-    """First 16 hex digits of sha256 over the bytes of every array of ``tree`` (in tree order): which weights
-    ran, or which features a reference had."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _forward(split_model, params, images):
     """images (B,S,S,3) -> (probs (B,C), pooled (B,D) = mean over H', W' of z)."""
     z, ctx = split_model.encode(params, images)
@@ -198,6 +189,14 @@ def draws_note(config) -> dict:
     when the draws came from one key for the whole batch lacks it, and is refused instead of mixing the two."""
     return {"reference_draws": f"uniform(image key of (seed, {run_keys.REFERENCES}, split, id))"} \
         if config.reference_mode == "random" else {}
+
+
+def artefact_note(config) -> dict:
+    """``{"artefact": ...}``: the content fingerprint of the trained model a rendering method's parameters name
+    (``RenderingMethod.artefact``), stored with its results; empty for the others."""
+    method = counterfactual.methods.of(config)
+    stamp = method.artefact() if method.flow == "render" else {}
+    return {"artefact": stamp} if stamp else {}
 
 
 def reference_draws(config, split: str, ids) -> np.ndarray | None:
@@ -444,10 +443,12 @@ def explain_split(model_dir, dataset: str, split: str, out_dir, configs, *,
                     for c in configs:
                         check_writable(out_dir / c.method)
                 writers = [locks.enter_context(store.ShardWriter(
-                               out_dir / c.method, {**run, **settings(c), **draws_note(c)}, overwrite=overwrite,
+                               out_dir / c.method, {**run, **settings(c), **draws_note(c), **artefact_note(c)},
+                               overwrite=overwrite,
                                process=multihost.index(), processes=multihost.count(), notes={"model": str(model_dir)},
                                names={**{k: setting_flag(c, k) for k in settings(c) if k != "method"},
                                       **{k: flag(k) for k in RUN_FLAGS}, "reference_draws": "reference draws",
+                                      "artefact": "the content of the method's trained model",
                                       "data": f"the images of {dataset} (content fingerprint by split)"}))
                            for c in configs]
                 if overwrite and turn == 0:
@@ -515,12 +516,11 @@ def screening_plan(config, n_windows: int) -> str:
 def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, config, explain, writer, *,
                     mesh, batch_size, shard_size, weights) -> Summary:
     """Passes 2-5 for one config into ``writer.dir`` (resumes the shards already there). Under several
-    processes each takes every P-th shard still to do; process 0 merges the manifests and writes the summary."""
+    processes each takes every P-th shard still to do; process 0 merges the manifests and writes the summary.
+    A rendering method (``Method.flow == "render"``) explains each shard itself (:func:`_render_shards`);
+    the others go through the region-swap engine (:func:`_swap_shards`)."""
     out = writer.dir
     n_shards = -(-len(q_idx) // shard_size)
-    draws = reference_draws(config, ref_ds.split, ref_ds.ids)
-    r_idx = (select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred, draws, config.n_references,
-                               config.reference_mode) if len(q_idx) else np.zeros(0, np.int64))
     rows = min(shard_size, len(q_idx))  # every shard padded to this: one compilation
     bounds = {s: (s * shard_size, min((s + 1) * shard_size, len(q_idx))) for s in range(n_shards)}
     wanted = {s: (a, b, shard_inputs(ds.ids[q_idx[a:b]], rows))
@@ -537,20 +537,14 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
     if writer.done and multihost.index() == 0:
         print(f"pass 4-5: {config.method}: {n_shards - len(todo)} of {n_shards} shards were done already",
               file=sys.stderr)
-    t0, computed, used = time.perf_counter(), 0, SamplesUsed()
+    t0, computed = time.perf_counter(), 0
     if todo:
-        if len(r_idx) == 0:
-            raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
-        refs = _features(split_model, params, ref_ds, r_idx, ref_ds.labels[r_idx], ref_pred["pred"][r_idx],
-                         batch_size, mesh, f"pass 3: {config.method} reference features")
-        if multihost.index() == 0:
-            print(f"plan: {config.method}: {len(q_idx)} queries in {n_shards} shards of {shard_size} "
-                  f"({n_shards - len(todo)} done), {len(r_idx)} references, Phi windows {config.kernel}x"
-                  f"{config.kernel} on a {refs.z.shape[1]}x{refs.z.shape[2]} map, {config.samples} samples"
-                  f"{screening_plan(config, refs.z.shape[1] * refs.z.shape[2])}, at most {config.t_max} edits",
-                  file=sys.stderr)
-        ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, split=ref_ds.split,
-                                cache_dir=out.parent, weights=weights, mesh=mesh, query_maps=my_rows)
+        args = (split_model, params, ds, pred, q_idx, config)
+        plan = f"{len(q_idx)} queries in {n_shards} shards of {shard_size} ({n_shards - len(todo)} done)"
+        shard, close = (_render_shards(*args, plan=plan)
+                        if counterfactual.methods.get(config.method).flow == "render" else
+                        _swap_shards(*args, ref_ds, ref_pred, explain, mesh=mesh, batch_size=batch_size,
+                                     weights=weights, cache_dir=out.parent, my_rows=my_rows, plan=plan))
         several = multihost.count() > 1  # then the bar counts process 0's shards only
         with progress.bar(total=my_rows if several else len(q_idx), initial=0 if several else len(writer.done_rows()),
                           unit="query", desc=f"pass 4-5: {config.method} search" + (" (process 0's shards)" if several
@@ -559,22 +553,11 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
             for s in mine:
                 start, stop, inputs = wanted[s]
                 idx = q_idx[start:stop]
-                padded = pad_to(idx, rows)
-                batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
-                                  batch_size, mesh, "query features", show=False)
-                q_keys = run_keys.image_keys(config.seed, phi_stream(config), ds.split, ds.ids[padded])
-                q_phi, samples = phi_and_samples(split_model, params, batch, pred["pred"][padded], config,
-                                                 keys=q_keys, mesh=mesh, role="query")
-                used.add(None if samples is None else np.asarray(samples)[:len(idx)])
-                ex = explain(split_model, params, batch, refs, config, key=None,
-                             query_phi=None if q_phi is None else jnp.asarray(q_phi),
-                             reference_phi=None if ref_phi is None else jnp.asarray(ref_phi),
-                             reference_draws=None if draws is None else jnp.asarray(draws[r_idx]), mesh=mesh)
-                table, arrays = results_table(ex.rows(len(idx)), idx, ds, r_idx, ref_ds)
+                table, arrays = shard(idx, pad_to(idx, rows))
                 writer.write_shard(s, start, stop, table, arrays, inputs)
                 computed += len(idx)
                 bar.update(len(idx))
-    used.report("pass 4: query Phi", config)
+        close()
     multihost.barrier(f"shards of {out}")
     writer.merge()
     computed = multihost.total(computed)
@@ -588,6 +571,62 @@ def _explain_method(split_model, params, ds, ref_ds, pred, ref_pred, q_idx, conf
         print(summary.line(), file=sys.stderr)
     multihost.barrier(f"summary of {out}")
     return summary
+
+
+def _swap_shards(split_model, params, ds, pred, q_idx, config, ref_ds, ref_pred, explain, *, mesh, batch_size,
+                 weights, cache_dir, my_rows, plan):
+    """(shard, close) of the region-swap engine: ``shard(idx, padded) -> (table, arrays)`` after the references,
+    their features and Phi (passes 2-3) are made here, computing per shard the queries' features, Phi and search
+    (passes 4-5); ``close()`` reports the samples that tolerance sampling used, once every shard is written."""
+    draws = reference_draws(config, ref_ds.split, ref_ds.ids)
+    r_idx = (select_references(ds.labels[q_idx], pred["pooled"][q_idx], ref_pred, draws, config.n_references,
+                               config.reference_mode) if len(q_idx) else np.zeros(0, np.int64))
+    if len(r_idx) == 0:
+        raise FgvceError(f"no correctly classified {ref_ds.split} images of the queries' classes to use as references")
+    refs = _features(split_model, params, ref_ds, r_idx, ref_ds.labels[r_idx], ref_pred["pred"][r_idx],
+                     batch_size, mesh, f"pass 3: {config.method} reference features")
+    if multihost.index() == 0:
+        print(f"plan: {config.method}: {plan}, {len(r_idx)} references, Phi windows {config.kernel}x{config.kernel} on a {refs.z.shape[1]}x{refs.z.shape[2]} "
+              f"map, {config.samples} samples{screening_plan(config, refs.z.shape[1] * refs.z.shape[2])}, at most "
+              f"{config.t_max} edits", file=sys.stderr)
+    ref_phi = reference_phi(split_model, params, refs, ref_ds.ids[r_idx], config, split=ref_ds.split,
+                            cache_dir=cache_dir, weights=weights, mesh=mesh, query_maps=my_rows)
+    used = SamplesUsed()
+
+    def shard(idx, padded):
+        batch = _features(split_model, params, ds, padded, ds.labels[padded], pred["pred"][padded],
+                          batch_size, mesh, "query features", show=False)
+        q_keys = run_keys.image_keys(config.seed, phi_stream(config), ds.split, ds.ids[padded])
+        q_phi, samples = phi_and_samples(split_model, params, batch, pred["pred"][padded], config,
+                                         keys=q_keys, mesh=mesh, role="query")
+        used.add(None if samples is None else np.asarray(samples)[:len(idx)])
+        ex = explain(split_model, params, batch, refs, config, key=None,
+                     query_phi=None if q_phi is None else jnp.asarray(q_phi),
+                     reference_phi=None if ref_phi is None else jnp.asarray(ref_phi),
+                     reference_draws=None if draws is None else jnp.asarray(draws[r_idx]), mesh=mesh)
+        return results_table(ex.rows(len(idx)), idx, ds, r_idx, ref_ds)
+
+    return shard, lambda: used.report("pass 4: query Phi", config)
+
+
+def _render_shards(split_model, params, ds, pred, q_idx, config, *, plan):
+    """(shard, close) of a rendering method: its artefact loaded once here (``Method.prepare``), then
+    ``shard(idx, padded) -> (table, arrays)`` runs ``Method.explain_batch`` on the queries' images, true and
+    predicted classes and keys (stream: the method's name), stored by :func:`fgvce_jax.results.rendered_table`;
+    nothing to close."""
+    method = counterfactual.methods.of(config)
+    prepared = method.prepare(split_model, params, ds)
+    if multihost.index() == 0:
+        print(f"plan: {config.method}: {plan}, each explained with its {method.needs or 'own model'}",
+              file=sys.stderr)
+
+    def shard(idx, padded):
+        keys = run_keys.image_keys(config.seed, config.method, ds.split, ds.ids[padded])
+        r = method.explain_batch(prepared, split_model, params, ds.images(padded), ds.labels[padded],
+                                 pred["pred"][padded], keys)
+        return rendered_table(r, idx, ds, pred["pred"][idx])
+
+    return shard, lambda: None
 
 
 def shard_inputs(query_ids, rows: int) -> str:

@@ -17,6 +17,7 @@ The page, top to bottom:
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -31,7 +32,8 @@ from fgvce_jax import data, metrics, progress, results, store
 from fgvce_jax.completeness import Completeness, queries_text, read_summary, warn_partial
 from fgvce_jax.data.dataset import positions_of
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.evaluate import CF_COLUMNS, COLUMNS, _ordered
+from fgvce_jax.counterfactual import methods
+from fgvce_jax.evaluate import CF_COLUMNS, _ordered, header, stored_params
 from fgvce_jax.figures import _COLOURS, _cells, query_figure
 from fgvce_jax.metrics.causes import cell_parts
 
@@ -73,7 +75,7 @@ def label(key: str) -> str:
     """A metric key in words with the better direction: ``validity`` -> ``Validity (higher is better)``."""
     if key in _LABELS:
         return _LABELS[key]
-    text = COLUMNS.get(key, key)
+    text = header(key)
     return " ".join(_WORDS.get(w, w) for w in text.split(" "))
 
 
@@ -271,6 +273,40 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
     return sections
 
 
+def _draw_rendered(method, rows: list[dict], arrays: dict, datasets, out: Path, prefix: str) -> list[str]:
+    """Draw a rendering method's figures (``Method.figures``: PNG, or GIF for frames) of ``rows`` into
+    ``out/<method name>/`` and return their query sections: heading with the verdict, the figures, and a table of
+    the row's numbers (its scalar columns)."""
+    from PIL import Image
+
+    qds = datasets[0]
+    query_at = positions_of(qds, [row["query_id"] for row in rows], "query images")
+    (out / method.name).mkdir()
+    common = ("query_split_index", "query_id", "true", "true_name", "pred", "pred_name", "success", "reason")
+    sections = []
+    for i, row in enumerate(progress.bar(rows, desc=f"report: {method.name} figures", unit="query", leave=False)):
+        figures = method.figures(row, {k: a[i] for k, a in arrays.items()}, qds.raw_image(query_at[i]))
+        images = []
+        for j, f in enumerate(figures):
+            frames = np.asarray(f.image, np.uint8)
+            name = Path(method.name) / f"q{i:05d}_{j}.{'gif' if frames.ndim == 4 else 'png'}"
+            if frames.ndim == 4:
+                first, *rest = (Image.fromarray(a) for a in frames)
+                first.save(out / name, save_all=True, append_images=rest, duration=150, loop=0)
+            else:
+                Image.fromarray(frames).save(out / name)
+            images.append(f"<figure><img src='{prefix}/{name.as_posix()}' alt='{html.escape(f.caption)}'>"
+                          f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
+        numbers = {k: v for k, v in row.items() if k not in common and not isinstance(v, (list, dict))}
+        qid, state = html.escape(row["query_id"]), _state(row)
+        verdict = "fixed" if row["success"] else f"not fixed ({html.escape(row['reason'])})"
+        sections.append(f"<section class='q' id='{_anchor(method.name, i)}' data-fixed='{'yes' if row['success'] else 'no'}'>"
+                        f"<h3>{qid}: {html.escape(row['true_name'])} predicted as {html.escape(row['pred_name'])} — "
+                        f"<span class='{state}'>{verdict}</span> <a href='#{method.name}-index'>(index)</a></h3>"
+                        + "".join(images) + _table([numbers]) + "</section>")
+    return sections
+
+
 def _parts_html(qds, position: int, query_image, row: dict, grid, out: Path, png: Path, prefix: str):
     """(parts figure and legend, edits table with the parts each edit touched) of one query of a dataset with
     part masks; the figure :func:`parts_image` goes to ``out/png``."""
@@ -327,12 +363,19 @@ def write_report(directory, html_path=None, *, max_queries: int = 50) -> Path:
             cfg, table, arrays = results.read(d)
             rows = table.to_pylist()
             timing = read_summary(d) or {}
-            ex = results.stored_explanations(cfg, table, arrays, d) if rows else None
-            summary_rows.append({"method": method, "queries": len(rows), "run": states[method].line(),
-                                 **(metrics.summary(ex) if ex is not None else dict.fromkeys(CF_COLUMNS)),
+            if results.is_rendered(cfg):
+                numbers = {"validity": metrics.validity(arrays["success"]) if rows else None,
+                           "edits_regions": metrics.edits_in_regions(arrays["n_edits"], arrays["success"])
+                           if rows else None}
+                draw = functools.partial(_draw_rendered, methods.get(method)(stored_params(method, cfg)))
+            else:
+                ex = results.stored_explanations(cfg, table, arrays, d) if rows else None
+                numbers = metrics.summary(ex) if ex is not None else dict.fromkeys(CF_COLUMNS)
+                draw = functools.partial(_draw, method)
+            summary_rows.append({"method": method, "queries": len(rows), "run": states[method].line(), **numbers,
                                  "seconds_per_query": timing.get("seconds_per_query")})
-            drawn = _draw(method, rows[:max_queries], arrays, datasets(cfg), tmp, files.name) if (
-                max_queries and rows) else []
+            drawn = draw(rows[:max_queries], {k: a[:max_queries] for k, a in arrays.items()}, datasets(cfg), tmp,
+                         files.name) if (max_queries and rows) else []
             sections.append(_method_section(method, cfg, states[method], rows, drawn))
         page = _page(summary_rows, states, _evaluation(directory), sections)
         old = html_path.parent / f".{files.name}.old"

@@ -122,6 +122,38 @@ def results_table(ex, query_idx, query_ds, ref_idx, ref_ds) -> tuple[pa.Table, d
     return pa.table(columns), arrays
 
 
+def rendered_table(r, query_idx, query_ds, pred) -> tuple[pa.Table, dict]:
+    """A rendering method's :class:`~fgvce_jax.counterfactual.methods.Rendered` for one shard -> (Parquet table,
+    arrays): the common columns (query, true and predicted class ``pred`` (Q,), success, reason, n_edits), then
+    the method's columns ((Q,) as scalars, (Q, T) as lists) and, in the npz only, its arrays. Rows past Q (the
+    shard's padding) are dropped."""
+    q = len(query_idx)
+    true, pred = np.asarray(query_ds.labels[query_idx], np.int64), np.asarray(pred, np.int64)[:q]
+    names = np.asarray(query_ds.class_names)
+    success, n_edits = np.asarray(r.success, bool)[:q], np.asarray(r.n_edits, np.int32)[:q]
+    columns = {
+        "query_split_index": pa.array(query_idx, pa.int64()),
+        "query_id": pa.array(query_ds.ids[query_idx].tolist(), pa.string()),
+        "true": pa.array(true, pa.int32()), "true_name": pa.array(names[true].tolist(), pa.string()),
+        "pred": pa.array(pred, pa.int32()), "pred_name": pa.array(names[pred].tolist(), pa.string()),
+        "success": pa.array(success), "reason": pa.array([str(x) for x in np.asarray(r.reason)[:q]], pa.string()),
+        "n_edits": pa.array(n_edits, pa.int32()),
+    }
+    arrays = {"query_split_index": np.asarray(query_idx, np.int64), "success": success, "n_edits": n_edits,
+              "true": true, "pred": pred}
+    for kind, extra in (("column", r.columns), ("array", r.arrays)):
+        for name, values in extra.items():
+            values = np.asarray(values)[:q]
+            if name in columns or name in arrays or values.shape[:1] != (q,) or (kind == "column" and values.ndim > 2):
+                raise ValueError(f"per-query {kind} {name!r} clashes with a common column or does not have {q} rows"
+                                 + (" of at most two dimensions" if kind == "column" else ""))
+            arrays[name] = values
+            if kind == "column":
+                columns[name] = (pa.array(list(values), pa.list_(pa.from_numpy_dtype(values.dtype))) if values.ndim == 2
+                                 else pa.array(values))
+    return pa.table(columns), arrays
+
+
 EXPLANATION_ARRAYS = ("query_split_index", "success", "n_edits", "true", "pred", "query_region",
                       "ref_split_index", "ref_region", "query_phi")
 
@@ -164,6 +196,27 @@ class StoredExplanations:
     edit_mask: np.ndarray | None = None
 
 
+@dataclasses.dataclass
+class StoredRendered:
+    """A rendering method's explanations as stored (Q queries): query_split_index (Q,) int64, query_id (Q,) str,
+    success, n_edits, true, pred (Q,); table: the Parquet rows (its own columns included); arrays: every npz
+    array (its own images and curves included); method: its name."""
+    query_split_index: np.ndarray
+    query_id: np.ndarray
+    success: np.ndarray
+    n_edits: np.ndarray
+    true: np.ndarray
+    pred: np.ndarray
+    table: pa.Table
+    arrays: dict
+    method: str
+
+
+def is_rendered(config: dict) -> bool:
+    """Whether a stored config is a rendering method's (its rows are not region swaps)."""
+    return config.get("flow", "swap") == "render"
+
+
 def find_runs(directory) -> dict[str, Path]:
     """method -> run directory: ``DIR`` itself if it holds a manifest, else every ``DIR/*/manifest.json``."""
     directory = Path(directory)
@@ -182,10 +235,24 @@ def find_runs(directory) -> dict[str, Path]:
     return runs
 
 
-def load_run(run_dir) -> tuple[StoredExplanations, dict]:
-    """(explanations, stored config) of one ``DIR/<method>`` written by the pipeline (:func:`read`)."""
+def load_run(run_dir) -> tuple[StoredExplanations | StoredRendered, dict]:
+    """(explanations, stored config) of one ``DIR/<method>`` written by the pipeline (:func:`read`): a
+    :class:`StoredRendered` for a rendering method, else :class:`StoredExplanations`."""
     config, table, arrays = read(run_dir)
+    if is_rendered(config):
+        return stored_rendered(config, table, arrays, run_dir), config
     return stored_explanations(config, table, arrays, run_dir), config
+
+
+def stored_rendered(config: dict, table: pa.Table, arrays: dict, run_dir) -> StoredRendered:
+    """The :class:`StoredRendered` of what :func:`read` returned for a rendering method's ``run_dir``."""
+    common = ("query_split_index", "success", "n_edits", "true", "pred")
+    missing = [k for k in common if k not in arrays]
+    if missing:
+        raise FgvceError(f"{run_dir} has no completed shards or lacks arrays: {', '.join(missing)}")
+    return StoredRendered(**{k: arrays[k] for k in common}, table=table, arrays=arrays,
+                          query_id=np.asarray(table.column("query_id").to_pylist(), dtype=str),
+                          method=config.get("method", ""))
 
 
 def stored_explanations(config: dict, table: pa.Table, arrays: dict, run_dir) -> StoredExplanations:

@@ -34,6 +34,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,6 +132,15 @@ def config_hash(config: Mapping) -> str:
     """sha256 of the canonical JSON of ``config`` (sorted keys), first 16 hex digits."""
     canon = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def fingerprint(tree) -> str:
+    """First 16 hex digits of sha256 over the bytes of every array of the pytree ``tree`` (in tree order): which
+    weights ran, or which features a reference had."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def config_diff(old: Mapping, new: Mapping, names: Mapping[str, str] | None = None) -> list[str]:

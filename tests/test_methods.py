@@ -9,13 +9,15 @@ import sys
 import argparse
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_pipeline import CONFIG, MODEL_DIR, ToyData, patched, toy  # noqa: F401  (fixtures)
 
-from fgvce_jax import evaluate, pipeline, report, results, store
+from fgvce_jax import evaluate, models, pipeline, report, results, store
 from fgvce_jax.commands import explain as explain_command
 from fgvce_jax.counterfactual import CounterfactualConfig, methods
 from fgvce_jax.counterfactual.partition import partition
@@ -159,6 +161,117 @@ def test_a_directory_of_another_schema_reads_or_is_refused_in_one_line(patched, 
         results.load_run(run)
 
 
+@dataclasses.dataclass(frozen=True)
+class GradStepsParams:
+    step: float = dataclasses.field(default=0.5, metadata={"help": "size of each signed-gradient step"})
+    steps: int = dataclasses.field(default=4, metadata={"help": "most steps"})
+
+    def validate(self):
+        if not self.step > 0:
+            raise FgvceError(f"--grad-steps-step must be positive; got {self.step}")
+
+
+class GradSteps(methods.RenderingMethod):
+    """A toy rendering method: signed-gradient steps on log p(true) - log p(pred) in pixel space until the
+    classifier predicts the true class (FGSM-like); its 'model' is the classifier itself."""
+
+    Params = GradStepsParams
+    needs = "gradient of the classifier"
+    metric_columns = {"path_l2": "Path L2 ↓"}
+
+    def prepare(self, split_model, params, dataset):
+        def margin(x, t, s):
+            logp = jax.nn.log_softmax(split_model.logits(params, x[None])[0])
+            return logp[t] - logp[s]
+        return jax.jit(jax.vmap(jax.grad(margin)))
+
+    def explain_batch(self, grad, split_model, params, images, true, pred, keys):
+        x, path, p_true = jnp.asarray(images), [], []
+        for _ in range(self.params.steps):
+            x = x + self.params.step * jnp.sign(grad(x, jnp.asarray(true), jnp.asarray(pred)))
+            probs = jax.nn.softmax(split_model.logits(params, x), -1)
+            path.append(np.asarray(x))
+            p_true.append(np.asarray(probs)[np.arange(len(true)), true])
+        path, p_true = np.stack(path, 1), np.stack(p_true, 1)
+        flipped = np.asarray(jax.nn.softmax(split_model.logits(params, jnp.asarray(path.reshape(-1, *images.shape[1:]))))
+                             ).argmax(-1).reshape(len(true), -1) == np.asarray(true)[:, None]
+        success = flipped.any(1)
+        n_edits = np.where(success, flipped.argmax(1) + 1, self.params.steps)
+        final = path[np.arange(len(true)), n_edits - 1]
+        return methods.Rendered(success=success, reason=np.where(success, "flipped", "never_t"), n_edits=n_edits,
+                                columns={"p_true_path": p_true,
+                                         "l2": np.sqrt(((final - images) ** 2).sum((1, 2, 3)))},
+                                arrays={"path": path})
+
+    def metrics(self, split_model, params, dataset, stored):
+        l2 = stored.arrays["l2"][stored.success]
+        return {"path_l2": float(l2.mean()) if l2.size else float("nan")}
+
+    def figures(self, row, arrays, query_image):
+        frames = (np.clip(arrays["path"] * 0.2 + 0.5, 0, 1) * 255).astype(np.uint8)
+        return [methods.Figure("the query", (query_image * 255).astype(np.uint8)),
+                methods.Figure("the path, step by step", frames)]
+
+
+@pytest.fixture
+def grad_steps():
+    methods.register("grad-steps")(GradSteps)
+    yield
+    methods.unregister("grad-steps")
+
+
+def test_a_rendering_method_registered_in_a_test_runs_through_explain_evaluate_report_and_the_cli(
+        grad_steps, patched, toy, tmp_path, monkeypatch):  # noqa: F811
+    """The hook for methods that explain with a model of their own (Mirror-CFE's decoder, GLANCE's generator):
+    its rows, columns and arrays are stored, the stored counterfactuals really are classified as the true class
+    exactly where it says success, the shard size does not change them, and evaluate and report show its metrics
+    and figures (a GIF for the path)."""
+    monkeypatch.setattr(ToyData, "raw_image", lambda self, i: np.clip(self._x[i] * 0.2 + 0.5, 0, 1), raising=False)
+    config = dataclasses.replace(CONFIG, method="grad-steps", params=GradStepsParams(step=0.05, steps=4))
+    (summary,) = _explain(tmp_path / "out", config)
+    assert summary.method == "grad-steps" and summary.queries == 8
+    stored, cfg = results.load_run(tmp_path / "out" / "grad-steps")
+    assert isinstance(stored, results.StoredRendered) and cfg["flow"] == "render" and cfg["params.steps"] == 4
+    assert "samples" not in cfg and "n_references" not in cfg  # it uses none of the swap engine's settings
+    model, _, sets = toy
+    sm, params = models.split(model)
+    final = stored.arrays["path"][np.arange(8), stored.n_edits - 1]
+    pred = np.asarray(sm.logits(params, jnp.asarray(final))).argmax(-1)
+    np.testing.assert_array_equal(pred == stored.true, stored.success)  # an independent check of its claim
+    assert 0 < stored.success.sum() < 8 and (stored.n_edits >= 1).all() and (stored.n_edits <= 4).all()
+    np.testing.assert_array_equal(stored.pred, np.asarray(sm.logits(params, jnp.asarray(
+        sets["test"].images(stored.query_split_index)))).argmax(-1))
+    assert stored.table.column("p_true_path").type == pa.list_(pa.float32())
+    pipeline.explain_split(MODEL_DIR, "toy", "test", tmp_path / "s8", config, shard_size=8)
+    other, _ = results.load_run(tmp_path / "s8" / "grad-steps")
+    for k in ("path", "l2", "success", "n_edits"):
+        np.testing.assert_array_equal(other.arrays[k], stored.arrays[k])
+    (again,) = _explain(tmp_path / "out", config)  # every shard done: reused
+    assert again.queries == 8
+
+    rows, files = evaluate.evaluate_directory(tmp_path / "out", use_rise=False, parts=False)
+    (row,) = rows
+    assert row["method"] == "grad-steps" and row["validity"] == stored.success.mean()
+    assert row["path_l2"] == pytest.approx(stored.arrays["l2"][stored.success].mean())
+    assert "Path L2 ↓" in (tmp_path / "out" / "evaluation" / "table.md").read_text()
+    page = report.write_report(tmp_path / "out", max_queries=2).read_text()
+    assert "id='m-grad-steps'" in page and "the path, step by step" in page and "Path L2 (lower is better)" in page
+    gifs = sorted((tmp_path / "out" / "report_files" / "grad-steps").glob("*.gif"))
+    assert len(gifs) == 2
+    from PIL import Image
+    with Image.open(gifs[0]) as gif:
+        assert gif.n_frames == 4
+
+    parser = argparse.ArgumentParser()
+    explain_command.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--dataset", "d", "--out", "o", "--method", "grad-steps",
+                              "--grad-steps-step", "0.25"])
+    (got,) = explain_command.configs_from_args(args)
+    assert got.params == GradStepsParams(step=0.25, steps=4) and got.params != config.params
+    with pytest.raises(FgvceError, match="--grad-steps-step must be positive"):
+        CounterfactualConfig(method="grad-steps", params=GradStepsParams(step=0.0))
+
+
 def _imports(path: Path, modules, top_level_only: bool) -> set[str]:
     """The package modules a file imports (at module level only, or anywhere): ``from p import x`` imports the
     module ``p.x`` where there is one, else ``p``."""
@@ -211,4 +324,4 @@ def test_methods_are_listed_fgvce_first_whichever_method_module_is_imported_firs
     code = ("import fgvce_jax.counterfactual.methods.cve, fgvce_jax.evaluate as e; "
             "print(','.join(e.method_order()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "fgvce,cve,global,gradient,single-step,random,gradcam"
+    assert out == "fgvce,cve,global,gradient,single-step,random,mirror,gradcam"

@@ -67,7 +67,7 @@ def test_demo_on_birds_writes_the_three_tables_and_a_report_with_parts(tmp_path,
     tables = json.loads((out / "tables.json").read_text())
     assert set(tables) == {"main", "ablation", "localisation"}  # keys sorted in the file; rows in table order
     assert [r["method"] for r in tables["main"]] == ["fgvce", "gradcam", "gradient", "cve"]
-    assert [r["method"] for r in tables["localisation"]] == list(methods.names())
+    assert [r["method"] for r in tables["localisation"]] == list(methods.names("swap"))
     assert {"cause_precision", "cause_recall", "part_iou", "misleading"} <= set(tables["localisation"][0])
     assert "## localisation" in (out / "tables.md").read_text()
     page = (out / "report.html").read_text()

@@ -7,7 +7,7 @@ Example::
 
 On ``digits`` the demo explains every mistake with FG-VCE. On ``birds`` (parts and known causes,
 :mod:`fgvce_jax.data.birds`) it regenerates the paper's tables: it explains the first ``--limit`` mistakes
-with every registered method (``fgvce_jax.counterfactual.methods.names()``), runs ``fgvce evaluate`` (with
+with every registered region-swap method (``fgvce_jax.counterfactual.methods.names("swap")``), runs ``fgvce evaluate`` (with
 Grad-CAM) and cuts its rows into the main, ablation and localisation tables
 (:data:`fgvce_jax.evaluate.PAPER_TABLES`), written to ``DIR/tables.md`` and ``DIR/tables.json``.
 
@@ -95,7 +95,7 @@ def run(args) -> int:
     recipe = RECIPES[args.dataset]
     model = _model(out, {**recipe, "epochs": recipe["epochs"] if args.epochs is None else args.epochs})
     birds = args.dataset == "birds"
-    configs = [CounterfactualConfig(**DEMO_EXPLAIN, method=m) for m in (methods.names() if birds else ("fgvce",))]
+    configs = [CounterfactualConfig(**DEMO_EXPLAIN, method=m) for m in (methods.names("swap") if birds else ("fgvce",))]
     explain_split(model, args.dataset, "test", out / "explanations", configs, reference_split="train",
                   limit=args.limit or DEMO_LIMIT[args.dataset], at=DEMO_SPLIT, batch_size=32, shard_size=32,
                   overwrite=args.overwrite)

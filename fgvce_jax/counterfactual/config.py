@@ -158,13 +158,16 @@ def screened(config: CounterfactualConfig) -> bool:
 
 def settings(config: CounterfactualConfig) -> dict:
     """What decides ``config``'s results, as stored with them: the method, the shared fields it uses (those it
-    fixes with the values it runs with) and its own parameters as ``params.<name>``. An unset ``phi_tolerance``,
+    fixes with the values it runs with), its ``flow`` unless it is the swap engine's, and its own parameters as
+    ``params.<name>``. An unset ``phi_tolerance``,
     a float32 ``head_dtype`` and screening where it does not apply are left out (directories written before
     they existed still match); chunking never changes a result and is never stored."""
     method, c = methods.get(config.method), resolved(config)
     keys = dict.fromkeys((*method.uses, *method.fixed))
     off = {"phi_tolerance": None, "head_dtype": "float32"}
     out = {"method": c.method, **{k: getattr(c, k) for k in keys if not (k in off and getattr(c, k) == off[k])}}
+    if method.flow != "swap":  # who explained: readers tell a rendering method's rows from the swap engine's
+        out["flow"] = method.flow
     if not screened(c):
         for k in ("screen_samples", "screen_margin"):
             out.pop(k, None)

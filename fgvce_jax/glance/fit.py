@@ -16,7 +16,7 @@ import numpy as np
 from fgvce_jax import morphometrics
 from fgvce_jax.glance import causal, surrogate
 from fgvce_jax.glance.context import load_context_table
-from fgvce_jax.pipeline import fingerprint
+from fgvce_jax.store import fingerprint
 from fgvce_jax.train import image_reader
 
 SINK = "y_hat"

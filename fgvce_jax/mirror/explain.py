@@ -28,7 +28,7 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.mirror import decoder as dec
 from fgvce_jax.mirror import geometry as geo
 from fgvce_jax.mirror.train import DECODER_DIR, INFO_FILE
-from fgvce_jax.pipeline import fingerprint
+from fgvce_jax.store import fingerprint
 
 K_MIN = 0.5  # the boundary: counterfactuals are looked for at k >= K_MIN
 FLIPPED, NEVER_T, T_ONLY_BELOW_HALF = "flipped", "never_t", "t_only_below_half"

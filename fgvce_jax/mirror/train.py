@@ -47,7 +47,7 @@ from fgvce_jax import progress
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.mirror import decoder as dec
 from fgvce_jax.mirror import geometry as geo
-from fgvce_jax.pipeline import fingerprint
+from fgvce_jax.store import fingerprint
 from fgvce_jax.train import epoch_batches, image_reader
 
 STATE_DIR = "decoder_state"

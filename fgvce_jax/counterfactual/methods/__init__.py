@@ -8,6 +8,12 @@
 | `gradient`    | `gradient.py`      | gradient x activation          | NMS partition       | as fgvce                      |
 | `single-step` | `single_step.py`   | local Shapley                  | NMS partition       | no early stop: all regions    |
 | `random`      | `random_maps.py`   | i.i.d. uniform(0, 1], one key per image | NMS partition | as fgvce                 |
+
+Rendering methods (``RenderingMethod``: they explain with a trained model of their own, not by region swaps):
+
+| method        | file               | needs                          | explanation                                    |
+|---------------|--------------------|--------------------------------|------------------------------------------------|
+| `mirror`      | `mirror.py`        | a decoder (`fgvce train-decoder`) | the decoded path to the reflection across the s/t boundary |
 """
 # The import order is the registration order, which is the order of tables and reports: FG-VCE first, then
 # the baselines as in the table above. Keep it; do not sort these lines.
@@ -17,7 +23,9 @@ from fgvce_jax.counterfactual.methods import global_shapley  # isort: skip
 from fgvce_jax.counterfactual.methods import gradient  # isort: skip
 from fgvce_jax.counterfactual.methods import single_step  # isort: skip
 from fgvce_jax.counterfactual.methods import random_maps  # isort: skip
-from fgvce_jax.counterfactual.methods.registry import Method, NoParams, get, names, of, register, unregister
+from fgvce_jax.counterfactual.methods import mirror  # isort: skip
+from fgvce_jax.counterfactual.methods.registry import (Figure, Method, NoParams, Rendered, RenderingMethod, get,
+                                                       names, of, register, unregister)
 
-__all__ = ["Method", "NoParams", "cve", "fgvce", "get", "global_shapley", "gradient", "names", "of",
+__all__ = ["Figure", "Method", "NoParams", "Rendered", "RenderingMethod", "cve", "fgvce", "get", "global_shapley", "gradient", "mirror", "names", "of",
            "random_maps", "register", "single_step", "unregister"]

@@ -18,13 +18,19 @@ A method says what the shared engine (:func:`fgvce_jax.counterfactual.explain`, 
 - what it writes: ``per_query`` returns method-specific per-query arrays, stored next to the common columns
   (``fgvce_jax.results``).
 
+Methods that render their counterfactuals with a learned model (a decoder or a generator) instead of swapping
+regions subclass :class:`RenderingMethod`: they declare the artefact they need (``needs``, a path among their
+``Params``), load it once per run (``prepare``), explain a batch of queries themselves (``explain_batch``) and
+give their own evaluate metrics (``metrics``) and report figures (``figures``); the pipeline still owns the
+queries, the shards, the keys and the stored schema (``fgvce_jax.results``).
+
 Registering is ``@register("name")`` on a :class:`Method` subclass; the package ``__init__`` imports the
 built-in ones. See ``docs/methods.md``, where ``cve`` is the worked example.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +60,9 @@ class NoParams:
 
 
 class Method:
-    """A counterfactual method; an instance holds its validated ``Params``.
+    """A counterfactual method; an instance holds its validated ``Params``. ``flow`` says who explains: the
+    shared region-swap engine (``"swap"``, this class's hooks) or the method itself (``"render"``,
+    :class:`RenderingMethod`).
 
     Subclasses set the class attributes and override the hooks whose default does not fit. Every hook is
     a function of its arguments only (no state), so it can run inside the engine's compiled code.
@@ -67,6 +75,7 @@ class Method:
     fixed: ClassVar[dict[str, Any]] = {}
     pairs: ClassVar[bool] = False
     early_stop: ClassVar[bool] = True
+    flow: ClassVar[str] = "swap"
 
     def __init__(self, params=None):
         params = self.Params() if params is None else params
@@ -108,6 +117,72 @@ class Method:
         return {}
 
 
+class Rendered(NamedTuple):
+    """What a :class:`RenderingMethod` returns for Q queries.
+
+    success (Q,) bool: the counterfactual is classified as the target; reason (Q,) str: why not (or
+    ``"flipped"``); n_edits (Q,) int: the method's edits (its docs say what one is); columns: name -> (Q,)
+    numbers (Parquet columns) or (Q, T) (Parquet lists); arrays: name -> (Q, ...) arrays kept in the npz
+    companion only (images, curves).
+    """
+
+    success: np.ndarray
+    reason: np.ndarray
+    n_edits: np.ndarray
+    columns: dict
+    arrays: dict
+
+
+class Figure(NamedTuple):
+    """One report figure of a query: ``image`` (H, W, 3) uint8, or (F, H, W, 3) uint8 frames of an animation
+    (written as a GIF); ``caption`` says what it shows."""
+
+    caption: str
+    image: np.ndarray
+
+
+class RenderingMethod(Method):
+    """A method that explains a query itself with a learned model (decoder, generator) instead of the
+    region-swap engine. Its results depend on its ``Params`` (which name the artefact) and the seed.
+
+    Subclasses set ``needs`` (what ``prepare`` loads, for messages: ``"decoder"``, ``"surrogate"``) and
+    ``metric_columns`` (the evaluate metrics it reports: key -> header, arrows for the better direction) and
+    implement the four hooks.
+    """
+
+    flow = "render"
+    saliency = None
+    uses = ("seed",)
+    needs: ClassVar[str] = ""
+    metric_columns: ClassVar[dict[str, str]] = {}
+
+    def prepare(self, split_model, params, dataset) -> Any:
+        """Load what the method needs for this classifier, once per run; a one-line FgvceError when it is
+        missing, was made for other classifier weights, or the classifier does not fit the method."""
+        raise NotImplementedError
+
+    def artefact(self) -> dict:
+        """A content fingerprint of the artefact its ``Params`` name, stored with its results, so that results of
+        an artefact retrained in the same place are not reused. Default: none."""
+        return {}
+
+    def explain_batch(self, prepared, split_model, params, images: np.ndarray, true: np.ndarray,
+                      pred: np.ndarray, keys: jax.Array) -> Rendered:
+        """Explain Q queries: images (Q, S, S, 3) normalised as the classifier reads them, true and predicted
+        classes (Q,), one typed key per query (``fgvce_jax.keys``). Row i depends on row i's inputs only."""
+        raise NotImplementedError
+
+    def metrics(self, split_model, params, dataset, stored) -> dict[str, float]:
+        """Its evaluate metrics (keys of ``metric_columns``) from a stored run
+        (:class:`fgvce_jax.results.StoredRendered`) on the query ``dataset``."""
+        raise NotImplementedError
+
+    def figures(self, row: dict, arrays: dict, query_image: np.ndarray) -> list[Figure]:
+        """The report's figures of one query: its Parquet ``row``, its rows of the npz ``arrays`` and the query's
+        display image (S, S, 3) in [0, 1]."""
+        raise NotImplementedError
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 
@@ -139,9 +214,10 @@ def get(name: str) -> type[Method]:
         raise FgvceError(f"unknown counterfactual method {name!r}; choose one of {', '.join(names())}") from None
 
 
-def names() -> tuple[str, ...]:
-    """The registered method names, in registration order (the order of tables and reports)."""
-    return tuple(_METHODS)
+def names(flow: str | None = None) -> tuple[str, ...]:
+    """The registered method names, in registration order (the order of tables and reports); only those of one
+    ``flow`` (``"swap"``: the region-swap engine's, ``"render"``: rendering methods) when given."""
+    return tuple(n for n, cls in _METHODS.items() if flow in (None, cls.flow))
 
 
 def of(config) -> Method:
