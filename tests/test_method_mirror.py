@@ -3,6 +3,8 @@
 A random-weight resnet_tiny on the embedded digits (most test images are mistakes) split at layer4, and a width-8
 decoder trained for a few steps: cheap, and enough to check that what is stored is what the classifier says of
 the stored images, independently of the method's own bookkeeping."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,22 @@ def test_mirror_refuses_bad_input_in_one_line(run, tmp_path, capsys):
                      "--method", "mirror", "--at", "layer4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--mirror-decoder" in err[0]
+
+
+def test_demo_with_mirror_trains_the_decoder_explains_evaluates_and_writes_the_pairs(tmp_path, capsys):
+    """`fgvce demo --method mirror` in a tiny configuration of the same code path (1 epoch, 4 decoder steps,
+    3 mistakes): the decoder, the explanations, the evaluation table, the pairs and the report; a second run
+    reuses the model and the finished decoder."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--method", "mirror", "--out", str(out), "--epochs", "1", "--decoder-steps", "4", "--limit", "3"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "D.Val ↑" in printed and "pairs (source -> target: validity):" in printed
+    stored, cfg = results.load_run(out / "explanations" / "mirror")
+    assert len(stored.success) == 3 and cfg["params.decoder"] == str(out / "decoder")
+    pairs = json.loads((out / "mirror_pairs.json").read_text())
+    assert set(pairs) == {"3->8", "8->3", "4->9", "9->4", "5->6", "6->5"}
+    assert all(0 <= p["validity"] <= 1 for p in pairs.values() if p["queries"])
+    assert (out / "mirror_pairs.png").stat().st_size > 0 and "id='m-mirror'" in (out / "report.html").read_text()
+    assert cli.main(argv) == 0
+    assert "reusing the model" in capsys.readouterr().out
