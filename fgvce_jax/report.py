@@ -275,28 +275,18 @@ def _draw(method: str, rows: list[dict], arrays: dict, datasets, out: Path, pref
 
 def _draw_rendered(method, rows: list[dict], arrays: dict, datasets, out: Path, prefix: str) -> list[str]:
     """Draw a rendering method's figures (``Method.figures``: PNG, or GIF for frames) of ``rows`` into
-    ``out/<method name>/`` and return their query sections: heading with the verdict, the figures, and a table of
-    the row's numbers (its scalar columns)."""
-    from PIL import Image
-
+    ``out/<method name>/`` and return its run's overview (``Method.overview``, if any) and the query sections:
+    heading with the verdict, the figures, and a table of the row's numbers (its scalar columns)."""
     qds = datasets[0]
     query_at = positions_of(qds, [row["query_id"] for row in rows], "query images")
     (out / method.name).mkdir()
+    overview = "".join(_figure(f, out, Path(method.name) / f"overview_{j}", prefix)
+                       for j, f in enumerate(method.overview()))
     common = ("query_split_index", "query_id", "true", "true_name", "pred", "pred_name", "success", "reason")
     sections = []
     for i, row in enumerate(progress.bar(rows, desc=f"report: {method.name} figures", unit="query", leave=False)):
         figures = method.figures(row, {k: a[i] for k, a in arrays.items()}, qds.raw_image(query_at[i]))
-        images = []
-        for j, f in enumerate(figures):
-            frames = np.asarray(f.image, np.uint8)
-            name = Path(method.name) / f"q{i:05d}_{j}.{'gif' if frames.ndim == 4 else 'png'}"
-            if frames.ndim == 4:
-                first, *rest = (Image.fromarray(a) for a in frames)
-                first.save(out / name, save_all=True, append_images=rest, duration=150, loop=0)
-            else:
-                Image.fromarray(frames).save(out / name)
-            images.append(f"<figure><img src='{prefix}/{name.as_posix()}' alt='{html.escape(f.caption)}'>"
-                          f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
+        images = [_figure(f, out, Path(method.name) / f"q{i:05d}_{j}", prefix) for j, f in enumerate(figures)]
         numbers = {k: v for k, v in row.items() if k not in common and not isinstance(v, (list, dict))}
         qid, state = html.escape(row["query_id"]), _state(row)
         verdict = "fixed" if row["success"] else f"not fixed ({html.escape(row['reason'])})"
@@ -304,7 +294,24 @@ def _draw_rendered(method, rows: list[dict], arrays: dict, datasets, out: Path, 
                         f"<h3>{qid}: {html.escape(row['true_name'])} predicted as {html.escape(row['pred_name'])} — "
                         f"<span class='{state}'>{verdict}</span> <a href='#{method.name}-index'>(index)</a></h3>"
                         + "".join(images) + _table([numbers]) + "</section>")
+    if overview and sections:  # above the first query (the index counts the sections as queries)
+        sections[0] = f"<div class='overview'>{overview}</div>" + sections[0]
     return sections
+
+
+def _figure(figure, out: Path, stem: Path, prefix: str) -> str:
+    """Write one ``methods.Figure`` to ``out/stem`` (.png, or .gif for frames) and return its HTML figure."""
+    from PIL import Image
+
+    frames = np.asarray(figure.image, np.uint8)
+    name = stem.with_suffix(".gif" if frames.ndim == 4 else ".png")
+    if frames.ndim == 4:
+        first, *rest = (Image.fromarray(a) for a in frames)
+        first.save(out / name, save_all=True, append_images=rest, duration=150, loop=0)
+    else:
+        Image.fromarray(frames).save(out / name)
+    caption = html.escape(figure.caption)
+    return f"<figure><img src='{prefix}/{name.as_posix()}' alt='{caption}'><figcaption>{caption}</figcaption></figure>"
 
 
 def _parts_html(qds, position: int, query_image, row: dict, grid, out: Path, png: Path, prefix: str):

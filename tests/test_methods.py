@@ -207,6 +207,10 @@ class GradSteps(methods.RenderingMethod):
         l2 = stored.arrays["l2"][stored.success]
         return {"path_l2": float(l2.mean()) if l2.size else float("nan")}
 
+    def overview(self):
+        return [methods.Figure("the step size, as a grey level", np.full((4, 4, 3), int(255 * self.params.step),
+                                                                         np.uint8))]
+
     def figures(self, row, arrays, query_image):
         frames = (np.clip(arrays["path"] * 0.2 + 0.5, 0, 1) * 255).astype(np.uint8)
         return [methods.Figure("the query", (query_image * 255).astype(np.uint8)),
@@ -256,6 +260,7 @@ def test_a_rendering_method_registered_in_a_test_runs_through_explain_evaluate_r
     assert "Path L2 ↓" in (tmp_path / "out" / "evaluation" / "table.md").read_text()
     page = report.write_report(tmp_path / "out", max_queries=2).read_text()
     assert "id='m-grad-steps'" in page and "the path, step by step" in page and "Path L2 (lower is better)" in page
+    assert page.count("<figcaption>the step size, as a grey level") == 1 and "6 more queries not drawn" in page
     gifs = sorted((tmp_path / "out" / "report_files" / "grad-steps").glob("*.gif"))
     assert len(gifs) == 2
     from PIL import Image

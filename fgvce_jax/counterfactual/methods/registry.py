@@ -177,6 +177,11 @@ class RenderingMethod(Method):
         (:class:`fgvce_jax.results.StoredRendered`) on the query ``dataset``."""
         raise NotImplementedError
 
+    def overview(self) -> list[Figure]:
+        """Figures of the whole run, drawn once above its queries in the report (a global model's graph).
+        Default: none."""
+        return []
+
     def figures(self, row: dict, arrays: dict, query_image: np.ndarray) -> list[Figure]:
         """The report's figures of one query: its Parquet ``row``, its rows of the npz ``arrays`` and the query's
         display image (S, S, 3) in [0, 1]."""
