@@ -24,6 +24,7 @@ run. :func:`load_generator` refuses, in one line, a generator trained for other 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from flax import nnx
 from fgvce_jax import progress
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.glance import gan
-from fgvce_jax.glance.generator import GeneratorConfig, from_classifier_space, to_classifier_space
+from fgvce_jax.glance.generator import GeneratorConfig, from_classifier_space, render, to_classifier_space
 from fgvce_jax.glance.surrogate import Surrogate
 from fgvce_jax.store import config_diff
 
@@ -143,6 +144,19 @@ def step_rows(key: jax.Array, step: int, n: int, batch_size: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(n, batch_size, replace=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _distil_step(g_graph, d_graph, gan_config, split_model, s_graph, w_latent: float, w_concept: float):
+    """:func:`gan.make_gan_step` with the weighted :func:`latent_losses` as G's extra loss; its ``aux`` is
+    (classifier params, surrogate state, mean, std). Cached on the static parts, so runs with the same
+    networks, classifier split and surrogate architecture share one compilation."""
+    def extra(images, c, aux):
+        params, s_state, mean, std = aux
+        latent, concept = latent_losses(images, c, split_model, params, nnx.merge(s_graph, s_state), mean, std)
+        return w_latent * latent + w_concept * concept
+
+    return gan.make_gan_step(gan.GanSetup(g_graph, d_graph, gan_config), extra)
+
+
 def train_generator(split_model, params, surrogate: Surrogate, real: np.ndarray, concepts: np.ndarray, mean, std,
                     key: jax.Array, out: str | Path, *, fingerprint: str, config: DistilConfig = DistilConfig(),
                     on_step: Callable[[int, dict], None] | None = None) -> Distilled:
@@ -173,12 +187,9 @@ def train_generator(split_model, params, surrogate: Surrogate, real: np.ndarray,
     g_config, d_config, gan_config = config.networks(concepts.shape[1], real.shape[1], real.shape[3])
     setup, state = gan.init(g_config, d_config, gan_config, jax.random.fold_in(key, 0))
     s_graph, s_state = nnx.split(surrogate)
-
-    def extra(images, c):
-        latent, concept = latent_losses(images, c, split_model, params, nnx.merge(s_graph, s_state), mean, std)
-        return config.w_latent * latent + config.w_concept * concept
-
-    gan_step = gan.make_gan_step(setup, extra)
+    gan_step = _distil_step(setup.g_graph, setup.d_graph, gan_config, split_model, s_graph, config.w_latent,
+                            config.w_concept)
+    aux = (params, s_state, jnp.asarray(mean), jnp.asarray(std))
     real_unit = np.asarray(from_classifier_space(real, mean, std))
     meta = _meta(config, key, fingerprint, g_config, mean, std)
     noise_key = jax.random.fold_in(key, 1)
@@ -207,7 +218,7 @@ def train_generator(split_model, params, surrogate: Surrogate, real: np.ndarray,
         for s in bar:
             rows = step_rows(key, s, len(real), config.batch_size)
             k = jax.random.fold_in(noise_key, s)
-            state, metrics = gan_step(state, jnp.asarray(real_unit[rows]), jnp.asarray(concepts[rows]), k)
+            state, metrics = gan_step(state, jnp.asarray(real_unit[rows]), jnp.asarray(concepts[rows]), k, aux)
             losses = {name: float(v) for name, v in metrics.items()}
             history.append(losses)
             bar.set_postfix(g=f"{losses['g_loss']:.3f}", d=f"{losses['d_loss']:.3f}", refresh=False)
@@ -219,6 +230,15 @@ def train_generator(split_model, params, surrogate: Surrogate, real: np.ndarray,
         manager.wait_until_finished()
         manager.close()
     return Distilled(setup.g_graph, state.g, g_config, mean, std, history)
+
+
+def render_concepts(distilled: Distilled, concepts: np.ndarray, key: jax.Array, batch_size: int = 256) -> np.ndarray:
+    """(N, S, S, C) images of concepts (N, P) in the classifier's normalised input space, rendered in chunks of
+    ``batch_size`` rows (chunk i with G's noise key fold_in(key, i))."""
+    c = np.asarray(concepts, np.float32)
+    return np.concatenate([np.asarray(to_classifier_space(
+        render(distilled.graph, distilled.params, jnp.asarray(c[s:s + batch_size]), jax.random.fold_in(key, i)),
+        distilled.mean, distilled.std)) for i, s in enumerate(range(0, len(c), batch_size))])
 
 
 def load_generator(out: str | Path, fingerprint: str) -> Distilled:

@@ -20,9 +20,9 @@ import numpy as np
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.glance import causal
-from fgvce_jax.glance.generator import render, to_classifier_space
+from fgvce_jax.glance.distil import render_concepts
 from fgvce_jax.glance.surrogate import Surrogate, head_logits, standardise
-from fgvce_jax.mirror.metrics import fd_classifier
+from fgvce_jax.mirror.metrics import fd_classifier, pooled_features, validity
 
 MORPHO_NODES = ("thickness", "slant", "intensity", "y_hat")
 
@@ -56,8 +56,6 @@ def generator_metrics(loaded, split_model, params, images: np.ndarray, key: jax.
     Returns a dict: ``surrogate_agreement``; with u, ``concept_r2`` {name: R^2}; with a generator,
     ``generator_agreement`` and ``fd_classifier``.
     """
-    from fgvce_jax.mirror.metrics import pooled_features
-
     h = pooled_features(split_model, params, images)
     model = loaded.fitted.model
     out = {"surrogate_agreement": surrogate_agreement(model, loaded.head, h)}
@@ -67,10 +65,9 @@ def generator_metrics(loaded, split_model, params, images: np.ndarray, key: jax.
         out["concept_r2"] = dict(zip(loaded.fitted.names, concept_r2(np.asarray(c[:, :model.n_ctx]), us).tolist()))
     g = loaded.generator
     if g is not None:
-        fake = to_classifier_space(render(g.graph, g.params, c, key), g.mean, g.std)
-        want = np.argmax(np.asarray(head_logits(loaded.head, model.decode(c))), -1)
-        got = np.argmax(np.asarray(split_model.logits(params, fake)), -1)
-        out["generator_agreement"] = float(np.mean(got == want))
+        fake = render_concepts(g, np.asarray(c), key)
+        out["generator_agreement"] = validity(split_model, params, fake,
+                                              np.argmax(np.asarray(head_logits(loaded.head, model.decode(c))), -1))
         out["fd_classifier"] = fd_classifier(split_model, params, images, fake)
     return out
 
