@@ -1,7 +1,7 @@
 """The generator distilled from a classifier and its surrogate, the rendered intervention strips, the loader of
 ``fgvce train-surrogate``'s artefacts and the global model's metrics (fgvce_jax.glance; docs/glance_generator.md).
 
-A stand-in classifier keeps compilation short: z = relu(x @ P) per pixel (N, 8, 8, 16), logits = mean_hw(z) @ W + b.
+A stand-in classifier keeps compilation short: z = relu(x @ P) per pixel (N, 4, 4, 16), logits = mean_hw(z) @ W + b.
 """
 import dataclasses
 from types import SimpleNamespace
@@ -15,7 +15,7 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.glance import causal, distil, explain, fit, metrics, surrogate
 from fgvce_jax.glance.generator import render, to_classifier_space
 
-SIZE, CLASSES, LATENT = 8, 3, 16
+SIZE, CLASSES, LATENT = 4, 3, 16
 TINY = distil.DistilConfig(steps=5, batch_size=4, w_dim=8, mapping_layers=1, channel_base=32, channel_max=8,
                            save_every=2)
 MEAN, STD = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
@@ -43,10 +43,10 @@ def classifier(seed=0):
 
 
 def images(n, seed=1):
-    """(n, 8, 8, 3) images in the classifier's input space: blobs whose colour varies per image."""
+    """(n, 4, 4, 3) images in the classifier's input space: blobs whose colour varies per image."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    blob = np.exp(-((yy - 3.5) ** 2 + (xx - 3.5) ** 2) / 6.0)[None, :, :, None]
+    blob = np.exp(-((yy - 1.5) ** 2 + (xx - 1.5) ** 2) / 2.0)[None, :, :, None]
     unit = np.clip(blob * rng.uniform(0, 1, (n, 1, 1, 3)) + rng.uniform(0, 0.1, (n, SIZE, SIZE, 3)), 0, 1)
     return ((unit - MEAN) / STD).astype(np.float32)
 
@@ -153,7 +153,7 @@ def test_strips_by_hand_and_no_recompilation():
 
 
 class TinySet:
-    """Stand-in for a Dataset: 64 images of 8 px, the classifier's normalisation."""
+    """Stand-in for a Dataset: 64 images of 4 px, the classifier's normalisation."""
 
     def __init__(self, n=64):
         self.pixels = images(n, seed=5)
