@@ -203,7 +203,10 @@ def init(g_config: GeneratorConfig, d_config: DiscriminatorConfig, config: GanCo
     setup = GanSetup(g_graph, d_graph, config)
     opt = setup.optimizer
     opt_init = jax.jit(opt.init)  # one compilation instead of one per parameter shape
-    return setup, GanState(g, d, opt_init(g), opt_init(d), jnp.zeros((), jnp.int32))
+    state = GanState(g, d, opt_init(g), opt_init(d), jnp.zeros((), jnp.int32))
+    # committed to the default device, like gan_step's outputs: with uncommitted parameters the second step
+    # compiles gan_step again (no new trace, so _cache_size() does not show it; 20-40 s at 28 px on a CPU)
+    return setup, jax.device_put(state, jax.devices()[0])
 
 
 def make_gan_step(setup: GanSetup, extra_loss: ExtraLoss | None = None):
