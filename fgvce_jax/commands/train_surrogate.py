@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d, dg = SurrogateConfig(), DistilConfig()
     parser.add_argument("--model", required=True, help="model checkpoint directory")
     parser.add_argument("--dataset", required=True, help="dataset name; its train split is used")
-    parser.add_argument("--out", required=True, help="output directory: surrogate_state/, graph.json, graph.png")
+    parser.add_argument("--out", required=True, help="output directory: surrogate_state/, graph.json, graph.png, global.json, generator_state/")
     parser.add_argument("--context", default=None,
                         help="CSV of context features keyed by image id (default: the measured morphometrics)")
     parser.add_argument("--prediction-classes", type=int, nargs="+", required=True,
