@@ -300,16 +300,27 @@ def test_bed_clean_twin_has_no_slant_edge(beds):
 @pytest.mark.slow
 def test_train_surrogate_command(beds, capsys):
     """``fgvce train-surrogate`` on the shortcut twin's classifier with the test bed's settings writes the same
-    graph as the library (same key and configuration, so the same surrogate), slant among y_hat's parents."""
+    graph as the library (same key and configuration, so the same surrogate), slant among y_hat's parents;
+    with ``--generator-steps 3`` it distils a generator that ``fit.load`` reads back and ``strips`` renders
+    (10 concepts x 5 shifts of 28 px frames, p_y in [0, 1])."""
     import json
 
-    from fgvce_jax import cli
+    from fgvce_jax import cli, models
+    from fgvce_jax.glance import fit
 
     graph, _, _, root = beds["morpho-digits-shortcut"]
     out = root / "cli"
     assert cli.main(["train-surrogate", "--model", str(root / "model"), "--dataset", "morpho-digits-shortcut",
-                     "--out", str(out), "--prediction-classes", *map(str, EVEN), "--epochs", "20"]) == 0
+                     "--out", str(out), "--prediction-classes", *map(str, EVEN), "--epochs", "20",
+                     "--generator-steps", "3", "--generator-batch", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "slant" in printed.split("parents of y_hat: ")[1]
+    assert "slant" in printed.split("parents of y_hat: ")[1] and "generator written" in printed
     written = json.loads((out / "graph.json").read_text())
     assert written == graph.to_json() and (out / "graph.png").is_file()
+    split_model, params = models.split(models.load(root / "model")[0], "layer4")
+    loaded = fit.load(out, split_model, params)
+    assert loaded.generator is not None and len(loaded.generator.history) == 3
+    strips = explain.strips(loaded.fitted.model, loaded.head, loaded.effects, loaded.generator, split_model, params,
+                            np.ones((2, 128), np.float32), np.array([0, 1]), jax.random.key(0))  # any D = 128 latents
+    assert strips["images"].shape == (2, 10, 5, 28, 28, 3)
+    assert np.all((strips["p_y_classifier"] >= 0) & (strips["p_y_classifier"] <= 1))

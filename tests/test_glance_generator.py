@@ -132,18 +132,29 @@ def test_gan_step_descends_the_extra_loss_when_the_adversarial_weight_is_zero():
     setup, state = tiny_gan(4, gan.GanConfig(adv_weight=0.0, lr=1e-2))  # 4 px: the step logic, compiled fast
     real, c = digits_batch(4, 8)
 
-    def extra(images, concepts_):  # each image's mean brightness, a function of its concept
-        return jnp.mean((images.mean(axis=(1, 2, 3)) - concepts_ @ jnp.linspace(-0.5, 0.5, 10)) ** 2)
+    def extra(images, concepts_, target):  # each image's mean brightness, a function of its concept
+        return jnp.mean((images.mean(axis=(1, 2, 3)) - concepts_ @ target) ** 2)
 
     step = gan.make_gan_step(setup, extra)
-    losses = []
-    for i in range(8):
-        state, m = step(state, real, c, jax.random.key(i))
-        losses.append(float(m["g_extra"]))
-        assert np.isfinite(float(m["d_loss"])) and float(m["r1"]) > 0
-        assert float(m["g_adv"]) > 0 and float(m["g_loss"]) == pytest.approx(losses[-1])
+    losses, compiled = [], []
+
+    def count(event, _duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(len(losses))
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for i in range(8):
+            state, m = step(state, real, c, jax.random.key(i), jnp.linspace(-0.5, 0.5, 10))
+            losses.append(float(m["g_extra"]))
+            assert np.isfinite(float(m["d_loss"])) and float(m["r1"]) > 0
+            assert float(m["g_adv"]) > 0 and float(m["g_loss"]) == pytest.approx(losses[-1])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert step._cache_size() == 1  # the step's state keeps its types: no recompilation
+    # the step's state keeps its types (one trace) and its placement (init commits it): XLA compiles only
+    # during the first step
+    assert step._cache_size() == 1 and compiled and set(compiled) == {0}, compiled
     assert int(state.step) == 8
 
 

@@ -47,6 +47,23 @@ class Graph:
                 "undirected": [{"a": n[a], "b": n[b]} for a, b in self.undirected]}
 
 
+def read_graph(path: str | Path) -> Graph:
+    """The :class:`Graph` of a JSON file written by :func:`write_graph` (``path`` with or without .json)."""
+    path = Path(path).expanduser().absolute().with_suffix(".json")
+    if not path.is_file():
+        raise FgvceError(f"no causal graph at {path}; run fgvce train-surrogate first")
+    data = json.loads(path.read_text())
+    nodes = tuple(data["nodes"])
+    weights = np.zeros((len(nodes), len(nodes)))
+    directed = []
+    for e in data["directed"]:
+        p, c = nodes.index(e["from"]), nodes.index(e["to"])
+        directed.append((p, c))
+        weights[p, c] = e["weight"]
+    undirected = [tuple(sorted((nodes.index(e["a"]), nodes.index(e["b"])))) for e in data["undirected"]]
+    return Graph(nodes, tuple(sorted(directed)), tuple(sorted(undirected)), weights)
+
+
 def log_odds(logits: np.ndarray, classes) -> np.ndarray:
     """(N,) y_hat = log sum_{k in S} p_k - log sum_{k not in S} p_k, p = softmax(logits (N, C)), S = ``classes``:
     the prediction node, a continuous score (the log-odds that the classifier says one of S)."""

@@ -15,6 +15,10 @@ For a query with pooled latent h (D,) and class of interest y (the true class of
 
 :func:`explain` is jitted and vmapped over the queries; the surrogate's graph definition and ``max_set``
 are static, so a second call with arrays of the same shapes does not recompile.
+
+:func:`strips` renders the interventions with the distilled generator G (glance/distil.py): for each
+concept j and shift a_m (``DELTAS``, -2..2 sigma_j) the image G(c + a_m effects[j]), with p_y read both
+through g(D(.)) and by the full classifier on the rendered image.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from fgvce_jax.glance.causal import Graph
+from fgvce_jax.glance.generator import to_classifier_space
 from fgvce_jax.glance.surrogate import Surrogate, head_logits
 
 STEPS = (-3.0, -2.0, -1.0, 1.0, 2.0, 3.0)  # candidate shifts of the greedy set, in standard deviations
@@ -86,3 +91,50 @@ def explain(model: Surrogate, head, effects: np.ndarray, h: np.ndarray, y: np.nd
     out = _explain(graphdef, state, tuple(jnp.asarray(a) for a in head), jnp.asarray(effects, jnp.float32),
                    jnp.asarray(h, jnp.float32), jnp.asarray(y, jnp.int32), max_set)
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+DELTAS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the strips' shifts, in standard deviations of the intervened concept
+
+
+@functools.partial(jax.jit, static_argnames=("s_graph", "g_graph", "split_model", "deltas"))
+def _strips(s_graph, s_state, g_graph, g_params, split_model, params, head, effects, mean, std, h, y, key, deltas):
+    model, render = nnx.merge(s_graph, s_state), nnx.merge(g_graph, g_params)
+    p = effects.shape[0]
+    shifts = jnp.asarray(deltas)[None, :, None] * effects[:, None, :]  # (P, M, P)
+    c = model.encode(h)[:, None, None, :] + shifts[None]  # (N, P, M, P)
+    flat = c.reshape(-1, p)
+    # one image per row, every row with the same key: the frames of a strip differ only in their concepts
+    images = jax.vmap(lambda ci: render(ci[None], key)[0])(flat)
+    x = to_classifier_space(images, mean, std)
+    rows = jnp.repeat(y, p * len(deltas))
+    surrogate_p = jax.nn.softmax(head_logits(head, model.decode(flat)))[jnp.arange(len(rows)), rows]
+    classifier_p = jax.nn.softmax(split_model.logits(params, x))[jnp.arange(len(rows)), rows]
+    grid = (h.shape[0], p, len(deltas))
+    return x.reshape(*grid, *x.shape[1:]), surrogate_p.reshape(grid), classifier_p.reshape(grid)
+
+
+def strips(model: Surrogate, head, effects: np.ndarray, generator, split_model, params, h: np.ndarray,
+           y: np.ndarray, key: jax.Array, deltas: tuple[float, ...] = DELTAS) -> dict:
+    """Rendered intervention strips of N queries with pooled latents h (N, D) and classes of interest y (N,).
+
+    For query n, concept j and shift a_m in ``deltas`` (M values, in sigma_j): c' = E(h_n) + a_m effects[j]
+    (the intervention do(c_j := c_j + a_m sigma_j) propagated through the structural model, as in
+    :func:`explain`), rendered as x' = to_classifier_space(G(c', key)). Every frame uses the same ``key`` (a
+    typed PRNG key), so G's noise is the same along and across strips.
+
+    Args:
+      generator: a :class:`fgvce_jax.glance.distil.Distilled` (its graph, params, mean and std are used).
+      split_model, params: the classifier (its full logits score the rendered images).
+    Returns numpy arrays: ``images`` (N, P, M, S, S, C) in the classifier's normalised input space (like
+    ``Dataset.images``); ``p_y_surrogate`` (N, P, M) softmax(g(D(c')))_y; ``p_y_classifier`` (N, P, M)
+    softmax(f_full(x'))_y; ``deltas`` (M,). One jitted call; the graph definitions, the split and ``deltas``
+    are static, so a second call with arrays of the same shapes does not recompile.
+    """
+    s_graph, s_state = nnx.split(model)
+    images, p_sur, p_cls = _strips(
+        s_graph, s_state, generator.graph, generator.params, split_model, params,
+        tuple(jnp.asarray(a) for a in head), jnp.asarray(effects, jnp.float32), jnp.asarray(generator.mean),
+        jnp.asarray(generator.std), jnp.asarray(h, jnp.float32), jnp.asarray(y, jnp.int32), key,
+        tuple(float(d) for d in deltas))
+    return {"images": np.asarray(images), "p_y_surrogate": np.asarray(p_sur), "p_y_classifier": np.asarray(p_cls),
+            "deltas": np.asarray(deltas, np.float32)}

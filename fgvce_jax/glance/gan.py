@@ -8,7 +8,7 @@ Written by us (issue 13; docs/glance_generator.md). Images seen by D are in [-1,
   (32 -> 16 -> 8 -> 4; 28 -> 14 -> 7), then minibatch standard deviation, a 3x3 conv and two dense layers to
   one logit. Unconditional: G's agreement with the concepts comes from the caller's extra loss.
 - Losses (non-saturating logistic): ``L_D = E softplus(D(G(c))) + E softplus(-D(x)) + gamma / 2 E ||grad_x D(x)||^2``
-  (R1 on real images, every step), ``L_G = adv_weight * E softplus(-D(G(c))) + extra_loss(G(c), c)``.
+  (R1 on real images, every step), ``L_G = adv_weight * E softplus(-D(G(c))) + extra_loss(G(c), c, aux)``.
 - Optimiser: optax Adam, lr 2e-3, betas (0, 0.99), eps 1e-8 for both networks (StyleGAN2's).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flax import nnx
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.glance.generator import EqualizedLinear, Generator, GeneratorConfig, init_normal, lrelu
 
-ExtraLoss = Callable[[jax.Array, jax.Array], jax.Array]
+ExtraLoss = Callable[[jax.Array, jax.Array, object], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,17 +203,22 @@ def init(g_config: GeneratorConfig, d_config: DiscriminatorConfig, config: GanCo
     setup = GanSetup(g_graph, d_graph, config)
     opt = setup.optimizer
     opt_init = jax.jit(opt.init)  # one compilation instead of one per parameter shape
-    return setup, GanState(g, d, opt_init(g), opt_init(d), jnp.zeros((), jnp.int32))
+    state = GanState(g, d, opt_init(g), opt_init(d), jnp.zeros((), jnp.int32))
+    # committed to the default device, like gan_step's outputs: with uncommitted parameters the second step
+    # compiles gan_step again (no new trace, so _cache_size() does not show it; 20-40 s at 28 px on a CPU)
+    return setup, jax.device_put(state, jax.devices()[0])
 
 
 def make_gan_step(setup: GanSetup, extra_loss: ExtraLoss | None = None):
-    """The jitted ``gan_step(state, real_images, concepts, key) -> (state, metrics)``.
+    """The jitted ``gan_step(state, real_images, concepts, key, aux=None) -> (state, metrics)``.
 
     G renders one batch ``G(concepts, key)`` (forward once, kept for its backward pass); D takes one step
     on it and ``real_images``; then G takes one step against the updated D on the same images:
       real_images (N, S, S, C) in [-1, 1]; concepts (N, Kc); key: typed PRNG key of G's noise.
-      extra_loss(images (N, S, S, C) in [-1, 1], concepts (N, Kc)) -> scalar, added to G's loss unweighted
-      (e.g. the surrogate's latent-matching losses); None: no extra loss.
+      extra_loss(images (N, S, S, C) in [-1, 1], concepts (N, Kc), aux) -> scalar, added to G's loss
+      unweighted (e.g. the surrogate's latent-matching losses); None: no extra loss. ``aux`` is any pytree
+      passed to ``gan_step`` (e.g. frozen weights): an argument, not a constant baked into the compilation,
+      so one compiled step serves every ``aux`` of the same shapes.
     metrics: dict of scalars ``d_loss`` (logistic part), ``r1``, ``g_adv``, ``g_extra``, ``g_loss``,
     ``real_logit``, ``fake_logit`` (means).
     """
@@ -231,19 +236,19 @@ def make_gan_step(setup: GanSetup, extra_loss: ExtraLoss | None = None):
         r1 = r1_penalty(lambda x: discriminate(d_params, x), real, cfg.r1_gamma)
         return logistic + r1, (logistic, r1, real_logits.mean(), fake_logits.mean())
 
-    def g_image_loss(fake, d_params, concepts):
+    def g_image_loss(fake, d_params, concepts, aux):
         adv = g_nonsaturating_loss(discriminate(d_params, fake))
-        extra = jnp.zeros(()) if extra_loss is None else extra_loss(fake, concepts)
+        extra = jnp.zeros(()) if extra_loss is None else extra_loss(fake, concepts, aux)
         return cfg.adv_weight * adv + extra, (adv, extra)
 
     @jax.jit
-    def gan_step(state: GanState, real_images: jax.Array, concepts: jax.Array, key: jax.Array):
+    def gan_step(state: GanState, real_images: jax.Array, concepts: jax.Array, key: jax.Array, aux=None):
         fake, g_vjp = jax.vjp(lambda g_params: generate(g_params, concepts, key), state.g)
         (_, (logistic, r1, real_logit, fake_logit)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
             state.d, fake, real_images)
         d_updates, d_opt = opt.update(d_grads, state.d_opt, state.d)
         d = optax.apply_updates(state.d, d_updates)
-        (g_loss, (adv, extra)), fake_grads = jax.value_and_grad(g_image_loss, has_aux=True)(fake, d, concepts)
+        (g_loss, (adv, extra)), fake_grads = jax.value_and_grad(g_image_loss, has_aux=True)(fake, d, concepts, aux)
         (g_grads,) = g_vjp(fake_grads)
         g_updates, g_opt = opt.update(g_grads, state.g_opt, state.g)
         g = optax.apply_updates(state.g, g_updates)
