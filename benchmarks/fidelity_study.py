@@ -21,9 +21,10 @@ The setting ``outside`` (cells outside a Shapley window absent or present) is no
 ``CounterfactualConfig`` (``explain.saliency_settings`` fixes it to absent), so it cannot be varied through
 the pipeline and is not in the study.
 
-    python benchmarks/fidelity_study.py               # about 40 minutes on 2 shared CPU cores
+    python benchmarks/fidelity_study.py               # about 17 minutes on 2 shared CPU cores
     python benchmarks/fidelity_study.py --quick       # 1 epoch, 3 queries, 2 settings: a smoke test
-    python benchmarks/fidelity_study.py --write-docs  # rewrite the tables of docs/fidelity.md from the JSON
+    python benchmarks/fidelity_study.py --write-docs  # rewrite docs/fidelity.md's tables and docs/fidelity_study.png
+                                                      # from the JSON (--out names another JSON)
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import common
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "fidelity.md"
-START, END = "<!-- fidelity_study:start -->", "<!-- fidelity_study:end -->"
+
 DATASETS = ("birds", "digits")
 RISE_STEPS = 20
 # name -> the fields changed from the base (DEMO_EXPLAIN), one setting per row
@@ -52,10 +53,21 @@ VARIANTS = {
     "references 10": {"n_references": 10},
     "candidates 2": {"candidates_per_reference": 2}, "candidates 8": {"candidates_per_reference": 8},
     "t_max 16": {"t_max": 16},
+    "joint, lambda 0.3": {"selection": "joint", "lam": 0.3},
 }
+MAIN_VARIANTS = tuple(VARIANTS)[:-1]  # the study's rows; the last is for a confirmation run (docs/fidelity.md)
 PHI_FIELDS = ("kernel", "samples", "baseline")  # the settings that change Phi, hence Del-Ins
 QUICK_VARIANTS = ("kernel 1", "joint, lambda 1")
 TRUNCATED = {"t_max 4": 4}  # rows read off the base run: the greedy search's first edits
+NOTES = [
+    "Del-Ins of rows that do not change Phi is the base's (Phi, hence the curves, are the same).",
+    "t_max 4 is read off the base run (greedy search: its first 4 edits are the base's).",
+    "Seconds per query are the pipeline's (pass 3 to 5: reference and query Phi, search) and include the JIT "
+    "compilation of each new shape. In 'methods', single-step shares FG-VCE's Phi settings and reuses the reference "
+    "Phi FG-VCE computed in that folder, so its seconds are lower than a run of its own.",
+    "The CPU is shared with other jobs: seconds are comparable within one run only.",
+    "outside present is not varied: CounterfactualConfig has no such field.",
+]
 METRICS = ("validity", "edits_regions", "edits_cells", "del_ins", "cause_precision", "cause_recall")
 
 
@@ -115,7 +127,45 @@ def truncated(directory: Path, t_max: int) -> dict:
     return summarise({"fgvce": e}, causes_by_method=causes)[0]
 
 
-def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants, log) -> dict:
+def part_sensitivity(model_dir: Path) -> dict:
+    """What the birds classifier reads: per part, the share of test birds whose prediction changes when only
+    that part is drawn in its other type (same nuisance, ``birds.render``), and the mean total-variation
+    distance between the two softmax outputs; with it, the share of the model's test mistakes whose cause
+    (``birds.cause_parts``) includes the part."""
+    import jax
+    import numpy as np
+
+    from fgvce_jax import data, models
+    from fgvce_jax.commands.demo import DEMO_SPLIT
+    from fgvce_jax.data import birds
+    from fgvce_jax.models.preprocess import eval_transform
+
+    model, info = models.load(model_dir)
+    split_model, params = models.split(model, DEMO_SPLIT)
+    ds = data.load("birds", "test", preprocessing=data.Preprocessing.of_model(info))
+    pre = ds.preprocessing
+    logits = jax.jit(split_model.logits)
+    probs = lambda images: np.asarray(jax.nn.softmax(logits(params, eval_transform(
+        images, pre.resize_size, pre.image_size, pre.mean, pre.std)), -1))
+    ks, size = [birds.sample_index(i) for i in ds.ids], ds.read(0).shape[0]  # drawn at this side, as read
+    before = probs([ds.read(i) for i in range(len(ds))])
+    wrong = before.argmax(-1) != ds.labels
+    cause = birds.cause_parts(ds.labels[wrong], before.argmax(-1)[wrong])  # (mistakes, P)
+    out = {}
+    for p, part in enumerate(birds.PARTS):
+        flipped = []
+        for k in ks:
+            types = birds.CLASS_TYPES[birds.label_of(k)].copy()
+            types[p] = 1 - types[p]  # every part has two types
+            flipped.append(birds.render(types, birds.nuisance_of(k), size)[0])
+        after = probs(flipped)
+        out[part] = {"prediction_changes": float((after.argmax(-1) != before.argmax(-1)).mean()),
+                     "mean_tv_distance": float(0.5 * np.abs(after - before).sum(-1).mean()),
+                     "share_of_mistakes_caused": float(cause[:, p].mean())}
+    return {"test_accuracy": float(1 - wrong.mean()), "mistakes": int(wrong.sum()), "parts": out}
+
+
+def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants, compared, log) -> dict:
     """Every row of one dataset: {"methods": {...}, "settings": {...}, "chance_cause_precision": ...}."""
     from fgvce_jax.commands.demo import DEMO_EXPLAIN
     from fgvce_jax.counterfactual import CounterfactualConfig, methods
@@ -127,10 +177,12 @@ def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants,
     parts = dataset == "birds"
     base = work / dataset / "methods"
     seconds = _explain(model, dataset, base, [CounterfactualConfig(**DEMO_EXPLAIN, method=m)
-                                              for m in methods.names()], limit)
+                                              for m in methods.names() if m in ("fgvce", *compared)], limit)
     rows, _ = evaluate_directory(base, steps=RISE_STEPS, parts=parts)
     out = {"methods": {r["method"]: _row(r, seconds.get(r["method"])) for r in rows},
            "chance_cause_precision": chance(base) if parts else None, "settings": {}}
+    if parts:
+        out["part_sensitivity"] = part_sensitivity(model)
     log(f"{dataset}: methods done ({time.perf_counter() - t0:.0f} s)")
     base_row = out["methods"]["fgvce"]
     out["settings"]["base"] = {**base_row, "changed": {}}
@@ -187,10 +239,10 @@ def table(rows: dict, with_causes: bool, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def docs_tables(document: dict) -> str:
+def docs_tables(document: dict, source: str = "fidelity_study.json") -> str:
     """The generated block of docs/fidelity.md: per dataset the methods table and the settings table."""
-    parts = [f"Generated by `python benchmarks/fidelity_study.py --write-docs` from "
-             f"`benchmarks/results/fidelity_study.json` ({document['date']}, "
+    parts = [f"Generated by `python benchmarks/fidelity_study.py --write-docs --out benchmarks/results/{source}` "
+             f"from that file ({document['date']}, {document['settings']['queries']}, "
              f"{document['environment']['cpu_count']} CPU cores, jax {document['environment']['versions']['jax']}).\n"]
     for dataset, r in document["results"].items():
         causes = r["chance_cause_precision"] is not None
@@ -198,17 +250,60 @@ def docs_tables(document: dict) -> str:
         if causes:
             parts.append(f"Cause precision of edits placed at random (share of query cells on a cause part): "
                          f"{r['chance_cause_precision']:.2f}.\n")
+        if "part_sensitivity" in r:
+            ps = r["part_sensitivity"]
+            parts.append(f"### {dataset}: what the classifier reads\n\nTest accuracy {ps['test_accuracy']:.3f}, "
+                         f"{ps['mistakes']} test mistakes. Per part: the share of test birds whose prediction "
+                         "changes when only that part is drawn in its other type, and the share of mistakes "
+                         "whose cause includes the part.\n\n| Part | Prediction changes | Mean TV distance | "
+                         "Share of mistakes caused |\n|---|---:|---:|---:|\n" + "".join(
+                             f"| {part} | {v['prediction_changes']:.2f} | {v['mean_tv_distance']:.2f} | "
+                             f"{v['share_of_mistakes_caused']:.2f} |\n" for part, v in ps["parts"].items()))
         parts.append(f"### {dataset}: FG-VCE settings, one changed at a time\n\n" + table(r["settings"], causes,
                                                                                             "Setting"))
     return "\n".join(parts)
 
 
-def update_docs(text: str, block: str) -> str:
-    """``text`` with the part between :data:`START` and :data:`END` replaced by ``block``."""
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOCS} must hold the lines {START} and {END}")
-    head, rest = text.split(START, 1)
-    return f"{head}{START}\n{block}{END}{rest.split(END, 1)[1]}"
+def plot(document: dict, png: Path) -> None:
+    """Per dataset, validity against Del-Ins of every settings row and method (cause precision in the labels
+    of the birds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = document["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    for ax, (dataset, r) in zip(axes[0], results.items()):
+        for group, marker, colour in (("settings", "o", "tab:blue"), ("methods", "s", "tab:red")):
+            for name, row in r[group].items():
+                if row["validity"] is None or row["del_ins"] is None or (group == "methods" and name == "fgvce"):
+                    continue
+                ax.scatter(row["del_ins"], row["validity"], marker=marker, color=colour)
+                cp = row.get("cause_precision")
+                label = name if cp is None or r["chance_cause_precision"] is None else f"{name} ({cp:.2f})"
+                ax.annotate(label, (row["del_ins"], row["validity"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(title=f"{dataset}: FG-VCE settings (blue), other methods (red)"
+               + ("; (cause precision)" if r["chance_cause_precision"] is not None else ""),
+               xlabel="Del-Ins", ylabel="validity")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The lines around the block generated from ``benchmarks/results/<name>.json``."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def update_docs(text: str, block: str, name: str = "fidelity_study") -> str:
+    """``text`` with the part between the :func:`markers` of ``name`` replaced by ``block``."""
+    start, end = markers(name)
+    if start not in text or end not in text:
+        raise SystemExit(f"{DOCS} must hold the lines {start} and {end}")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}{end}{rest.split(end, 1)[1]}"
 
 
 def main() -> None:
@@ -217,16 +312,26 @@ def main() -> None:
     p.add_argument("--work", default=None, help="where models and explanations go (default: a temporary folder); "
                                                  "a model already there is reused")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    p.add_argument("--write-docs", action="store_true", help="only rewrite docs/fidelity.md's tables from --out")
+    p.add_argument("--variants", nargs="+", default=list(MAIN_VARIANTS), choices=tuple(VARIANTS), metavar="NAME",
+                   help="the settings rows to run (default: every row of the study)")
+    p.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
+                   help="the methods run beside FG-VCE in 'methods' (default: every registered one)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="only rewrite docs/fidelity.md's tables and docs/<name of --out>.png from --out")
     args = p.parse_args()
+    from fgvce_jax.counterfactual import methods
+
+    args.methods = methods.names() if args.methods is None else args.methods
     if args.write_docs:
-        DOCS.write_text(update_docs(DOCS.read_text(), docs_tables(json.loads(Path(args.out).read_text()))))
-        print(f"wrote {DOCS}")
+        out, document = Path(args.out), json.loads(Path(args.out).read_text())
+        DOCS.write_text(update_docs(DOCS.read_text(), docs_tables(document, out.name), out.stem))
+        plot(document, DOCS.parent / f"{out.stem}.png")
+        print(f"wrote {DOCS} and {DOCS.parent / f'{out.stem}.png'}")
         return
     env = common.environment()
     print(common.describe(env), flush=True)
     limit, epochs = (3, 1) if args.quick else (args.limit, None)
-    variants = QUICK_VARIANTS if args.quick else tuple(VARIANTS)
+    variants = QUICK_VARIANTS if args.quick else tuple(args.variants)
     out = Path(args.out)
     if args.quick and out == common.RESULTS / "fidelity_study.json":
         out = out.with_name("fidelity_study_quick.json")
@@ -239,7 +344,8 @@ def main() -> None:
         work = Path(args.work or tmp)
         results = {}
         for dataset in args.datasets:
-            results[dataset] = study(dataset, work, limit=limit, epochs=epochs, variants=variants, log=log)
+            results[dataset] = study(dataset, work, limit=limit, epochs=epochs, variants=variants,
+                                     compared=args.methods, log=log)
             doc = common.document(
                 "fidelity_study", env,
                 {"models": "the demo's: resnet_tiny at 32 px (BIRDS_TRAIN, DEMO_TRAIN in fgvce_jax/commands/demo.py)",
@@ -248,13 +354,7 @@ def main() -> None:
                  "variants": {v: VARIANTS[v] for v in variants}, "rise_steps": RISE_STEPS, "quick": args.quick,
                  "seconds": time.perf_counter() - t0},
                 _summary(results), results,
-                ["Del-Ins of rows that do not change Phi is the base's (Phi, hence the curves, are the same).",
-                 "t_max 4 is read off the base run (greedy search: its first 4 edits are the base's).",
-                 "In 'methods', methods that share FG-VCE's Phi settings (single-step, and global / gradient "
-                 "where cached) reuse the reference Phi already computed in that folder, so their seconds per "
-                 "query are lower than a run of their own.",
-                 "The CPU is shared with other jobs: seconds are comparable within one run only.",
-                 "outside present is not varied: CounterfactualConfig has no such field."])
+                NOTES)
             print(f"wrote {common.write_json(out, doc)}", flush=True)
 
 
