@@ -5,8 +5,8 @@ explain their first ``--limit`` test mistakes at ``layer4`` (an 8 x 8 map) throu
 (the CLI's code path), and ``evaluate.evaluate_directory`` scores them (the code path of ``fgvce evaluate``).
 
 - ``methods``: FG-VCE with the base settings (the demo's: k 3, M 8, K 8, N 5, 4 candidates per reference,
-  t_max 8, r 1, similarity selection, zero baseline) next to every other registered method (cve, global,
-  gradient, single-step, random) and Grad-CAM, the paper's main and ablation tables.
+  t_max 8, r 1, similarity selection, zero baseline) next to the other methods of the paper's main and
+  ablation tables (``evaluate.PAPER_TABLES``: cve, global, gradient, single-step, random) and Grad-CAM.
 - ``settings``: FG-VCE with one setting changed from the base per row (:data:`VARIANTS`). Del-Ins depends on
   Phi only, so it is measured for the rows that change Phi (k, M, baseline) and shown as the base's for the
   others. ``t_max 4`` is read off the base run (the search is greedy: its first 4 edits are the base's), the
@@ -205,8 +205,8 @@ def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants,
 
 
 def _summary(results: dict) -> dict:
-    """Key figures for the README table: per dataset FG-VCE's and the best ablation's validity and Del-Ins,
-    FG-VCE's cause precision and its chance level."""
+    """Key figures for the README table: per dataset FG-VCE's validity and Del-Ins, Grad-CAM's Del-Ins, and on
+    the birds FG-VCE's cause precision and its chance level."""
     s = {}
     for dataset, r in results.items():
         m = r["methods"]
@@ -315,13 +315,17 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(MAIN_VARIANTS), choices=tuple(VARIANTS), metavar="NAME",
                    help="the settings rows to run (default: every row of the study)")
     p.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
-                   help="the methods run beside FG-VCE in 'methods' (default: every registered one)")
+                   help="the methods run beside FG-VCE in 'methods' (default: those of the paper's main and "
+                        "ablation tables, evaluate.PAPER_TABLES)")
     p.add_argument("--write-docs", action="store_true",
                    help="only rewrite docs/fidelity.md's tables and docs/<name of --out>.png from --out")
     args = p.parse_args()
-    from fgvce_jax.counterfactual import methods
+    if args.methods is None:
+        from fgvce_jax.counterfactual import methods
+        from fgvce_jax.evaluate import PAPER_TABLES
 
-    args.methods = methods.names() if args.methods is None else args.methods
+        args.methods = [m for m in methods.names() if m != "fgvce" and any(
+            m in (names or ()) for names, _ in PAPER_TABLES.values())]
     if args.write_docs:
         out, document = Path(args.out), json.loads(Path(args.out).read_text())
         DOCS.write_text(update_docs(DOCS.read_text(), docs_tables(document, out.name), out.stem))

@@ -292,8 +292,8 @@ def test_cause_cells_are_where_the_two_classes_differ_in_the_pixels_the_model_re
         region = np.full((4, t, 2), -1)
         for q, c in enumerate(chosen):
             region[q, :len(c[:t])] = c[:t]
-        e = explanations(np.ones(4, bool), [min(len(c), t) for c in chosen], region, np.where(region[..., 0] >= 0, 0, -1),
-                         region, phi=np.zeros((4, *grid), np.float32), grid=grid)
+        e = explanations(np.ones(4, bool), [min(len(c), t) for c in chosen], region,
+                         np.where(region[..., 0] >= 0, 0, -1), region, phi=np.zeros((4, *grid), np.float32), grid=grid)
         e.query_split_index, e.true, e.pred = queries, true, pred
         return evaluate.summarise({"fgvce": e}, causes_by_method=evaluate.causes_for_runs(ds, {"fgvce": e}))[0]
 
