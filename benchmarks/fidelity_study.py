@@ -351,7 +351,7 @@ def main() -> None:
             results[dataset] = study(dataset, work, limit=limit, epochs=epochs, variants=variants,
                                      compared=args.methods, log=log)
             doc = common.document(
-                "fidelity_study", env,
+                out.stem.removesuffix("_quick"), env,
                 {"models": "the demo's: resnet_tiny at 32 px (BIRDS_TRAIN, DEMO_TRAIN in fgvce_jax/commands/demo.py)",
                  "split": "layer4 (8 x 8 map)", "queries": f"the first {limit} test mistakes per dataset",
                  "base": "DEMO_EXPLAIN (k 3, M 8, K 8, N 5, candidates 4, t_max 8, r 1, similarity, zero baseline)",
