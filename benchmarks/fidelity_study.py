@@ -53,9 +53,11 @@ VARIANTS = {
     "references 10": {"n_references": 10},
     "candidates 2": {"candidates_per_reference": 2}, "candidates 8": {"candidates_per_reference": 8},
     "t_max 16": {"t_max": 16},
-    "joint, lambda 0.3": {"selection": "joint", "lam": 0.3},
+    "joint, lambda 0.3": {"selection": "joint", "lam": 0.3}, "joint, lambda 0.03": {"selection": "joint", "lam": 0.03},
+    "joint, lambda 0": {"selection": "joint", "lam": 0.0},
 }
-MAIN_VARIANTS = tuple(VARIANTS)[:-1]  # the study's rows; the last is for a confirmation run (docs/fidelity.md)
+CONFIRM_ONLY = ("joint, lambda 0.3", "joint, lambda 0.03", "joint, lambda 0")  # rows of the confirmation run
+MAIN_VARIANTS = tuple(v for v in VARIANTS if v not in CONFIRM_ONLY)  # the study's rows
 PHI_FIELDS = ("kernel", "samples", "baseline")  # the settings that change Phi, hence Del-Ins
 QUICK_VARIANTS = ("kernel 1", "joint, lambda 1")
 TRUNCATED = {"t_max 4": 4}  # rows read off the base run: the greedy search's first edits
