@@ -13,14 +13,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fidelity_study  # noqa: E402
 
-RESULT = ROOT / "benchmarks" / "results" / "fidelity_study.json"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
-def test_docs_tables_are_those_of_the_committed_json():
-    doc = json.loads(RESULT.read_text())
+@pytest.mark.parametrize("name", ["fidelity_study", "fidelity_confirm"])
+def test_docs_tables_are_those_of_the_committed_json(name):
+    doc = json.loads((RESULTS / f"{name}.json").read_text())
     text = fidelity_study.DOCS.read_text()
-    block = fidelity_study.docs_tables(doc)
-    assert fidelity_study.update_docs(text, block) == text, "run: python benchmarks/fidelity_study.py --write-docs"
+    block = fidelity_study.docs_tables(doc, f"{name}.json")
+    assert fidelity_study.update_docs(text, block, name) == text, (
+        f"run: python benchmarks/fidelity_study.py --write-docs --out benchmarks/results/{name}.json")
     for dataset in doc["results"]:
         assert f"### {dataset}: methods" in block and f"### {dataset}: FG-VCE settings" in block
 
