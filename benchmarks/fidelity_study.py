@@ -256,8 +256,9 @@ def docs_tables(document: dict, source: str = "fidelity_study.json") -> str:
             ps = r["part_sensitivity"]
             parts.append(f"### {dataset}: what the classifier reads\n\nTest accuracy {ps['test_accuracy']:.3f}, "
                          f"{ps['mistakes']} test mistakes. Per part: the share of test birds whose prediction "
-                         "changes when only that part is drawn in its other type, and the share of mistakes "
-                         "whose cause includes the part.\n\n| Part | Prediction changes | Mean TV distance | "
+                         "changes when only that part is drawn in its other type, the mean total-variation "
+                         "distance between the two softmax outputs, and the share of mistakes whose cause "
+                         "includes the part.\n\n| Part | Prediction changes | Mean TV distance | "
                          "Share of mistakes caused |\n|---|---:|---:|---:|\n" + "".join(
                              f"| {part} | {v['prediction_changes']:.2f} | {v['mean_tv_distance']:.2f} | "
                              f"{v['share_of_mistakes_caused']:.2f} |\n" for part, v in ps["parts"].items()))
