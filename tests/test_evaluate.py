@@ -252,6 +252,55 @@ def test_directory_on_birds_adds_cause_precision_and_recall(tmp_path):
     assert evaluate.causes_for_runs(data.load("digits", "test"), runs) is None
 
 
+def test_cause_cells_are_where_the_two_classes_differ_in_the_pixels_the_model_reads():
+    """The known answer of a confusion y -> y_hat, from the pixels: draw the query's bird again as class y_hat
+    under the same nuisance; the 8 x 8 cells (4 x 4 pixel blocks at 32 px, the demo's birds) in which the two
+    images differ lie on a cause part of one of the two drawings. ``causes_for_runs`` (evaluate's path: the
+    run's image size, queries by position, true and predicted class) must give the query's cause cells so that
+    (a) every differing cell is a cause cell of the query or of the y_hat drawing, (b) edits on the differing
+    cause cells score cause precision 1 and edits on cells of no part 0. A transposed or shifted grid, another
+    image's masks, or the causes of another pair break (a)."""
+    from fgvce_jax.data import birds
+    from fgvce_jax.metrics import causes as cm
+
+    grid, size = (8, 8), 32
+    ds = data.load_as_run({"dataset": "birds", "image_size": size}, "test")
+    pairs = {12: 13, 11: 7, 1: 3, 6: 4}  # beak; head; beak and eye; body and wing
+    queries = np.array([np.flatnonzero(ds.labels == y)[2] for y in pairs])  # not the first images, not in order
+    true, pred = ds.labels[queries], np.array([pairs[int(y)] for y in ds.labels[queries]])
+    probe = explanations(np.ones(4, bool), np.ones(4), np.zeros((4, 1, 2)), np.zeros((4, 1)), np.zeros((4, 1, 2)),
+                         phi=np.zeros((4, *grid), np.float32), grid=grid)
+    probe.query_split_index, probe.true, probe.pred = queries, true, pred
+    cells, cause = evaluate.causes_for_runs(ds, {"fgvce": probe})["fgvce"]
+    on_cause = (cells & cause[:, :, None, None]).any(1)  # (4, 8, 8)
+    blocks = size // grid[0]
+    on, off = [], []
+    for q, i in enumerate(queries):
+        k = birds.sample_index(ds.ids[i])
+        image, _ = birds.sample(k, size)
+        np.testing.assert_array_equal(image, ds.read(i))  # the pixels the model read
+        other, other_masks = birds.render(birds.CLASS_TYPES[pred[q]], birds.nuisance_of(k), size)
+        differ = (image != other).any(-1).reshape(grid[0], blocks, grid[1], blocks).any((1, 3))
+        other_cause = cm.cell_parts(other_masks[cause[q]], grid).any(0)
+        assert differ.any() and not (differ & ~(on_cause[q] | other_cause)).any(), q
+        on.append(np.argwhere(differ & on_cause[q]))
+        off.append(np.argwhere(~cells[q].any(0)))
+        assert len(on[-1]) and len(off[-1])
+    t = max(len(c) for c in on)
+
+    def edits_at(chosen):
+        region = np.full((4, t, 2), -1)
+        for q, c in enumerate(chosen):
+            region[q, :len(c[:t])] = c[:t]
+        e = explanations(np.ones(4, bool), [min(len(c), t) for c in chosen], region,
+                         np.where(region[..., 0] >= 0, 0, -1), region, phi=np.zeros((4, *grid), np.float32), grid=grid)
+        e.query_split_index, e.true, e.pred = queries, true, pred
+        return evaluate.summarise({"fgvce": e}, causes_by_method=evaluate.causes_for_runs(ds, {"fgvce": e}))[0]
+
+    assert edits_at(on)["cause_precision"] == 1.0 and edits_at(on)["cause_recall"] > 0
+    assert edits_at(off)["cause_precision"] == 0.0 and edits_at(off)["cause_recall"] == 0.0
+
+
 def test_paper_tables_cut_the_rows_by_method_and_column():
     """main: FG-VCE, Grad-CAM, gradient, cve with the counterfactual and RISE columns; ablation: FG-VCE, global,
     gradient, single-step, random; localisation: the part and cause columns, left out without them."""
