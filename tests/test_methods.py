@@ -329,4 +329,4 @@ def test_methods_are_listed_fgvce_first_whichever_method_module_is_imported_firs
     code = ("import fgvce_jax.counterfactual.methods.cve, fgvce_jax.evaluate as e; "
             "print(','.join(e.method_order()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "fgvce,cve,global,gradient,single-step,random,mirror,gradcam"
+    assert out == "fgvce,cve,global,gradient,single-step,random,mirror,glance,gradcam"

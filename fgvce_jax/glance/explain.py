@@ -105,7 +105,7 @@ def _strips(s_graph, s_state, g_graph, g_params, split_model, params, head, effe
     flat = c.reshape(-1, p)
     # one image per row, every row with the same key: the frames of a strip differ only in their concepts
     images = jax.vmap(lambda ci: render(ci[None], key)[0])(flat)
-    x = to_classifier_space(images, mean, std)
+    x = to_classifier_space(jnp.clip(images, -1.0, 1.0), mean, std)  # scored as the valid pixels they are shown as
     rows = jnp.repeat(y, p * len(deltas))
     surrogate_p = jax.nn.softmax(head_logits(head, model.decode(flat)))[jnp.arange(len(rows)), rows]
     classifier_p = jax.nn.softmax(split_model.logits(params, x))[jnp.arange(len(rows)), rows]
@@ -119,7 +119,8 @@ def strips(model: Surrogate, head, effects: np.ndarray, generator, split_model, 
 
     For query n, concept j and shift a_m in ``deltas`` (M values, in sigma_j): c' = E(h_n) + a_m effects[j]
     (the intervention do(c_j := c_j + a_m sigma_j) propagated through the structural model, as in
-    :func:`explain`), rendered as x' = to_classifier_space(G(c', key)). Every frame uses the same ``key`` (a
+    :func:`explain`), rendered as x' = to_classifier_space(clip(G(c', key), -1, 1)): the classifier scores the
+    valid image that is shown. Every frame uses the same ``key`` (a
     typed PRNG key), so G's noise is the same along and across strips.
 
     Args:

@@ -14,6 +14,7 @@ Rendering methods (``RenderingMethod``: they explain with a trained model of the
 | method        | file               | needs                          | explanation                                    |
 |---------------|--------------------|--------------------------------|------------------------------------------------|
 | `mirror`      | `mirror.py`        | a decoder (`fgvce train-decoder`) | the decoded path to the reflection across the s/t boundary |
+| `glance`      | `glance.py`        | a surrogate, graph, generator (`fgvce train-surrogate`) | concept importances, the smallest intervention set, rendered strips |
 """
 # The import order is the registration order, which is the order of tables and reports: FG-VCE first, then
 # the baselines as in the table above. Keep it; do not sort these lines.
@@ -24,8 +25,9 @@ from fgvce_jax.counterfactual.methods import gradient  # isort: skip
 from fgvce_jax.counterfactual.methods import single_step  # isort: skip
 from fgvce_jax.counterfactual.methods import random_maps  # isort: skip
 from fgvce_jax.counterfactual.methods import mirror  # isort: skip
+from fgvce_jax.counterfactual.methods import glance  # isort: skip
 from fgvce_jax.counterfactual.methods.registry import (Figure, Method, NoParams, Rendered, RenderingMethod, get,
                                                        names, of, register, unregister)
 
-__all__ = ["Figure", "Method", "NoParams", "Rendered", "RenderingMethod", "cve", "fgvce", "get", "global_shapley", "gradient", "mirror", "names", "of",
+__all__ = ["Figure", "Method", "NoParams", "Rendered", "RenderingMethod", "cve", "fgvce", "get", "global_shapley", "glance", "gradient", "mirror", "names", "of",
            "random_maps", "register", "single_step", "unregister"]
