@@ -6,6 +6,7 @@ import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -312,6 +313,32 @@ def test_tolerance_sampling_reports_the_samples_it_used(tmp_path, patched, capsy
     tiny = mean_used(1e-9)  # only a window whose samples all agree (standard error 0) may stop before 32
     assert all(30.0 < v <= 32.0 for v in tiny) and 32.0 in tiny, tiny
     assert mean_used(1e6) == [16.0, 16.0]
+
+
+def test_outside_present_runs_through_explain_and_is_stored_only_when_set(tmp_path, patched, toy):
+    """--outside present: the stored query Phi is saliency.compute's with the players outside each window kept
+    at the query's features (from the query's own key), it differs from the absent run's, and the stored config
+    names it; the default (absent) is not stored, so older directories still match."""
+    from fgvce_jax import keys as run_keys
+    from fgvce_jax import saliency
+
+    absent = dataclasses.replace(CONFIG, screen_samples=None)
+    present = dataclasses.replace(absent, outside="present")
+    _run(tmp_path / "absent", absent, limit=3)
+    _run(tmp_path / "present", present, limit=3)
+    assert store.read_manifest(tmp_path / "present" / "fgvce")["config"]["outside"] == "present"
+    assert "outside" not in store.read_manifest(tmp_path / "absent" / "fgvce")["config"]
+    table, arrays = store.read_results(tmp_path / "present" / "fgvce")
+    model, _, sets = toy
+    sm, params = models.split(model)
+    idx = arrays["query_split_index"]
+    z, ctx = sm.encode(params, jnp.asarray(sets["test"].images(idx)))
+    want = saliency.compute(sm, params, z, ctx, jnp.asarray(arrays["pred"]), method="local", kernel=3, samples=2,
+                            outside="present", keys=run_keys.image_keys(0, run_keys.PHI, "test",
+                                                                        sets["test"].ids[idx]))
+    np.testing.assert_allclose(arrays["query_phi"], want, rtol=1e-5, atol=1e-7)
+    other = store.read_results(tmp_path / "absent" / "fgvce")[1]["query_phi"]
+    assert not np.allclose(other, arrays["query_phi"])
 
 
 def test_screening_runs_through_explain_says_so_and_keys_its_own_cache(tmp_path, patched, capsys):

@@ -125,7 +125,8 @@ def saliency_settings(config: CounterfactualConfig, role: str = "reference") -> 
     if method is None:
         return None
     settings = dict(method=method, kernel=config.kernel, samples=config.samples, baseline=config.baseline,
-                    output=config.output, outside="absent", paired=True, budget=None)
+                    output=config.output, outside=config.outside if method == "local" else "absent", paired=True,
+                    budget=None)
     if method == "local" and config.phi_tolerance is not None:
         settings["tolerance"] = float(config.phi_tolerance)
     if config.head_dtype != "float32":  # left out otherwise, so that float32 caches keep their keys
