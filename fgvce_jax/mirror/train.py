@@ -39,6 +39,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -66,6 +67,7 @@ class LossConfig:
     w_tri: float = 1.0
     triangulation: bool = True
     lr: float = 2e-4
+    far_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +114,25 @@ def rms(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), -1) + 1e-12)
 
 
-def triangulation(x0: jax.Array, xk: jax.Array, x1: jax.Array, k: jax.Array) -> jax.Array:
-    """L_tri of the module docstring, averaged over the batch: x0, xk, x1 (N, S, S, 3), k (N,) -> ()."""
-    d01 = rms(x0, x1)
-    err = jnp.square(rms(x0, xk) - k * d01) + jnp.square(rms(xk, x1) - (1 - k) * d01)
-    return jnp.mean(err / (jax.lax.stop_gradient(d01) ** 2 + 1e-6))
+def pair_scale(x: jax.Array, z: jax.Array) -> jax.Array:
+    """lambda = mean_i d(x_i, x_{i+1}) / mean_i d(Z_i, Z_{i+1}) over the batch's neighbouring pairs (cyclic):
+    how far real images lie apart in pixels per unit of feature distance. x (N, S, S, 3), z (N, H, W, D) -> ()."""
+    return jnp.mean(rms(x, jnp.roll(x, 1, 0))) / jnp.mean(rms(z, jnp.roll(z, 1, 0)))
+
+
+def triangulation(x0: jax.Array, xk: jax.Array, x1: jax.Array, z0: jax.Array, zk: jax.Array, z1: jax.Array,
+                  lam: jax.Array) -> jax.Array:
+    """L_tri of the module docstring, averaged over the batch: images x0, xk, x1 (N, S, S, 3), features
+    z0, zk, z1 (N, H, W, D), the scale lam () -> ()."""
+    sides = ((x0, xk, z0, zk), (xk, x1, zk, z1), (x0, x1, z0, z1))
+    want = lam * rms(z0, z1)
+    err = sum(jnp.square(rms(a, b) - lam * rms(za, zb)) for a, b, za, zb in sides)
+    return jnp.mean(err / (want ** 2 + 1e-6))
 
 
 def kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
-    """mean_n KL(softmax(p) || softmax(q)): (N, C), (N, C) -> ()."""
+    """mean_n KL(softmax(p) || softmax(q)): (N, C), (N, C) -> (). Its gradient in q's logits is
+    softmax(q) - softmax(p) per example: it does not vanish when softmax(q) is confidently wrong."""
     lp, lq = jax.nn.log_softmax(p_logits), jax.nn.log_softmax(q_logits)
     return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
 
@@ -134,11 +146,15 @@ def path_ends(W: jax.Array, b: jax.Array, z: jax.Array, s: jax.Array, t: jax.Arr
     return jax.vmap(one)(z, s, t)
 
 
-def draw(key: jax.Array, s: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """Per example: t uniform over the classes other than s, k uniform over the grid. s (N,) -> (t, k) (N,)."""
-    kt, kk = jax.random.split(key)
+def draw(key: jax.Array, s: jax.Array, num_classes: int, far_share: float) -> tuple[jax.Array, jax.Array]:
+    """Per example: t uniform over the classes other than s; k uniform over the grid's points k >= 0.5 with
+    probability ``far_share``, else uniform over the whole grid. s (N,) -> (t, k) (N,)."""
+    kt, kk, kf = jax.random.split(key, 3)
     t = (s + jax.random.randint(kt, s.shape, 1, num_classes)) % num_classes
-    return t, jax.random.choice(kk, jnp.asarray(geo.DEFAULT_KS, jnp.float32), s.shape)
+    grid = np.asarray(geo.DEFAULT_KS, np.float32)
+    anywhere = jax.random.choice(kk, jnp.asarray(grid), s.shape)
+    far = jax.random.choice(kk, jnp.asarray(grid[grid >= 0.5]), s.shape)
+    return t, jnp.where(jax.random.bernoulli(kf, far_share, s.shape), far, anywhere)
 
 
 def generator_loss(g_weights, g_def, d_def, d_weights, split_model, params, cfg: dec.DecoderConfig,
@@ -147,18 +163,18 @@ def generator_loss(g_weights, g_def, d_def, d_weights, split_model, params, cfg:
     W, b = geo.linear_head(split_model, params)
     z_s, skips = dec.source_stages(split_model, params, x)
     s = jnp.argmax(geo.head_logits(W, b, z_s), -1)
-    t, k = draw(key, s, split_model.num_classes)
+    t, k = draw(key, s, split_model.num_classes, lc.far_share)
     z_1 = path_ends(W, b, z_s, s, t)
     z_k = z_s + k[:, None, None, None] * (z_1 - z_s)
     decode = lambda z, kk: dec.decode(g_def, g_weights, cfg, W, z, skips, s, t, kk)  # noqa: E731
     x_0, x_k = decode(z_s, jnp.zeros_like(k)), decode(z_k, k)
     f_k, _ = split_model.encode(params, x_k)
-    terms = {"cls": kl(split_model.head(params, f_k), geo.head_logits(W, b, z_k)),
+    terms = {"cls": kl(geo.head_logits(W, b, z_k), split_model.head(params, f_k)),
              "rec": jnp.mean(jnp.abs(x - x_0)),
              "feat": jnp.mean(jnp.square(z_k - f_k)),
              "adv": jnp.mean(jax.nn.softplus(-nnx.merge(d_def, d_weights)(x_k)))}
     if lc.triangulation:
-        terms["tri"] = triangulation(x_0, x_k, decode(z_1, jnp.ones_like(k)), k)
+        terms["tri"] = triangulation(x_0, x_k, decode(z_1, jnp.ones_like(k)), z_s, z_k, z_1, pair_scale(x, z_s))
     total = sum(getattr(lc, f"w_{name}") * value for name, value in terms.items())
     return total, (terms, jax.lax.stop_gradient(x_k))
 
