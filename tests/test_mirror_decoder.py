@@ -148,15 +148,22 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, train_subset, tm
         mt.train_decoder(split_model, params, train_subset, dataclasses.replace(cfg, seed=1), tmp_path / "b")
 
 
-def test_triangulation_is_zero_exactly_for_proportional_distances():
-    x0 = jnp.zeros((2, 4, 4, 3))
-    x1 = jnp.ones((2, 4, 4, 3))
-    k = jnp.array([0.25, 0.5])
-    on_path = x0 + k[:, None, None, None] * (x1 - x0)
-    assert float(mt.triangulation(x0, on_path, x1, k)) < 1e-8
-    off = on_path.at[:, 0].add(1.0)
-    assert float(mt.triangulation(x0, off, x1, k)) > 1e-2
-    assert float(mt.triangulation(x0, x1, x1, k)) > 0.1  # right distances for k = 1, wrong for these k
+def test_triangulation_is_zero_exactly_for_distances_proportional_at_the_data_scale():
+    z0, z1 = jnp.zeros((2, 2, 2, 4)), jnp.ones((2, 2, 2, 4))  # d(Z_0, Z_1) = 1
+    x0, x1 = jnp.zeros((2, 4, 4, 3)), 3 * jnp.ones((2, 4, 4, 3))  # d(x_0, x_1) = 3
+    k = jnp.array([0.25, 0.5])[:, None, None, None]
+    zk, xk = z0 + k * (z1 - z0), x0 + k * (x1 - x0)
+    assert float(mt.triangulation(x0, xk, x1, z0, zk, z1, jnp.float32(3.0))) < 1e-8
+    assert float(mt.triangulation(x0, xk, x1, z0, zk, z1, jnp.float32(2.0))) > 0.1  # right shape, wrong scale
+    off = xk.at[:, 0].add(1.0)
+    assert float(mt.triangulation(x0, off, x1, z0, zk, z1, jnp.float32(3.0))) > 1e-2
+    # copying the source along the path is not free: all image sides 0 against lambda (k^2 + (1-k)^2 + 1)
+    copy = float(mt.triangulation(x0, x0, x0, z0, zk, z1, jnp.float32(3.0)))
+    assert copy == pytest.approx(np.mean([0.25 ** 2 + 0.75 ** 2 + 1, 0.5 ** 2 + 0.5 ** 2 + 1]), rel=1e-4)
+    # lambda from neighbouring (cyclic) pairs: image gaps 2, 1, 1 against feature gaps 4, 2, 2
+    ramp = jnp.arange(3.0)[:, None, None, None]
+    assert float(mt.pair_scale(ramp * jnp.ones((3, 4, 4, 3)), 2 * ramp * jnp.ones((3, 2, 2, 4)))) == \
+        pytest.approx(0.5, rel=1e-5)
 
 
 def test_non_gap_head_is_refused_in_one_line(tiny, train_subset, tmp_path):

@@ -1,25 +1,33 @@
 """Training Mirror-CFE's decoder G with the classifier frozen (SPEC 8, issue 12), resumable.
 
 Per training image x (normalised, (S, S, 3)) with features Z_s = f(x) at ``layer4`` and source skips: s is the
-classifier's prediction, t a uniformly drawn other class, k a uniform draw from the grid
-:data:`~fgvce_jax.mirror.geometry.DEFAULT_KS`. The path end Z_1 is the reflection of Z_s across the s/t mirror
+classifier's prediction, t a uniformly drawn other class, k drawn from the grid
+:data:`~fgvce_jax.mirror.geometry.DEFAULT_KS` (with probability ``far_share`` from its points k >= 0.5, the
+counterfactual half, else from all of it). The path end Z_1 is the reflection of Z_s across the s/t mirror
 moved to the swapped logits by the closed form (``geometry.least_norm``, equal to the L-BFGS refinement the
 explanations use), and Z_k = Z_s + k (Z_1 - Z_s). With x_k = G(Z_k), x_0 = G(Z_s), x_1 = G(Z_1), F = g o f
 the full classifier and D the PatchGAN discriminator (logits per patch), the decoder minimises
 
-    L_G = w_cls KL(softmax(F(x_k)) || softmax(g(Z_k)))         classification (the issue's direction)
+    L_G = w_cls KL(softmax(g(Z_k)) || softmax(F(x_k)))         classification
         + w_rec mean|x - x_0|                                   reconstruction, k = 0
         + w_feat mean (Z_k - f(x_k))^2                          feature (mean squared; our reading)
         + w_adv mean softplus(-D(x_k))                          adversarial, non-saturating (our reading)
         + w_tri L_tri                                           triangulation
 
-    L_tri = [(d(x_0, x_k) - k d(x_0, x_1))^2 + (d(x_k, x_1) - (1 - k) d(x_0, x_1))^2] / (sg(d(x_0, x_1))^2 + eps)
+The KL runs from the path's logits to the decoded image's: its gradient in F's logits is
+softmax(F(x_k)) - softmax(g(Z_k)), which does not vanish while F is confidently still s (the other direction,
+sum p_F log(p_F / p_g), has a gradient proportional to p_F and stalls there).
 
-with d the root-mean-square pixel distance and sg a stop-gradient. Along the straight path the feature
-distances are ||Z_k - Z_0|| = k ||Z_1 - Z_0|| and ||Z_1 - Z_k|| = (1 - k) ||Z_1 - Z_0||, so L_tri = 0 exactly
-when the image distances of the triangle (x_0, x_k, x_1) are proportional to the feature distances (our
-reading of "triangulation"). The discriminator minimises mean softplus(-D(x)) + mean softplus(D(sg(x_k))).
-Both use Adam with learning rate 2e-4 and b1 = 0.5 (the usual GAN setting; our reading).
+    L_tri = sum over the sides (a, b) of (0, k), (k, 1), (0, 1) of (d(x_a, x_b) - lambda d(Z_a, Z_b))^2
+            / (lambda d(Z_0, Z_1))^2
+
+with d the root-mean-square distance (pixels or features) and lambda = mean d(x_i, x_j) / mean d(Z_i, Z_j)
+over neighbouring pairs of the batch's real images (:func:`pair_scale`; no gradient reaches it). L_tri = 0
+exactly when the triangle of decoded images (x_0, x_k, x_1) has the triangle of features (Z_0, Z_k, Z_1)'s
+side lengths scaled by the one constant the data give (our reading of "triangulation"). The global lambda
+is the point: with a per-path constant, a decoder that copies the source at every k (all image distances 0)
+would have zero triangulation loss. The discriminator minimises mean softplus(-D(x)) + mean
+softplus(D(sg(x_k))). Both use Adam with b1 = 0.5 (the usual GAN setting; our reading).
 
 Step i uses the batch ``epoch_batches(n, B, seed, i // steps_per_epoch)[i % steps_per_epoch]`` and the key
 ``fold_in(key(seed), i)``, so a killed run restored from its orbax checkpoint (``OUT/decoder_state``) ends
