@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from fgvce_jax import data, models
@@ -286,7 +287,9 @@ REC_L1_SLOW = 0.35  # mean |x - G(f(x))| in normalised units on 64 test digits a
 
 def mirror_figures(split_model, params, train_set, test_set, config, out):
     """Train a decoder with ``config`` and measure it on the pair queries of the first 200 test digits:
-    {"rec_l1", "validity_k1", "success", "mean_k_first", "p_t_rising", "steps_per_s"}."""
+    {"queries", "rec_l1", "validity_k1", "success", "mean_k_first", "p_t_rising" (share with
+    p_t(0) < p_t(0.5) < p_t(1)), "p_t_spearman_above_half" (share whose Spearman correlation of p_t with k
+    exceeds 0.5; a constant curve counts as 0), "steps_per_s"}."""
     weights, summary = mt.train_decoder(split_model, params, train_set, config, out)
     decoder = mx.load_decoder(out, split_model, params)
     x = jnp.asarray(test_set.images(np.arange(200)))
@@ -300,10 +303,12 @@ def mirror_figures(split_model, params, train_set, test_set, config, out):
     s64 = jnp.asarray(s[:64])
     rec = jnp.abs(x[:64] - dec.decode(decoder.graphdef, decoder.weights, config.decoder, W, z, skips, s64,
                                       (s64 + 1) % 10, jnp.zeros(64))).mean()
+    rho = np.array([scipy.stats.spearmanr(geo.DEFAULT_KS, curve).statistic for curve in e.p_t])
     return {"queries": len(rows), "rec_l1": float(rec), "validity_k1": float(np.mean(e.pred[:, -1] == t)),
             "success": float(e.success.mean()), "mean_k_first": float(np.nanmean(e.k_first)) if e.success.any()
             else float("nan"), "p_t_rising": float(np.mean((e.p_t[:, -1] > e.p_t[:, half]) &
                                                           (e.p_t[:, half] > e.p_t[:, 0]))),
+            "p_t_spearman_above_half": float(np.mean(np.nan_to_num(rho) > 0.5)),
             "steps_per_s": summary["steps_per_s"]}
 
 
