@@ -309,7 +309,20 @@ def mirror_figures(split_model, params, train_set, test_set, config, out):
             else float("nan"), "p_t_rising": float(np.mean((e.p_t[:, -1] > e.p_t[:, half]) &
                                                           (e.p_t[:, half] > e.p_t[:, 0]))),
             "p_t_spearman_above_half": float(np.mean(np.nan_to_num(rho) > 0.5)),
-            "steps_per_s": summary["steps_per_s"]}
+            "steps_per_s": summary["steps_per_s"], **paper_metrics(split_model, params, test_set, x[rows], e, t)}
+
+
+def paper_metrics(split_model, params, test_set, src, e, t):
+    """The paper's table on the mirror images x_1 (k = 1) of every query (flipped or not): L1 and LPIPS to the
+    source in [0, 1] pixel units, FD-classifier against the first 200 real test digits, D.Val and validity."""
+    pre = test_set.preprocessing
+    x1 = e.images[:, -1]
+    real = jnp.asarray(test_set.images(np.arange(200)))
+    return {"L1_pixels": float(mm.l1(x1, src, pre.mean, pre.std).mean()),
+            "LPIPS": float(mm.lpips(x1, src, pre.mean, pre.std).mean()),
+            "FD_classifier": mm.fd_classifier(split_model, params, real, x1),
+            "FD_classifier_sources": mm.fd_classifier(split_model, params, real, src),
+            "D_Val": mm.d_val(split_model, params, x1, t), "validity": mm.validity(split_model, params, x1, t)}
 
 
 @pytest.fixture(scope="module")
