@@ -281,8 +281,10 @@ def test_l1_and_lpips_in_pixel_units(tiny):
 # --------------------------------------------------------------------------- slow: a trained classifier
 PAIRS = {3: 8, 8: 3, 4: 9, 9: 4, 5: 6, 6: 5}  # the paper's MNIST pairs
 SLOW_TRAIN = mt.DecoderTrainConfig(steps=300, batch_size=16, decoder=dec.DecoderConfig(width=16),
-                                   loss=mt.LossConfig(lr=1e-3, w_cls=10.0, w_feat=10.0), save_every=100)
-REC_L1_SLOW = 0.35  # mean |x - G(f(x))| in normalised units on 64 test digits after SLOW_TRAIN
+                                   loss=mt.LossConfig(lr=1e-3), save_every=100)  # the default weights
+REC_L1_SLOW = 0.25  # mean |x - G(f(x))| in normalised units on 64 test digits; measured 0.169 after SLOW_TRAIN
+VALIDITY_MARGIN = 0.2  # full decoder's validity at k = 1 >= the ablation's + this; measured 0.50 vs 0.17
+RISING_SHARE = 0.75  # share of queries whose p_t(k) has Spearman > 0.5 with k must exceed this
 
 
 def mirror_figures(split_model, params, train_set, test_set, config, out):
@@ -337,6 +339,10 @@ def digits_classifier(tmp_path_factory):
 
 @pytest.mark.slow
 def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, capsys):
+    """Issue 12's acceptance on the digits (resnet_tiny at layer4, 300 decoder steps, 48 pair queries 3<->8,
+    4<->9, 5<->6). Measured on 2 CPU cores: full decoder validity at k = 1 0.50 (24/48), the ablation without
+    triangulation and spatial prior 0.17 (8/48); the bar is full >= ablation + 0.2. Reconstruction L1 0.169
+    (bar 0.25); p_t(k) rank-correlates with k (Spearman > 0.5) for most queries (bar: more than 75%)."""
     split_model, params, train_set, test_set = digits_classifier
     ablation = dataclasses.replace(SLOW_TRAIN, decoder=dataclasses.replace(SLOW_TRAIN.decoder, prior=False),
                                    loss=dataclasses.replace(SLOW_TRAIN.loss, triangulation=False))
@@ -345,8 +351,8 @@ def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, cap
     with capsys.disabled():
         print(f"\nMirror-CFE figures: full {full}\nablation (no triangulation, no prior) {ablated}")
     assert full["rec_l1"] < REC_L1_SLOW
-    assert full["p_t_rising"] > 0.5
-    assert full["validity_k1"] >= ablated["validity_k1"] + 0.1
+    assert full["p_t_spearman_above_half"] > RISING_SHARE
+    assert full["validity_k1"] >= ablated["validity_k1"] + VALIDITY_MARGIN
 
 
 # --------------------------------------------------------------------------- the command
