@@ -344,7 +344,8 @@ def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, cap
     4<->9, 5<->6); the bar is full >= ablation + 0.2 at k = 1. Measured on 2 shared CPU cores: without
     XLA_FLAGS the full decoder reached 0.50 (24/48) against the ablation's 0.17 (8/48); run as ``make
     test-slow`` does (4 forced host devices) the same configuration gave 0.10 (5/48) against 0.21 (10/48), and
-    this test FAILS (docs/mirror.md: the runs of one configuration differ as much as the effect). Reconstruction
+    this test FAILS; with seed 1 (no XLA_FLAGS) 0.10 against 0.31 (docs/mirror.md: the runs of one configuration
+    differ as much as the effect, and the ablation is ahead in two of three). Reconstruction
     L1 0.17 and 0.195 (bar 0.25); p_t(k) rank-correlates with k (Spearman > 0.5) for 0.92 of the queries (bar:
     more than 0.75)."""
     split_model, params, train_set, test_set = digits_classifier
