@@ -229,8 +229,10 @@ def quick_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_quick_runs(tmp_path_factory):
     """The --quick runs of estimators (every estimator on every family) and scaling (1 against 2 devices and
-    processes); about 2 minutes each on 2 idle cores, so they run with ``-m slow``."""
-    return _start_quick_runs(tmp_path_factory.mktemp("bench_slow"), {"scaling": [], "estimators": []})
+    processes), about 2 minutes each on 2 idle cores, and mirror_cost (two compilations, about a minute), so
+    they run with ``-m slow``."""
+    return _start_quick_runs(tmp_path_factory.mktemp("bench_slow"),
+                             {"scaling": [], "estimators": [], "mirror_cost": []})
 
 
 def _document(quick_runs, name):
@@ -299,6 +301,16 @@ def test_scaling_quick_records_identical_results(slow_quick_runs):
     assert processes["byte_identical"] is True and processes["files"] >= 5
     assert processes["efficiency"] == pytest.approx(processes["seconds_1_process_2_devices"]
                                                     / processes["seconds_2_processes_1_device"] / 2)
+
+
+@pytest.mark.slow
+def test_mirror_cost_quick_times_explanations_and_training(slow_quick_runs):
+    doc = _document(slow_quick_runs, "mirror_cost")
+    explain, train = doc["results"]["explain"], doc["results"]["train"]
+    assert explain["queries"] == 4 and explain["k_points"] == 21 and train["steps"] == 3
+    assert explain["explanations_per_s"] == pytest.approx(4 / explain["best_s"])
+    assert doc["summary"]["decodes per s"] == pytest.approx(21 * explain["explanations_per_s"])
+    assert train["steps_per_s"] > 0 and 0 <= explain["flipped_share"] <= 1
 
 
 @pytest.mark.skipif(not HAS_PEERS, reason="peers.py needs the bench extra: pip install -e '.[bench]'")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from fgvce_jax import data, models
@@ -148,15 +149,22 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, train_subset, tm
         mt.train_decoder(split_model, params, train_subset, dataclasses.replace(cfg, seed=1), tmp_path / "b")
 
 
-def test_triangulation_is_zero_exactly_for_proportional_distances():
-    x0 = jnp.zeros((2, 4, 4, 3))
-    x1 = jnp.ones((2, 4, 4, 3))
-    k = jnp.array([0.25, 0.5])
-    on_path = x0 + k[:, None, None, None] * (x1 - x0)
-    assert float(mt.triangulation(x0, on_path, x1, k)) < 1e-8
-    off = on_path.at[:, 0].add(1.0)
-    assert float(mt.triangulation(x0, off, x1, k)) > 1e-2
-    assert float(mt.triangulation(x0, x1, x1, k)) > 0.1  # right distances for k = 1, wrong for these k
+def test_triangulation_is_zero_exactly_for_distances_proportional_at_the_data_scale():
+    z0, z1 = jnp.zeros((2, 2, 2, 4)), jnp.ones((2, 2, 2, 4))  # d(Z_0, Z_1) = 1
+    x0, x1 = jnp.zeros((2, 4, 4, 3)), 3 * jnp.ones((2, 4, 4, 3))  # d(x_0, x_1) = 3
+    k = jnp.array([0.25, 0.5])[:, None, None, None]
+    zk, xk = z0 + k * (z1 - z0), x0 + k * (x1 - x0)
+    assert float(mt.triangulation(x0, xk, x1, z0, zk, z1, jnp.float32(3.0))) < 1e-8
+    assert float(mt.triangulation(x0, xk, x1, z0, zk, z1, jnp.float32(2.0))) > 0.1  # right shape, wrong scale
+    off = xk.at[:, 0].add(1.0)
+    assert float(mt.triangulation(x0, off, x1, z0, zk, z1, jnp.float32(3.0))) > 1e-2
+    # copying the source along the path is not free: all image sides 0 against lambda (k^2 + (1-k)^2 + 1)
+    copy = float(mt.triangulation(x0, x0, x0, z0, zk, z1, jnp.float32(3.0)))
+    assert copy == pytest.approx(np.mean([0.25 ** 2 + 0.75 ** 2 + 1, 0.5 ** 2 + 0.5 ** 2 + 1]), rel=1e-4)
+    # lambda from neighbouring (cyclic) pairs: image gaps 2, 1, 1 against feature gaps 4, 2, 2
+    ramp = jnp.arange(3.0)[:, None, None, None]
+    assert float(mt.pair_scale(ramp * jnp.ones((3, 4, 4, 3)), 2 * ramp * jnp.ones((3, 2, 2, 4)))) == \
+        pytest.approx(0.5, rel=1e-5)
 
 
 def test_non_gap_head_is_refused_in_one_line(tiny, train_subset, tmp_path):
@@ -272,14 +280,19 @@ def test_l1_and_lpips_in_pixel_units(tiny):
 
 # --------------------------------------------------------------------------- slow: a trained classifier
 PAIRS = {3: 8, 8: 3, 4: 9, 9: 4, 5: 6, 6: 5}  # the paper's MNIST pairs
-SLOW_TRAIN = mt.DecoderTrainConfig(steps=300, batch_size=16, decoder=dec.DecoderConfig(width=16),
-                                   loss=mt.LossConfig(lr=1e-3, w_cls=10.0, w_feat=10.0), save_every=100)
-REC_L1_SLOW = 0.35  # mean |x - G(f(x))| in normalised units on 64 test digits after SLOW_TRAIN
+SLOW_TRAIN = mt.DecoderTrainConfig(steps=600, batch_size=16, decoder=dec.DecoderConfig(width=16),
+                                   loss=mt.LossConfig(lr=1e-3), save_every=100)  # the default weights
+REC_L1_SLOW = 0.25  # mean |x - G(f(x))| in normalised units on 64 test digits; measured 0.115 to 0.120
+VALIDITY_MARGIN = 0.2  # full decoder's validity at k = 1 >= the ablation's + this; measured 0.44 vs 0.58,
+# 0.54 vs 0.27 and 0.65 vs 0.56 in three runs of the configuration (see the test)
+RISING_SHARE = 0.75  # share of queries whose p_t(k) has Spearman > 0.5 with k must exceed this
 
 
 def mirror_figures(split_model, params, train_set, test_set, config, out):
     """Train a decoder with ``config`` and measure it on the pair queries of the first 200 test digits:
-    {"rec_l1", "validity_k1", "success", "mean_k_first", "p_t_rising", "steps_per_s"}."""
+    {"queries", "rec_l1", "validity_k1", "success", "mean_k_first", "p_t_rising" (share with
+    p_t(0) < p_t(0.5) < p_t(1)), "p_t_spearman_above_half" (share whose Spearman correlation of p_t with k
+    exceeds 0.5; a constant curve counts as 0), "steps_per_s"}."""
     weights, summary = mt.train_decoder(split_model, params, train_set, config, out)
     decoder = mx.load_decoder(out, split_model, params)
     x = jnp.asarray(test_set.images(np.arange(200)))
@@ -293,11 +306,26 @@ def mirror_figures(split_model, params, train_set, test_set, config, out):
     s64 = jnp.asarray(s[:64])
     rec = jnp.abs(x[:64] - dec.decode(decoder.graphdef, decoder.weights, config.decoder, W, z, skips, s64,
                                       (s64 + 1) % 10, jnp.zeros(64))).mean()
+    rho = np.array([scipy.stats.spearmanr(geo.DEFAULT_KS, curve).statistic for curve in e.p_t])
     return {"queries": len(rows), "rec_l1": float(rec), "validity_k1": float(np.mean(e.pred[:, -1] == t)),
             "success": float(e.success.mean()), "mean_k_first": float(np.nanmean(e.k_first)) if e.success.any()
             else float("nan"), "p_t_rising": float(np.mean((e.p_t[:, -1] > e.p_t[:, half]) &
                                                           (e.p_t[:, half] > e.p_t[:, 0]))),
-            "steps_per_s": summary["steps_per_s"]}
+            "p_t_spearman_above_half": float(np.mean(np.nan_to_num(rho) > 0.5)),
+            "steps_per_s": summary["steps_per_s"], **paper_metrics(split_model, params, test_set, x[rows], e, t)}
+
+
+def paper_metrics(split_model, params, test_set, src, e, t):
+    """The paper's table on the mirror images x_1 (k = 1) of every query (flipped or not): L1 and LPIPS to the
+    source in [0, 1] pixel units, FD-classifier against the first 200 real test digits, D.Val and validity."""
+    pre = test_set.preprocessing
+    x1 = e.images[:, -1]
+    real = jnp.asarray(test_set.images(np.arange(200)))
+    return {"L1_pixels": float(mm.l1(x1, src, pre.mean, pre.std).mean()),
+            "LPIPS": float(mm.lpips(x1, src, pre.mean, pre.std).mean()),
+            "FD_classifier": mm.fd_classifier(split_model, params, real, x1),
+            "FD_classifier_sources": mm.fd_classifier(split_model, params, real, src),
+            "D_Val": mm.d_val(split_model, params, x1, t), "validity": mm.validity(split_model, params, x1, t)}
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +340,12 @@ def digits_classifier(tmp_path_factory):
 
 @pytest.mark.slow
 def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, capsys):
+    """Issue 12's acceptance on the digits (resnet_tiny at layer4, 600 decoder steps, 48 pair queries 3<->8,
+    4<->9, 5<->6); the bar is full >= ablation + 0.2 at k = 1. This test FAILS: run as ``make test-slow``
+    does (4 forced host devices) it measured full 0.44 (21/48) against the ablation's 0.58 (28/48). Without
+    XLA_FLAGS the same configuration gave 0.54 vs 0.27 (seed 0) and 0.65 vs 0.56 (seed 1): the runs of one
+    configuration differ as much as the effect asked for (docs/mirror.md). Reconstruction L1 0.12 in all
+    (bar 0.25); p_t(k) rank-correlates with k (Spearman > 0.5) for 0.96 of the queries (bar: more than 0.75)."""
     split_model, params, train_set, test_set = digits_classifier
     ablation = dataclasses.replace(SLOW_TRAIN, decoder=dataclasses.replace(SLOW_TRAIN.decoder, prior=False),
                                    loss=dataclasses.replace(SLOW_TRAIN.loss, triangulation=False))
@@ -320,8 +354,8 @@ def test_full_decoder_beats_the_ablation_at_k_1(digits_classifier, tmp_path, cap
     with capsys.disabled():
         print(f"\nMirror-CFE figures: full {full}\nablation (no triangulation, no prior) {ablated}")
     assert full["rec_l1"] < REC_L1_SLOW
-    assert full["p_t_rising"] > 0.5
-    assert full["validity_k1"] >= ablated["validity_k1"] + 0.1
+    assert full["p_t_spearman_above_half"] > RISING_SHARE
+    assert full["validity_k1"] >= ablated["validity_k1"] + VALIDITY_MARGIN
 
 
 # --------------------------------------------------------------------------- the command
