@@ -83,6 +83,7 @@ NOTES = [
     "The CPU is shared with other jobs: seconds are comparable within one run only.",
     "The base settings are written out (BASE): the library's defaults of selection and lam changed after the "
     "study (joint, 0.1).",
+    "Rows added with --merge ran later, in a process of their own: their seconds compare with each other only.",
 ]
 METRICS = ("validity", "edits_regions", "edits_cells", "del_ins", "cause_precision", "cause_recall")
 
