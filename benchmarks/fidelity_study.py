@@ -4,8 +4,10 @@ The demo's models (``fgvce_jax.commands.demo``: resnet_tiny at 32 px, ``BIRDS_TR
 explain their first ``--limit`` test mistakes at ``layer4`` (an 8 x 8 map) through ``pipeline.explain_split``
 (the CLI's code path), and ``evaluate.evaluate_directory`` scores them (the code path of ``fgvce evaluate``).
 
-- ``methods``: FG-VCE with the base settings (the demo's: k 3, M 8, K 8, N 5, 4 candidates per reference,
-  t_max 8, r 1, similarity selection, zero baseline) next to the other methods of the paper's main and
+- ``methods``: FG-VCE with the base settings (:data:`BASE`: the demo's k 3, M 8, K 8, N 5, t_max 8 and 4
+  candidates per reference, r 1, similarity selection, lambda 1, zero baseline, cells outside a Shapley window
+  absent; written out, so that the study keeps meaning the settings it was run with when the library's defaults
+  change: joint selection with lambda 0.1 is the default since this study) next to the other methods of the paper's main and
   ablation tables (``evaluate.PAPER_TABLES``: cve, global, gradient, single-step, random) and Grad-CAM.
 - ``settings``: FG-VCE with one setting changed from the base per row (:data:`VARIANTS`). Del-Ins depends on
   Phi only, so it is measured for the rows that change Phi (k, M, baseline) and shown as the base's for the
@@ -17,18 +19,20 @@ the demo), cause precision and recall (birds: ``fgvce_jax.metrics.causes``) and 
 query (search and Phi of queries and references; every settings row computes its own reference Phi). The
 chance level of cause precision is the share of query cells that lie on a cause part.
 
-The setting ``outside`` (cells outside a Shapley window absent or present) is not a field of
-``CounterfactualConfig`` (``explain.saliency_settings`` fixes it to absent), so it cannot be varied through
-the pipeline and is not in the study.
+``--merge`` adds rows to a committed JSON without recomputing it: it trains the same models (seeded), runs the
+base FG-VCE once more and checks that it reproduces the stored base row (else it stops), then runs only the
+``--variants`` given and writes them into ``--out`` beside the rows already there (keyed by variant name).
 
     python benchmarks/fidelity_study.py               # about 17 minutes on 2 shared CPU cores
     python benchmarks/fidelity_study.py --quick       # 1 epoch, 3 queries, 2 settings: a smoke test
+    python benchmarks/fidelity_study.py --merge --variants "outside present"  # add rows to the committed JSON
     python benchmarks/fidelity_study.py --write-docs  # rewrite docs/fidelity.md's tables and docs/fidelity_study.png
                                                       # from the JSON (--out names another JSON)
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import sys
@@ -43,7 +47,14 @@ DOCS = ROOT / "docs" / "fidelity.md"
 
 DATASETS = ("birds", "digits")
 RISE_STEPS = 20
-# name -> the fields changed from the base (DEMO_EXPLAIN), one setting per row
+# The base settings, written out: DEMO_EXPLAIN and the CounterfactualConfig defaults the study was run with (the
+# defaults of selection and lam changed after it); the fields not named keep CounterfactualConfig's defaults
+# (none of them changed since).
+BASE = {"kernel": 3, "samples": 8, "max_regions": 8, "n_references": 5, "t_max": 8, "candidates_per_reference": 4,
+        "region_size": 1, "selection": "similarity", "lam": 1.0, "baseline": "zero", "outside": "absent"}
+BASE_TEXT = ("k 3, M 8, K 8, N 5, candidates 4, t_max 8, r 1, similarity, lambda 1, zero baseline, outside absent "
+             "(BASE in benchmarks/fidelity_study.py)")
+# name -> the fields changed from BASE, one setting per row (the last: outside present with the new defaults)
 VARIANTS = {
     "kernel 1": {"kernel": 1}, "kernel 5": {"kernel": 5},
     "samples 32": {"samples": 32},
@@ -55,10 +66,12 @@ VARIANTS = {
     "t_max 16": {"t_max": 16},
     "joint, lambda 0.3": {"selection": "joint", "lam": 0.3}, "joint, lambda 0.03": {"selection": "joint", "lam": 0.03},
     "joint, lambda 0": {"selection": "joint", "lam": 0.0},
+    "outside present": {"outside": "present"},
+    "joint, lambda 0.1, outside present": {"selection": "joint", "lam": 0.1, "outside": "present"},
 }
 CONFIRM_ONLY = ("joint, lambda 0.3", "joint, lambda 0.03", "joint, lambda 0")  # rows of the confirmation run
 MAIN_VARIANTS = tuple(v for v in VARIANTS if v not in CONFIRM_ONLY)  # the study's rows
-PHI_FIELDS = ("kernel", "samples", "baseline")  # the settings that change Phi, hence Del-Ins
+PHI_FIELDS = ("kernel", "samples", "baseline", "outside")  # the settings that change Phi, hence Del-Ins
 QUICK_VARIANTS = ("kernel 1", "joint, lambda 1")
 TRUNCATED = {"t_max 4": 4}  # rows read off the base run: the greedy search's first edits
 NOTES = [
@@ -68,7 +81,9 @@ NOTES = [
     "compilation of each new shape. In 'methods', single-step shares FG-VCE's Phi settings and reuses the reference "
     "Phi FG-VCE computed in that folder, so its seconds are lower than a run of its own.",
     "The CPU is shared with other jobs: seconds are comparable within one run only.",
-    "outside present is not varied: CounterfactualConfig has no such field.",
+    "The base settings are written out (BASE): the library's defaults of selection and lam changed after the "
+    "study (joint, 0.1).",
+    "Rows added with --merge ran later, in a process of their own: their seconds compare with each other only.",
 ]
 METRICS = ("validity", "edits_regions", "edits_cells", "del_ins", "cause_precision", "cause_recall")
 
@@ -167,9 +182,21 @@ def part_sensitivity(model_dir: Path) -> dict:
     return {"test_accuracy": float(1 - wrong.mean()), "mistakes": int(wrong.sum()), "parts": out}
 
 
-def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants, compared, log) -> dict:
-    """Every row of one dataset: {"methods": {...}, "settings": {...}, "chance_cause_precision": ...}."""
-    from fgvce_jax.commands.demo import DEMO_EXPLAIN
+def _agrees(row: dict, stored: dict, tol: float = 1e-4) -> list[str]:
+    """The figures (METRICS and queries) on which ``row`` and ``stored`` differ by more than ``tol``."""
+    def differ(a, b):
+        if a is None or b is None:
+            return (a is None) != (b is None)
+        return abs(a - b) > tol
+    return [k for k in ("queries", *METRICS) if differ(row.get(k), stored.get(k))]
+
+
+def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants, compared, log,
+          stored: dict | None = None) -> dict:
+    """Every row of one dataset: {"methods": {...}, "settings": {...}, "chance_cause_precision": ...}. With
+    ``stored`` (that dataset's results of a committed JSON: ``--merge``), the methods are not run: the base
+    FG-VCE alone is, and must reproduce ``stored``'s base row; the result is ``stored`` with ``variants``'
+    rows added or replaced."""
     from fgvce_jax.counterfactual import CounterfactualConfig, methods
     from fgvce_jax.evaluate import evaluate_directory
 
@@ -178,23 +205,35 @@ def study(dataset: str, work: Path, *, limit: int, epochs: int | None, variants,
     log(f"{dataset}: model ready ({time.perf_counter() - t0:.0f} s)")
     parts = dataset == "birds"
     base = work / dataset / "methods"
-    seconds = _explain(model, dataset, base, [CounterfactualConfig(**DEMO_EXPLAIN, method=m)
-                                              for m in methods.names() if m in ("fgvce", *compared)], limit)
-    rows, _ = evaluate_directory(base, steps=RISE_STEPS, parts=parts)
-    out = {"methods": {r["method"]: _row(r, seconds.get(r["method"])) for r in rows},
-           "chance_cause_precision": chance(base) if parts else None, "settings": {}}
-    if parts:
-        out["part_sensitivity"] = part_sensitivity(model)
-    log(f"{dataset}: methods done ({time.perf_counter() - t0:.0f} s)")
-    base_row = out["methods"]["fgvce"]
-    out["settings"]["base"] = {**base_row, "changed": {}}
-    for name, t_max in TRUNCATED.items():
-        out["settings"][name] = {**_row(truncated(base, t_max), None), "del_ins": base_row["del_ins"],
-                                 "changed": {"t_max": t_max}, "read_off_base": True}
+    if stored is None:
+        seconds = _explain(model, dataset, base, [CounterfactualConfig(**BASE, method=m)
+                                                  for m in methods.names() if m in ("fgvce", *compared)], limit)
+        rows, _ = evaluate_directory(base, steps=RISE_STEPS, parts=parts)
+        out = {"methods": {r["method"]: _row(r, seconds.get(r["method"])) for r in rows},
+               "chance_cause_precision": chance(base) if parts else None, "settings": {}}
+        if parts:
+            out["part_sensitivity"] = part_sensitivity(model)
+        log(f"{dataset}: methods done ({time.perf_counter() - t0:.0f} s)")
+        base_row = out["methods"]["fgvce"]
+        out["settings"]["base"] = {**base_row, "changed": {}}
+        for name, t_max in TRUNCATED.items():
+            out["settings"][name] = {**_row(truncated(base, t_max), None), "del_ins": base_row["del_ins"],
+                                     "changed": {"t_max": t_max}, "read_off_base": True}
+    else:
+        out = json.loads(json.dumps(stored))
+        base_row = out["settings"]["base"]
+        _explain(model, dataset, base, [CounterfactualConfig(**BASE)], limit)
+        rows, _ = evaluate_directory(base, steps=RISE_STEPS, gradcam=False, parts=parts)
+        again = _row(rows[0], None)
+        differ = _agrees(again, base_row)
+        if differ:
+            raise SystemExit(f"{dataset}: the base run does not reproduce the stored base row ({', '.join(differ)}: "
+                             f"{[again[k] for k in differ]} vs {[base_row[k] for k in differ]}); not merged")
+        log(f"{dataset}: base row reproduced ({time.perf_counter() - t0:.0f} s)")
     for name in variants:
         changed = VARIANTS[name]
         d = work / dataset / name.replace(" ", "_").replace(",", "")
-        seconds = _explain(model, dataset, d, [CounterfactualConfig(**{**DEMO_EXPLAIN, **changed})], limit)
+        seconds = _explain(model, dataset, d, [CounterfactualConfig(**{**BASE, **changed})], limit)
         new_phi = any(k in PHI_FIELDS for k in changed)
         rows, _ = evaluate_directory(d, steps=RISE_STEPS, use_rise=new_phi, gradcam=False, parts=parts)
         row = _row(rows[0], seconds["fgvce"])
@@ -245,7 +284,9 @@ def docs_tables(document: dict, source: str = "fidelity_study.json") -> str:
     """The generated block of docs/fidelity.md: per dataset the methods table and the settings table."""
     parts = [f"Generated by `python benchmarks/fidelity_study.py --write-docs --out benchmarks/results/{source}` "
              f"from that file ({document['date']}, {document['settings']['queries']}, "
-             f"{document['environment']['cpu_count']} CPU cores, jax {document['environment']['versions']['jax']}).\n"]
+             f"{document['environment']['cpu_count']} CPU cores, jax {document['environment']['versions']['jax']})"
+             + "".join(f"; rows {', '.join(f'`{v}`' for v in m['variants'])} added with `--merge` on {m['date']}"
+                       for m in document.get("merged", ())) + ".\n"]
     for dataset, r in document["results"].items():
         causes = r["chance_cause_precision"] is not None
         parts.append(f"### {dataset}: methods (base settings)\n\n" + table(r["methods"], causes, "Method"))
@@ -320,6 +361,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
                    help="the methods run beside FG-VCE in 'methods' (default: those of the paper's main and "
                         "ablation tables, evaluate.PAPER_TABLES)")
+    p.add_argument("--merge", action="store_true",
+                   help="add the --variants rows to the JSON at --out instead of running the study: the methods are "
+                        "not run, the base FG-VCE is and must reproduce the stored base row (--limit as that JSON's)")
     p.add_argument("--write-docs", action="store_true",
                    help="only rewrite docs/fidelity.md's tables and docs/<name of --out>.png from --out")
     args = p.parse_args()
@@ -347,6 +391,8 @@ def main() -> None:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {line}", file=sys.stderr, flush=True)
 
+    if args.merge:
+        return merge(out, args, env, variants, limit, epochs, log, t0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         results = {}
@@ -357,12 +403,33 @@ def main() -> None:
                 out.stem.removesuffix("_quick"), env,
                 {"models": "the demo's: resnet_tiny at 32 px (BIRDS_TRAIN, DEMO_TRAIN in fgvce_jax/commands/demo.py)",
                  "split": "layer4 (8 x 8 map)", "queries": f"the first {limit} test mistakes per dataset",
-                 "base": "DEMO_EXPLAIN (k 3, M 8, K 8, N 5, candidates 4, t_max 8, r 1, similarity, zero baseline)",
+                 "base": BASE_TEXT,
                  "variants": {v: VARIANTS[v] for v in variants}, "rise_steps": RISE_STEPS, "quick": args.quick,
                  "seconds": time.perf_counter() - t0},
                 _summary(results), results,
                 NOTES)
             print(f"wrote {common.write_json(out, doc)}", flush=True)
+
+
+
+def merge(out: Path, args, env: dict, variants, limit: int, epochs: int | None, log, t0: float) -> None:
+    """``--merge``: ``variants``' rows of ``args.datasets`` added to (or replaced in) the JSON at ``out``, which
+    records the addition under ``merged``; its other rows, methods and date stay as they were."""
+    document = json.loads(out.read_text())
+    entry = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "variants": {v: VARIANTS[v] for v in variants},
+             "datasets": list(args.datasets), "environment": {"cpu_count": env["cpu_count"],
+                                                              "jax": env["versions"]["jax"]}}
+    document.setdefault("merged", []).append(entry)
+    document["settings"]["base"] = BASE_TEXT
+    document["settings"]["variants"].update(entry["variants"])
+    document["notes"] = NOTES
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        for dataset in args.datasets:
+            document["results"][dataset] = study(dataset, work, limit=limit, epochs=epochs, variants=variants,
+                                                 compared=(), log=log, stored=document["results"][dataset])
+            entry["seconds"] = time.perf_counter() - t0
+            print(f"wrote {common.write_json(out, document)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/fidelity_study.py: docs/fidelity.md's tables are the committed JSON's; a --quick run (slow)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -47,3 +48,23 @@ def test_quick_run_writes_every_row(tmp_path):
     assert all(r["queries"] == 3 for r in birds["settings"].values())
     assert 0 <= birds["chance_cause_precision"] <= 1
     assert set(birds["part_sensitivity"]["parts"]) == {"body", "head", "beak", "eye", "wing", "tail", "leg"}
+
+
+def test_base_is_written_out_as_the_study_ran():
+    """The study's base keeps the settings it was run with, whatever the library's defaults become."""
+    from fgvce_jax.counterfactual import CounterfactualConfig
+
+    base = fidelity_study.BASE
+    assert (base["selection"], base["lam"], base["outside"], base["baseline"]) == ("similarity", 1.0, "absent", "zero")
+    fields = {f.name for f in dataclasses.fields(CounterfactualConfig)}
+    for changed in (base, *fidelity_study.VARIANTS.values()):
+        assert set(changed) <= fields
+        CounterfactualConfig(**{**base, **changed})  # valid settings
+
+
+def test_merge_checks_the_base_row():
+    stored = {"queries": 16, "validity": 0.3125, "edits_regions": 3.0, "edits_cells": 3.0, "del_ins": 0.2,
+              "cause_precision": None, "cause_recall": None}
+    assert fidelity_study._agrees(dict(stored, del_ins=0.20001), stored) == []
+    assert fidelity_study._agrees(dict(stored, validity=0.375, cause_precision=0.0), stored) == [
+        "validity", "cause_precision"]
