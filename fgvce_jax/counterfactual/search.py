@@ -40,16 +40,17 @@ class SearchOptions(NamedTuple):
     pairs: score every open (region, candidate) pair (``cve``) instead of the top region only.
     early_stop: stop as soon as the stop rule holds; False = ``single-step``
       (replace every region, judge the final map).
+    The others are CounterfactualConfig's (``Method.search_options``), whose defaults are the only ones.
     """
 
-    selection: str = "similarity"
-    lam: float = 1.0
-    stop: str = "target"
-    t_max: int = 8
-    region_size: int = 1
-    pairs: bool = False
-    early_stop: bool = True
-    chunk_size: int | None = None
+    selection: str
+    lam: float
+    stop: str
+    t_max: int
+    region_size: int
+    pairs: bool
+    early_stop: bool
+    chunk_size: int | None
 
 
 class SearchResult(NamedTuple):
