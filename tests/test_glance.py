@@ -1,9 +1,11 @@
 """GLANCE-style surrogate, causal graph and local explanations (fgvce_jax.glance; docs/glance.md).
 
-The default tests use synthetic latents, heads and data with known structure; the slow test bed trains a
-resnet_tiny on the morpho-digits twins (thresholds in its docstring).
+Most default tests use synthetic latents, heads and data with known structure; the test bed trains a
+resnet_tiny on the morpho-digits twins, once at SMALL_BED's size in the default suite and once at FULL_BED's in
+the slow tests (thresholds and measured figures in their docstrings).
 """
 import csv
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -227,74 +229,163 @@ def test_context_table(tmp_path):
         assert "\n" not in str(e.value)
 
 
-# --------------------------------------------------------------------------- the test bed (slow)
+# --------------------------------------------------------------------------- the test bed
 FEATURES = ("thickness", "slant", "width", "height", "area", "intensity")
 EVEN = (0, 2, 4, 6, 8)
-BED_SURROGATE = surrogate.SurrogateConfig(epochs=20)
 
 
-def run_bed(name: str, root):
-    """resnet_tiny at 28 px trained for 1 epoch on ``name`` (lr 0.05, batch 64, seed 0), split at layer4; the
-    global model (:func:`fit.fit_global`: surrogate with F = 6 morphometrics, K = 4 free concepts, 20 epochs;
-    PC graph on the train split with y_hat = log-odds of an even digit); explanations of the 50 test images
-    whose slant sign contradicts the shortcut (even right, odd left) and whose true class the classifier gives
-    the least probability, y = the true class. Returns (graph, test agreement, explanations)."""
+@dataclasses.dataclass(frozen=True)
+class Bed:
+    """One size of the test bed: the classifier's train images (None: the whole train split, else the first
+    ``n_train``), its epochs and seed (initialisation and data order), the test images scored (None: all),
+    the surrogate's epochs and the number of queries explained."""
+
+    n_train: int | None = None
+    epochs: int = 1
+    seed: int = 0
+    n_test: int | None = None
+    surrogate_epochs: int = 20
+    n_queries: int = 50
+
+
+FULL_BED = Bed()  # the slow tests: the paper-like figures of docs/glance.md
+# The default suite's: the same classifier (3000 images, 1 epoch: 46 steps, most of the time) and surrogate,
+# the first 500 test images and 25 queries: 82 s for both twins on the shared 2-core machine (load about 10).
+SMALL_BED = Bed(n_test=500, n_queries=25)
+
+
+def run_bed(name: str, root, bed: Bed = FULL_BED):
+    """resnet_tiny at 28 px trained for ``bed.epochs`` on ``name``'s train split (or its first ``bed.n_train``
+    images; lr 0.05, batch 64, seed ``bed.seed``), split at layer4; the global model
+    (:func:`fit.fit_global`: surrogate with F = 6 morphometrics of those train images, K = 4 free concepts,
+    ``bed.surrogate_epochs`` epochs; PC graph on those images with y_hat = log-odds of an even digit);
+    explanations of the ``bed.n_queries`` test images (of the first ``bed.n_test``) whose slant sign
+    contradicts the shortcut (even right, odd left) and whose true class the classifier gives the least
+    probability, y = the true class. Returns (graph, test agreement, explanations)."""
     from fgvce_jax import data as data_lib
     from fgvce_jax.data import morpho_digits
     from fgvce_jax.glance import fit
     from fgvce_jax.models.split import split
     from fgvce_jax.train import TrainConfig, image_reader, train
 
-    config = TrainConfig(arch="resnet_tiny", dataset=name, epochs=1, lr=0.05, image_size=28)
-    model, _, _ = train(config, root / "model")
+    train_set, test = (data_lib.load(name, s, image_size=28) for s in ("train", "test"))
+    if bed.n_train is not None:
+        train_set = train_set.subset(np.arange(bed.n_train))
+    if bed.n_test is not None:
+        test = test.subset(np.arange(bed.n_test))
+    config = TrainConfig(arch="resnet_tiny", dataset=name, epochs=bed.epochs, lr=0.05, image_size=28, seed=bed.seed)
+    model, _, _ = train(config, root / "model", train_set=train_set, test_set=test)
     split_model, params = split(model, "layer4")
     head = split_model.linear_head(params)
-    train_set, test = (data_lib.load(name, s, image_size=28) for s in ("train", "test"))
     u, names = fit.context_features(train_set)
     assert names == FEATURES
     g = fit.fit_global(split_model, params, train_set, u, names, root / "surrogate", key=jax.random.key(0),
-                       prediction_classes=EVEN, config=BED_SURROGATE)
+                       prediction_classes=EVEN, config=surrogate.SurrogateConfig(epochs=bed.surrogate_epochs))
     h = surrogate.pooled_latents(split_model, params, image_reader(test), len(test))
     logits = np.asarray(surrogate.head_logits(head, jnp.asarray(h)))
     rebuilt = surrogate.head_logits(head, g.fitted.model.decode(g.fitted.model.encode(jnp.asarray(h))))
     agree = np.mean(np.argmax(np.asarray(rebuilt), -1) == np.argmax(logits, -1))
     conflict = np.nonzero(np.sign(morpho_digits.factors(test)["slant"]) != np.where(test.labels % 2 == 0, 1, -1))[0]
     p_true = np.asarray(jax.nn.softmax(logits))[np.arange(len(test)), test.labels]
-    queries = conflict[np.argsort(p_true[conflict])[:50]]
+    queries = conflict[np.argsort(p_true[conflict])[:bed.n_queries]]
     out = explain.explain(g.fitted.model, head, explain.concept_effects(g.graph, g.sigma), h[queries],
                           test.labels[queries])
     return g.graph, agree, out
 
 
+def twins(root, bed: Bed) -> dict:
+    """:func:`run_bed` on the shortcut twin and the clean one: name -> (graph, agreement, explanations, dir)."""
+    return {name: (*run_bed(name, root / name, bed), root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
+
+
+SLANT = FEATURES.index("slant")
+
+
+def slant_figures(graph, out) -> dict:
+    """What the bed's assertions read: whether slant -> y_hat and its weight, whether slant and y_hat are
+    adjacent at all, the share of queries where slant has the largest |ACE| of all P concepts (``first``) and
+    of the F context features (``first_u``), and the mean |ACE| of each concept over the queries (P,)."""
+    imp = np.abs(out["importance"])
+    sink = len(graph.nodes) - 1
+    return {"edge": graph.has_edge("slant", "y_hat"), "weight": graph.weights[SLANT, sink],
+            "adjacent": (SLANT, sink) in graph.directed or (SLANT, sink) in graph.undirected,
+            "first": np.mean(np.argmax(imp, 1) == SLANT),
+            "first_u": np.mean(np.argmax(imp[:, :len(FEATURES)], 1) == SLANT), "mean": imp.mean(0)}
+
+
+@pytest.fixture(scope="module")
+def small_beds(tmp_path_factory):
+    """The small test bed (``SMALL_BED``) on both twins: the default suite's."""
+    return twins(tmp_path_factory.mktemp("small_bed"), SMALL_BED)
+
+
 @pytest.fixture(scope="module")
 def beds(tmp_path_factory):
-    """The test bed on both twins (about 5 minutes on 2 CPU cores)."""
-    root = tmp_path_factory.mktemp("bed")
-    return {name: (*run_bed(name, root / name), root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
+    """The whole test bed (``FULL_BED``) on both twins: the slow tests'."""
+    return twins(tmp_path_factory.mktemp("bed"), FULL_BED)
+
+
+def test_small_bed_shortcut_is_found(small_beds):
+    """SMALL_BED (seed 0), shortcut twin, thresholds: slant -> y_hat with weight > 0.2; surrogate agreement
+    >= 95% on the 500 test images; slant has the largest mean |ACE| of the 10 concepts over the 25 queries,
+    >= 2 times its mean |ACE| on the clean twin; slant has the largest |ACE| of the 6 context features for
+    >= 40% of the queries.
+
+    Measured with classifier seeds 0, 1, 2, 3: weight 0.44, 0.64, 0.49, 0.69; agreement 0.978, 0.968, 0.982,
+    0.966; mean |ACE| rank of slant 1st, 1st, 1st, 2nd (after intensity); slant / its clean-twin value
+    0.24 / 0.11, 0.23 / 0.04, 0.29 / 0.09, 0.22 / 0.05; first of the context features 64%, 60%, 68%, 32%
+    (first of all 10 concepts: 64%, 16%, 68%, 16%, so not asserted here). Seed 3 fails the two rankings."""
+    graph, agree, out, _ = small_beds["morpho-digits-shortcut"]
+    f = slant_figures(graph, out)
+    clean_graph, _, clean_out, _ = small_beds["morpho-digits"]
+    clean = slant_figures(clean_graph, clean_out)
+    assert f["edge"] and f["weight"] > 0.2, f
+    assert agree >= 0.95
+    assert np.argmax(f["mean"]) == SLANT, f["mean"]
+    assert f["mean"][SLANT] >= 2 * clean["mean"][SLANT], (f["mean"], clean["mean"])
+    assert f["first_u"] >= 0.4, f
+
+
+def test_small_bed_clean_twin_has_no_slant_edge(small_beds):
+    """SMALL_BED (seed 0), clean twin, thresholds: slant and y_hat not adjacent (no edge either way, no
+    undirected one); agreement >= 95%; slant has the largest |ACE| of all concepts for < 20% of the queries
+    and of the context features for < 20%, and not the largest mean |ACE|.
+
+    Measured with classifier seeds 0-3: no edge; agreement 1.000 each; slant first 0% of the queries (of all
+    concepts and of the context features) each; its mean |ACE| ranks 9th, 10th, 6th, 9th."""
+    graph, agree, out, _ = small_beds["morpho-digits"]
+    f = slant_figures(graph, out)
+    assert not f["adjacent"], graph.to_json()
+    assert agree >= 0.95
+    assert f["first"] < 0.2 and f["first_u"] < 0.2 and np.argmax(f["mean"]) != SLANT, f
 
 
 @pytest.mark.slow
 def test_bed_shortcut_is_found(beds):
-    """Shortcut twin: the train-split graph has slant -> y_hat; the surrogate agrees with the classifier on
-    >= 95% of the 1000 test images; slant has the largest |ACE| for >= 50% of the 50 queries, and its mean
-    |ACE| is >= 1.5 times that of every free concept (measured: 66%, 0.25 vs at most 0.13)."""
+    """FULL_BED, shortcut twin: the train-split graph has slant -> y_hat with weight > 0.2; the surrogate agrees
+    with the classifier on >= 95% of the 1000 test images; slant has the largest mean |ACE| of all concepts
+    and is >= 1.5 times that of every free concept; slant has the largest |ACE| for >= 50% of the 50 queries
+    (measured with seed 0: weight 0.43, agreement 0.978, 26/50 = 52%, 0.25 vs at most 0.13). Over classifier
+    seeds 0-3 the edge and the agreement hold; the share is the fragile figure (52%, 14%, 64%, 22%), and with
+    seed 3 slant's mean |ACE| is second (after intensity's): docs/glance.md."""
     graph, agree, out, _ = beds["morpho-digits-shortcut"]
-    assert graph.has_edge("slant", "y_hat") and graph.weights[1, -1] > 0.2
+    f = slant_figures(graph, out)
+    assert f["edge"] and f["weight"] > 0.2
     assert agree >= 0.95
-    first = np.argmax(np.abs(out["importance"]), 1)
-    assert np.mean(first == FEATURES.index("slant")) >= 0.5
-    mean = np.abs(out["importance"]).mean(0)
-    assert mean[1] >= 1.5 * mean[len(FEATURES):].max()
+    assert np.argmax(f["mean"]) == SLANT
+    assert f["first"] >= 0.5
+    assert f["mean"][SLANT] >= 1.5 * f["mean"][len(FEATURES):].max()
 
 
 @pytest.mark.slow
 def test_bed_clean_twin_has_no_slant_edge(beds):
-    """Clean twin (slant independent of the label): no edge between slant and y_hat, agreement >= 95%, and
-    slant has the largest |ACE| for < 20% of the queries."""
+    """FULL_BED, clean twin (slant independent of the label): no edge between slant and y_hat, agreement
+    >= 95%, and slant has the largest |ACE| for < 20% of the queries (measured: 0%)."""
     graph, agree, out, _ = beds["morpho-digits"]
-    assert not graph.has_edge("slant", "y_hat") and (1, len(graph.nodes) - 1) not in graph.undirected
+    f = slant_figures(graph, out)
+    assert not f["adjacent"]
     assert agree >= 0.95
-    assert np.mean(np.argmax(np.abs(out["importance"]), 1) == FEATURES.index("slant")) < 0.2
+    assert f["first"] < 0.2
 
 
 @pytest.mark.slow
