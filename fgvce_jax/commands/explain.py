@@ -36,9 +36,11 @@ def _add_field(group, option: str, dest: str, field, default) -> None:
     meta = field.metadata
     kind = meta.get("type", type(field.default))
     text = meta.get("help", "")
-    if "default" not in text:
+    if "default" not in text and field.default is not None:  # None: a required path, said so in its help
         text += f" (default: {field.default})"
     extra = {k: meta[k] for k in ("choices", "metavar") if k in meta}
+    if "choices" not in extra:
+        extra.setdefault("metavar", field.name.upper())
     if kind is bool:
         group.add_argument(option, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
     else:

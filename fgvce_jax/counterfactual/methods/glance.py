@@ -46,8 +46,8 @@ class GlanceParams:
     """surrogate: the directory ``fgvce train-surrogate --out`` wrote for this classifier (required);
     max_set: the most interventions in a query's set."""
 
-    surrogate: str = dataclasses.field(default="", metadata={
-        "help": "directory of the concept surrogate, graph and generator that `fgvce train-surrogate` fitted for "
+    surrogate: str | None = dataclasses.field(default=None, metadata={
+        "type": str, "metavar": "DIR", "help": "directory of the concept surrogate, graph and generator that `fgvce train-surrogate` fitted for "
                 "this model (required)"})
     max_set: int = dataclasses.field(default=3, metadata={"help": "most interventions in a query's set"})
 

@@ -31,8 +31,8 @@ from fgvce_jax.mirror import metrics as mm
 class MirrorParams:
     """decoder: the directory ``fgvce train-decoder --out`` wrote for this classifier (required)."""
 
-    decoder: str = dataclasses.field(default="", metadata={
-        "help": "directory of a decoder trained for this model by `fgvce train-decoder` (required)"})
+    decoder: str | None = dataclasses.field(default=None, metadata={
+        "type": str, "metavar": "DIR", "help": "directory of a decoder trained for this model by `fgvce train-decoder` (required)"})
 
     def validate(self) -> None:
         """FgvceError when no decoder is named."""
