@@ -4,6 +4,7 @@ A random-weight resnet_tiny on the embedded digits (most test images are mistake
 decoder trained for a few steps: cheap, and enough to check that what is stored is what the classifier says of
 the stored images, independently of the method's own bookkeeping."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +72,13 @@ def test_mirror_stores_what_the_classifier_says_of_its_renders(run):
     np.testing.assert_array_equal(a["source"], data.load("digits", "test").images(stored.query_split_index))
 
 
-def test_mirror_metrics_in_evaluate_and_figures_in_the_report(run):
+def test_mirror_metrics_in_evaluate_and_figures_in_the_report(run, capsys):
     _, _, out, _, (split_model, params) = run
+    capsys.readouterr()
     rows, _ = evaluate.evaluate_directory(out, use_rise=False, parts=False)
+    # 6 counterfactuals in resnet_tiny's 128 feature dimensions: the distance is computed, with a notice
+    assert re.search(r"FD-classifier from \d+ real and 6 counterfactual images in 128 feature dimensions: .* "
+                     r"unreliable", capsys.readouterr().err)
     (row,) = rows
     stored, _ = results.load_run(out / "mirror")
     a, ok = stored.arrays, stored.success

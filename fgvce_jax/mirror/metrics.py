@@ -16,6 +16,7 @@ Images are in the classifier's normalised input space x = (u - mean) / std, u in
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,12 @@ def pooled_features(split_model, params, images) -> np.ndarray:
 
 
 def fd_classifier(split_model, params, real, counterfactual) -> float:
-    """FD-classifier: the Fréchet distance of the pooled-feature Gaussians of real and counterfactual images."""
-    return frechet_distance(*gaussian_fit(pooled_features(split_model, params, real)),
-                            *gaussian_fit(pooled_features(split_model, params, counterfactual)))
+    """FD-classifier: the Fréchet distance of the pooled-feature Gaussians of real and counterfactual images.
+    With no more images in a set than feature dimensions its covariance is singular and the distance is
+    unreliable: a one-line notice on stderr says so."""
+    a, b = pooled_features(split_model, params, real), pooled_features(split_model, params, counterfactual)
+    if min(len(a), len(b)) <= a.shape[1]:
+        print(f"notice: FD-classifier from {len(a)} real and {len(b)} counterfactual images in {a.shape[1]} feature "
+              "dimensions: a covariance is singular, so the distance is unreliable (use more images than dimensions)",
+              file=sys.stderr)
+    return frechet_distance(*gaussian_fit(a), *gaussian_fit(b))
