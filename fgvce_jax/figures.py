@@ -14,6 +14,11 @@ _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
 PHI_CMAP = "RdBu_r"  # diverging: red = evidence for the predicted class, blue = against, white = 0
 
 
+def enlarge(a: np.ndarray, factor: int) -> np.ndarray:
+    """An image (H, W, ...) or mask (H, W) enlarged ``factor`` times by nearest neighbour: (kH, kW, ...)."""
+    return np.repeat(np.repeat(a, factor, 0), factor, 1)
+
+
 def _cells(row: dict, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T', r*r, 2) query and reference cells and (T', r*r) bool of the ``n_edits`` edits of one result row
     (the pairing of :func:`fgvce_jax.metrics.edited_cells`; with ``edit_mask`` only the cells written)."""

@@ -34,7 +34,7 @@ from fgvce_jax.data.dataset import positions_of
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.counterfactual import methods
 from fgvce_jax.evaluate import CF_COLUMNS, _ordered, header, stored_params
-from fgvce_jax.figures import _COLOURS, _cells, query_figure
+from fgvce_jax.figures import _COLOURS, _cells, enlarge, query_figure
 from fgvce_jax.metrics.causes import cell_parts
 
 _WORDS = {"↑": "(higher is better)", "↓": "(lower is better)"}
@@ -142,10 +142,10 @@ def parts_image(image: np.ndarray, masks: np.ndarray, side: int = 256) -> np.nda
     of each part p's mask (P, S, S) drawn in ``_COLOURS[p]``: the enlarged mask's pixels that have a 4-neighbour
     outside it (or lie on the border), thickened to 2 pixels for k >= 4."""
     k = max(1, side // image.shape[0])
-    out = np.repeat(np.repeat(image, k, 0), k, 1).copy()
+    out = enlarge(image, k).copy()
     for p, mask in enumerate(np.asarray(masks, bool)):
         rgb = tuple(int(_COLOURS[p % len(_COLOURS)][i:i + 2], 16) for i in (1, 3, 5))
-        m = np.repeat(np.repeat(mask, k, 0), k, 1)
+        m = enlarge(mask, k)
         for _ in range(2 if k >= 4 else 1):
             inner = np.pad(m, 1)  # False outside the image
             inner = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]

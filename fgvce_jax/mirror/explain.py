@@ -102,6 +102,14 @@ def first_flip(pred: np.ndarray, t: np.ndarray, ks) -> tuple[np.ndarray, np.ndar
     return k_first, success, reason
 
 
+def counterfactual_index(k_first, ks=geo.DEFAULT_KS) -> np.ndarray:
+    """(N,) int: the position in ``ks`` of each query's first counterfactual ``k_first`` (N,), or of k = 1 (the
+    last) where there is none (NaN): the image a failure is judged by."""
+    ks = np.asarray(ks, np.float64)
+    k = np.nan_to_num(np.asarray(k_first, np.float64), nan=ks[-1])
+    return np.argmax(np.isclose(ks[None], k[:, None]), 1)
+
+
 def explain(split_model, params, decoder: LoadedDecoder, x, s, t, ks=geo.DEFAULT_KS) -> MirrorExplanation:
     """Mirror-CFE for N queries: x (N, S, S, 3) normalised, s (predicted), t (target) (N,) -> the decoded path,
     p_t(k) and the first counterfactual (see the module docstring)."""

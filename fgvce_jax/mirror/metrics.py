@@ -65,6 +65,11 @@ def to_unit(images, mean, std) -> np.ndarray:
     return np.clip(np.asarray(images) * np.asarray(std, np.float32) + np.asarray(mean, np.float32), 0, 1)
 
 
+def to_pixels(images, mean, std) -> np.ndarray:
+    """Normalised images (..., 3) -> uint8 [0, 255] RGB (clipped, rounded)."""
+    return np.round(to_unit(images, mean, std) * 255).astype(np.uint8)
+
+
 def l1(cf, src, mean, std) -> np.ndarray:
     """Per image mean |u_cf - u_src| in [0, 1] pixel units: (N, S, S, 3) x2 -> (N,)."""
     return np.abs(to_unit(cf, mean, std) - to_unit(src, mean, std)).mean((1, 2, 3))

@@ -33,16 +33,13 @@ def explain_pairs(split_model, params, decoder: mx.LoadedDecoder, dataset, pairs
             out[f"{a}->{b}"] = {"queries": 0}
             continue
         e = mx.explain(split_model, params, decoder, x, np.full(len(idx), a), np.full(len(idx), b))
-        ks = np.asarray(geo.DEFAULT_KS)
-        at = np.where(e.success, np.argmax(np.isclose(ks[None], np.nan_to_num(e.k_first, nan=1.0)[:, None]), 1),
-                      len(ks) - 1)
-        l1 = mm.l1(e.images[np.arange(len(idx)), at], x, mean, std)
+        l1 = mm.l1(e.images[np.arange(len(idx)), mx.counterfactual_index(e.k_first)], x, mean, std)
         ok = e.success
         out[f"{a}->{b}"] = {"queries": int(len(idx)), "validity": float(ok.mean()),
                             "mean_k_first": float(e.k_first[ok].mean()) if ok.any() else float("nan"),
                             "l1": float(l1[ok].mean()) if ok.any() else float("nan"),
                             "ids": [str(i) for i in dataset.ids[idx]],
-                            "path": np.round(mm.to_unit(e.images[0], mean, std) * 255).astype(np.uint8)}
+                            "path": mm.to_pixels(e.images[0], mean, std)}
     return out
 
 

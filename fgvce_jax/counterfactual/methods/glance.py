@@ -145,8 +145,7 @@ class Glance(RenderingMethod):
         if loaded.generator is not None:
             rows = [glance_explain.strips(model, head, loaded.effects, loaded.generator, split_model, params,
                                           h[i:i + 1], np.asarray(true)[i:i + 1], keys[i]) for i in range(len(true))]
-            arrays = {"strips": np.concatenate([np.round(mm.to_unit(r["images"], prepared.mean, prepared.std) * 255)
-                                                .astype(np.uint8) for r in rows]),
+            arrays = {"strips": np.concatenate([mm.to_pixels(r["images"], prepared.mean, prepared.std) for r in rows]),
                       "strip_p_y": np.concatenate([r["p_y_classifier"] for r in rows]).astype(np.float32)}
         success = np.asarray(e["success"], bool)
         return Rendered(success=success, reason=np.where(success, "flipped", "set_exhausted"),

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fgvce_jax import store
+from fgvce_jax import figures, store
 from fgvce_jax.counterfactual.methods.registry import Figure, Rendered, RenderingMethod, register
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.mirror import explain as mirror_explain
@@ -49,15 +49,9 @@ class Prepared(NamedTuple):
     std: np.ndarray
 
 
-def to_pixels(images, mean, std) -> np.ndarray:
-    """Normalised images (..., S, S, 3) -> uint8 pixels."""
-    return np.round(mm.to_unit(images, mean, std) * 255).astype(np.uint8)
-
-
 def enlarge(image: np.ndarray, side: int = 128) -> np.ndarray:
     """(S, S, 3) uint8 -> nearest-neighbour enlarged to at least ``side`` pixels (an integer factor)."""
-    factor = max(1, -(-side // image.shape[0]))
-    return np.repeat(np.repeat(image, factor, 0), factor, 1)
+    return figures.enlarge(image, max(1, -(-side // image.shape[0])))
 
 
 def difference_map(cf: np.ndarray, src: np.ndarray) -> np.ndarray:
@@ -100,16 +94,13 @@ class Mirror(RenderingMethod):
         ks = np.asarray(geo.DEFAULT_KS, np.float32)
         e = mirror_explain.explain(split_model, params, prepared.decoder, images, pred, true, ks)
         q = np.arange(len(true))
-        # the first counterfactual, or the k = 1 render on failure
-        at = np.where(e.success, np.argmax(np.isclose(ks[None], np.nan_to_num(e.k_first, nan=1.0)[:, None]), 1),
-                      len(ks) - 1)
-        cf = e.images[q, at]
+        cf = e.images[q, mirror_explain.counterfactual_index(e.k_first, ks)]  # the k = 1 render on failure
         return Rendered(success=e.success, reason=e.reason, n_edits=np.ones(len(q), np.int32),
                         columns={"k_first": e.k_first.astype(np.float32), "p_t_path": e.p_t.astype(np.float32),
                                  "pred_path": e.pred.astype(np.int32),
                                  "l1": mm.l1(cf, images, prepared.mean, prepared.std).astype(np.float32)},
                         arrays={"counterfactual": cf, "source": np.asarray(images, np.float32),
-                                "path": to_pixels(e.images, prepared.mean, prepared.std)})
+                                "path": mm.to_pixels(e.images, prepared.mean, prepared.std)})
 
     def metrics(self, split_model, params, dataset, stored) -> dict[str, float]:
         """D.Val of all counterfactuals; L1 and LPIPS to the source and the mean k_first over the successful
@@ -130,9 +121,7 @@ class Mirror(RenderingMethod):
     def figures(self, row: dict, arrays: dict, query_image: np.ndarray) -> list[Figure]:
         """Source | first counterfactual | difference; the path as a strip (every other k) and as a GIF."""
         path = arrays["path"]
-        at = (np.argmax(np.isclose(np.asarray(geo.DEFAULT_KS), row["k_first"])) if row["success"]
-              else len(path) - 1)
-        src, cf = path[0], path[at]
+        src, cf = path[0], path[mirror_explain.counterfactual_index([row["k_first"]])[0]]
         where = f"k = {row['k_first']:.2f}" if row["success"] else "none flipped: the k = 1 render"
         white = np.full((path.shape[1], 2, 3), 255, np.uint8)
         trio = np.concatenate([enlarge(x) for x in (src, white, cf, white, difference_map(cf, src))], 1)
