@@ -203,7 +203,8 @@ class Glance(RenderingMethod):
         if "strips" in arrays:
             deltas = glance_explain.DELTAS
             out.append(Figure("interventions do(c_j += a sd_j) rendered by the generator; above each frame, p(true) "
-                              "by the classifier", strip_figure(arrays["strips"], arrays["strip_p_y"], deltas,
+                              "by the classifier. The frames are only as faithful as the generator: check its "
+                              "agreement and FD-classifier in fgvce evaluate before reading them", strip_figure(arrays["strips"], arrays["strip_p_y"], deltas,
                                                                self._nodes, np.asarray(row["importance"]))))
         return out
 
