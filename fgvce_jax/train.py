@@ -21,6 +21,7 @@ Example (about 40 s of CPU time; test accuracy about 0.98)::
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -187,6 +188,12 @@ def _pure(obj) -> dict:
     return nnx.to_pure_dict(nnx.state(obj))
 
 
+def json_meta(meta: dict) -> ocp.args.JsonSave:
+    """Orbax's JSON argument for a checkpoint's ``meta``, deep-copied now: the manager writes asynchronously while
+    training goes on appending to the same lists, and a live reference would store losses from later steps."""
+    return ocp.args.JsonSave(copy.deepcopy(meta))
+
+
 def _restore(obj, pure: dict) -> None:
     state = nnx.state(obj)
     nnx.replace_by_pure_dict(state, pure)
@@ -250,8 +257,8 @@ def train(config: TrainConfig, out: str | Path, *, train_set=None, test_set=None
     def save(at: int) -> None:
         manager.save(at, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"model": _pure(model), "optimizer": _pure(optimizer)}),
-            meta=ocp.args.JsonSave({"config": _config_json(config), "history": history,
-                                    "epoch_losses": losses, "epoch_accuracies": accs})), force=True)
+            meta=json_meta({"config": _config_json(config), "history": history,
+                               "epoch_losses": losses, "epoch_accuracies": accs})), force=True)
 
     train_images = image_reader(train_set)
     test_images = image_reader(test_set)

@@ -12,7 +12,8 @@ from flax import nnx
 from fgvce_jax import cli, data, models
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models import checkpoint
-from fgvce_jax.train import (STATE_DIR, TrainConfig, epoch_batches, learning_rate, train, transfer_weights)
+from fgvce_jax.train import (STATE_DIR, TrainConfig, epoch_batches, json_meta, learning_rate, train,
+                             transfer_weights)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,23 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, digits
         train(TrainConfig(epochs=2, batch_size=32, lr=0.1), tmp_path / "b", train_set=train_set, test_set=test_set)
     with pytest.raises(FgvceError, match=r"\(--epochs: 2 -> 3\)"):  # more epochs is a different run too, named
         train(dataclasses.replace(cfg, epochs=3), tmp_path / "b", train_set=train_set, test_set=test_set)
+
+
+def test_checkpoint_meta_is_the_state_at_save_not_at_write(tmp_path):
+    """Orbax writes a checkpoint's JSON in a background thread; the lists training keeps appending to must be
+    stored as they were when ``save`` was called (a live reference stored later steps' losses: CI, stop 23).
+    With a bare ``ocp.args.JsonSave`` this test fails."""
+    import orbax.checkpoint as ocp
+    history = [{"loss": 1.0}]
+    manager = ocp.CheckpointManager(tmp_path.absolute() / "m", options=ocp.CheckpointManagerOptions(create=True))
+    for step in range(1, 4):
+        manager.save(step, args=ocp.args.Composite(meta=json_meta({"history": history})), force=True)
+        history.extend({"loss": float(i)} for i in range(200))  # the run goes on while the write is pending
+    manager.wait_until_finished()
+    stored = [manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["history"]
+              for s in (1, 2, 3)]
+    manager.close()
+    assert [len(h) for h in stored] == [1, 201, 401]
 
 
 @pytest.mark.parametrize("argv, match", [

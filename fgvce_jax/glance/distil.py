@@ -41,6 +41,7 @@ from fgvce_jax.glance import gan
 from fgvce_jax.glance.generator import GeneratorConfig, from_classifier_space, render, to_classifier_space
 from fgvce_jax.glance.surrogate import Surrogate
 from fgvce_jax.store import config_diff
+from fgvce_jax.train import json_meta
 
 STATE_DIR = "generator_state"
 
@@ -211,7 +212,7 @@ def train_generator(split_model, params, surrogate: Surrogate, real: np.ndarray,
 
     def save(at: int) -> None:
         manager.save(at, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_leaves(state)),
-                                                 meta=ocp.args.JsonSave({**meta, "history": history})), force=True)
+                                                 meta=json_meta({**meta, "history": history})), force=True)
 
     try:
         bar = progress.bar(range(step, config.steps), desc="generator", unit="step")

@@ -36,7 +36,7 @@ from flax import nnx
 from fgvce_jax import progress
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.store import config_diff
-from fgvce_jax.train import _pure, _restore
+from fgvce_jax.train import _pure, _restore, json_meta
 
 STATE_DIR = "surrogate_state"
 
@@ -224,7 +224,7 @@ def train_surrogate(h: np.ndarray, u: np.ndarray, head, key: jax.Array, out: str
     def save(at: int) -> None:
         manager.save(at, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"model": _pure(model), "optimizer": _pure(optimizer)}),
-            meta=ocp.args.JsonSave({**meta, "history": history, "epoch_losses": epoch_losses})), force=True)
+            meta=json_meta({**meta, "history": history, "epoch_losses": epoch_losses})), force=True)
 
     try:
         for epoch in range(step // steps_per_epoch, config.epochs):

@@ -57,7 +57,7 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.mirror import decoder as dec
 from fgvce_jax.mirror import geometry as geo
 from fgvce_jax.store import fingerprint
-from fgvce_jax.train import epoch_batches, image_reader
+from fgvce_jax.train import epoch_batches, image_reader, json_meta
 
 STATE_DIR = "decoder_state"
 DECODER_DIR = "decoder"
@@ -260,7 +260,7 @@ def train_decoder(split_model, params, train_set, config: DecoderTrainConfig, ou
 
     def save(at: int) -> None:
         manager.save(at, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave({**meta, "last": last})), force=True)
+                                                  meta=json_meta({**meta, "last": last})), force=True)
 
     images, key, start, t_first = image_reader(train_set), jax.random.key(config.seed), step, None
     try:
