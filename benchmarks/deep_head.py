@@ -29,7 +29,7 @@ from fgvce_jax.keys import row_keys
 from fgvce_jax import saliency
 from fgvce_jax.models.resnet import Bottleneck, ResNet
 from fgvce_jax.models.split import split
-from fgvce_jax.shapley.local import item_masks, layout, run_batch
+from fgvce_jax.shapley.local import item_masks, plan, run_batch
 from fgvce_jax.shapley.game import ConvHead, GenericHead
 from fgvce_jax.sharding import device_mesh
 
@@ -83,11 +83,10 @@ def bench(sm, params, d, hw, n, samples, repeats):
     evals = n * 2 * hw * hw * samples
     out = {"grid": [hw, hw, d], "maps": n, "evaluations": evals}
     for name, (fn, args, shared) in variants(sm, params, z, classes).items():
-        u, n_chunks = layout((hw, hw), draws, True, n, 4 * hw * hw * d * 8, None, mesh)
-        run = functools.partial(run_batch, fn, args, keys, grid=(hw, hw), kernel=KERNEL, draws=draws,
-                                outside="absent", paired=True, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared)
+        p = plan((hw, hw), KERNEL, draws, "absent", True, n, 4 * hw * hw * d * 8, None, mesh)
+        run = functools.partial(run_batch, fn, args, keys, p, mesh=mesh, shared=shared)
         _, t = common.time_call(run, repeats=repeats)
-        out[name] = {"s": t.best, "evals_per_s": evals / t.best, "units_per_chunk": u}
+        out[name] = {"s": t.best, "evals_per_s": evals / t.best, "units_per_chunk": p.u}
     masks = local_masks(jax.random.key(3), (hw, hw), draws, n)
     u = 4 * out["generic"]["units_per_chunk"]
     u = max(k for k in range(1, min(u, masks.shape[1]) + 1) if masks.shape[1] % k == 0)

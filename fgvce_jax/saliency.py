@@ -30,7 +30,7 @@ from fgvce_jax.shapley.estimate import plan as plan_global
 from fgvce_jax.shapley.estimate import run_batch as run_global
 from fgvce_jax.shapley.game import feature_game, is_affine, read_output
 from fgvce_jax.shapley.local import check_local
-from fgvce_jax.shapley.local import layout as local_layout
+from fgvce_jax.shapley.local import plan as plan_local
 from fgvce_jax.shapley.local import run_batch as run_local
 from fgvce_jax.shapley.local_screening import check_screen, merge, saves, screen_key, select_windows
 from fgvce_jax.shapley.local_tolerance import ToleranceResult, bucket_size, check_tolerance
@@ -173,11 +173,10 @@ def compute(split_model, params, z, ctx, classes, *, method: str = "local", kern
         draws = check_local((h, w), kernel, samples, outside, paired)
 
         def run(keys, draws, windows=None):
-            u, n_chunks = local_layout((h, w), draws, paired, n, bytes_per_eval, chunk_size, mesh, is_affine(fn),
-                                       None if windows is None else windows.shape[1])
-            return run_local(fn, args, keys, grid=(h, w), kernel=kernel, draws=draws, outside=outside,
-                             paired=paired, u=u, n_chunks=n_chunks, mesh=mesh, shared=shared, stratified=stratified,
-                             windows=windows)
+            p = plan_local((h, w), kernel, draws, outside, paired, n, bytes_per_eval, chunk_size, mesh,
+                           affine=is_affine(fn), stratified=stratified,
+                           windows=None if windows is None else windows.shape[1])
+            return run_local(fn, args, keys, p, mesh=mesh, shared=shared, windows=windows)
         if screen_samples is None:
             return run(keys, draws)
         check_screen(screen_samples, screen_keep, paired)

@@ -12,7 +12,8 @@ from fgvce_jax import saliency, shapley, sharding
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.models import create, split
 from fgvce_jax.shapley.game import GenericHead, LastBlockAttention, LinearHead
-from fgvce_jax.shapley.local import run_batch as run_local
+from fgvce_jax.shapley.estimate import run_batch as run_engine
+from fgvce_jax.shapley.local import plan as plan_local
 
 KEY = jax.random.key(0)
 H, W, D, C = 4, 5, 6, 7
@@ -147,10 +148,10 @@ def test_compute_with_the_generic_vit_head_and_chunks_devices_invariance():
     got = saliency.compute(LastBlockSplit(), VIT_PARAMS, Z, ctx, classes, baseline="attention", samples=4,
                            key=KEY, chunk_size=5)
     np.testing.assert_allclose(got, ref, atol=1e-6)
-    before = run_local._cache_size()
+    before = run_engine._cache_size()
     saliency.compute(LastBlockSplit(), VIT_PARAMS, Z + 1.0, ctx, classes, baseline="attention", samples=4,
                      key=KEY, chunk_size=5)
-    assert run_local._cache_size() == before  # new feature maps, same compiled call
+    assert run_engine._cache_size() == before  # new feature maps, same compiled call
 
 
 @pytest.mark.parametrize("method", ["gradient", "gradcam"])
@@ -203,6 +204,13 @@ def test_compute_on_a_real_vit_takes_the_last_block_fast_path_and_matches_the_ge
     assert np.abs(np.asarray(phi)).max() > 1e-4
 
 
+def local_hlo(fn, args, keys, mesh, shared) -> str:
+    """The compiled text of a local request (4 x 4 grid, 3 x 3 windows, 2 paired draws) on the unit engine."""
+    p = plan_local((4, 4), 3, 2, "absent", True, keys.shape[0], 4096, 32, mesh)
+    return run_engine.lower(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh,
+                            r=p.r, shared=shared).as_text()
+
+
 def test_batched_games_share_the_model_parameters():
     """A batch of N maps runs every convolution with the one set of weights (no per-image kernel copies):
     the compiled local call holds no grouped convolution, and the parameters carry no image axis."""
@@ -214,8 +222,7 @@ def test_batched_games_share_the_model_parameters():
     mesh = sharding.device_mesh(None)
 
     def hlo(args, shared):
-        return run_local.lower(fn, args, row_keys(KEY, 3), grid=(4, 4), kernel=3, draws=2,
-                               outside="absent", paired=True, u=8, n_chunks=1, mesh=mesh, shared=shared).as_text()
+        return local_hlo(fn, args, row_keys(KEY, 3), mesh, shared)
 
     def groups(text):
         return {int(g) for g in re.findall(r"feature_group_count = (\d+)", text)}
@@ -236,9 +243,7 @@ def test_bf16_head_runs_the_convolutions_in_bf16_and_stays_close_to_float32():
     def conv_types(dtype):
         p, zz, ctx, base = saliency.in_dtype(params, z, {}, "zero", dtype)
         fn, args, shared, _ = saliency.batch_games(sm, p, zz, ctx, classes, base, "prob")
-        text = run_local.lower(fn, args, row_keys(KEY, 2), grid=(4, 4), kernel=3, draws=2,
-                               outside="absent", paired=True, u=8, n_chunks=1,
-                               mesh=sharding.device_mesh(None), shared=shared).as_text()
+        text = local_hlo(fn, args, row_keys(KEY, 2), sharding.device_mesh(None), shared)
         return set(re.findall(r"stablehlo.convolution.*-> tensor<[^>]*x(\w+)>", text))
 
     assert conv_types("float32") == {"f32"} and conv_types("bfloat16") == {"bf16"}

@@ -15,7 +15,7 @@ from fgvce_jax import saliency, shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
 from fgvce_jax.shapley.game import Game, as_game, is_affine
-from fgvce_jax.shapley.local import layout as local_layout
+from fgvce_jax.shapley.local import plan as local_plan
 from fgvce_jax.shapley.local import run_batch as run_local
 from fgvce_jax.shapley.permutation_cv import pooled, rank_counts
 from fgvce_jax.sharding import device_mesh
@@ -135,11 +135,11 @@ def local_runs(game, grid, samples, paired, stratified, reps, args=()):
     """Phi (reps, H, W) of ``local`` (3 x 3 windows, outside absent) from ``reps`` keys in one compiled call."""
     mesh = device_mesh()
     draws = samples // 2 if paired else samples
-    u, n_chunks = local_layout(grid, draws, paired, reps, 64, None, mesh, is_affine(game))
+    p = local_plan(grid, 3, draws, "absent", paired, reps, 64, None, mesh, affine=is_affine(game),
+                   stratified=stratified)
     keys = jax.random.split(jax.random.key(11), reps)
     args = jax.tree.map(lambda a: jnp.broadcast_to(a, (reps, *jnp.shape(a))), args)
-    return np.asarray(run_local(game, args, keys, grid=grid, kernel=3, draws=draws, outside="absent", paired=paired,
-                                u=u, n_chunks=n_chunks, mesh=mesh, stratified=stratified), np.float64)
+    return np.asarray(run_local(game, args, keys, p, mesh=mesh), np.float64)
 
 
 def window_size_game(grid, seed=0):

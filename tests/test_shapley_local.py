@@ -10,7 +10,8 @@ import pytest
 from fgvce_jax import shapley
 from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.game import Game, LinearHead, is_affine
-from fgvce_jax.shapley.local import layout, run_batch
+from fgvce_jax.shapley.estimate import plan_units
+from fgvce_jax.shapley.local import LocalWindows, plan, run_batch, window_frame
 from fgvce_jax.sharding import device_mesh
 
 KEY = jax.random.key(0)
@@ -82,10 +83,9 @@ def _runs(game, grid, kernel, samples, outside, paired, reps):
     """Phi (reps, H, W) from ``reps`` keys, in one compiled call of the batched engine."""
     mesh = device_mesh()
     draws = samples // 2 if paired else samples
-    u, n_chunks = layout(grid, draws, paired, reps, 64, None, mesh)
+    p = plan(grid, kernel, draws, outside, paired, reps, 64, None, mesh)
     keys = jax.random.split(jax.random.key(11), reps)
-    return np.asarray(run_batch(game, (), keys, grid=grid, kernel=kernel, draws=draws, outside=outside,
-                                paired=paired, u=u, n_chunks=n_chunks, mesh=mesh))
+    return np.asarray(run_batch(game, (), keys, p, mesh=mesh))
 
 
 @pytest.mark.parametrize("paired", [True, False])
@@ -161,3 +161,58 @@ def test_bad_requests_raise_clear_errors(kwargs, match):
     game = lambda m: m.reshape(-1, 16).sum(-1).astype(jnp.float32)  # noqa: E731  (needs a 4 x 4 grid)
     with pytest.raises(FgvceError, match=match):
         shapley.local(game, **args)
+
+
+class EnumeratedWindows(LocalWindows):
+    """A new local estimator written in one place (this test): unit (slot, b) is subset b of the k x k
+    window's cells (a k^2-bit number), weighted by its Shapley weight |S|! (n - |S| - 1)! / n! when it lies
+    among the window's players and 0 otherwise, so the engine's sum is the exact per-window value."""
+
+    def units(self):
+        return self.n * 2 ** (self.kernel ** 2)
+
+    def evals_per_unit(self):
+        return 2
+
+    def evaluate(self, fn, args, key, index, select):
+        k2, (h, w) = self.kernel ** 2, self.grid
+        table = jnp.asarray([[math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) if s < n else 0.0
+                              for s in range(k2 + 1)] for n in range(k2 + 1)], jnp.float32)  # [n, |S|]
+        slot = jnp.minimum(index // 2 ** k2, self.n - 1)
+
+        def one(q, b):
+            rows, cols, players = window_frame(q, self.grid, self.kernel)
+            bits = ((b >> jnp.arange(k2)) & 1).astype(bool).reshape(self.kernel, self.kernel)
+            weight = jnp.where(jnp.any(bits & ~players), 0.0, table[players.sum() + 1, bits.sum()])
+            place = lambda cells: ((rows[:, None] == jnp.arange(h)).T.astype(jnp.float32) @ cells  # noqa: E731
+                                   @ (cols[:, None] == jnp.arange(w)).astype(jnp.float32)) > 0.5
+            s = place((bits & players).astype(jnp.float32))
+            return jnp.stack([s, s | (jnp.arange(h * w) == q).reshape(h, w)]), weight
+
+        masks, weights = jax.vmap(one)(slot if select is None else select[slot], index % 2 ** k2)
+        values = fn(args, masks.reshape(-1, h, w)).reshape(-1, 2).astype(jnp.float32)
+        return slot, (weights * (values[:, 1] - values[:, 0]))[:, None]
+
+    def finalize(self, total, counts, n_units, anchor_values):
+        return total["phi"]
+
+
+def test_a_local_estimator_is_one_class_on_the_unit_engine():
+    """``EnumeratedWindows`` above runs on the engine unchanged: it equals per-window enumeration, and chunk
+    size and device count change no bit (the engine's canonical sums), as for ``local`` itself."""
+    grid = (4, 5)
+    a, b = (jax.random.randint(k, grid, -3, 4).astype(jnp.float32) for k in jax.random.split(KEY))
+
+    def game(m):  # nonlinear, and exact in float32 (small integers), so no batch size can round a row differently
+        m = m.astype(jnp.float32)
+        return (a * m).sum((1, 2)) ** 2 + (b * m).sum((1, 2))
+    est = EnumeratedWindows(20, grid=grid, kernel=3)
+    runs = []
+    for chunk, devices in [(None, 1), (None, 4), (6, 4), (64, 2)]:
+        mesh = jax.make_mesh((devices,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:devices])
+        p = plan_units(est, est.units(), 64, 1, chunk, mesh)
+        runs.append(np.asarray(run_batch(lambda args, m: game(m), (), KEY[None], p, mesh=mesh)[0]))
+    np.testing.assert_allclose(runs[0], per_window_reference(game, grid, 3, "absent"), atol=1e-5)
+    for got, name in zip(runs[1:], ["4 devices", "chunk 6", "chunk 64 on 2"]):
+        np.testing.assert_array_equal(got, runs[0], err_msg=name)

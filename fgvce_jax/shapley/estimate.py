@@ -70,18 +70,16 @@ def tree_sum(x: jax.Array) -> jax.Array:
 
 @functools.cache  # estimators are hashable; tracing them costs about a millisecond per request
 def _stat_shapes(est):
-    m = est.evals_per_unit()
-    return jax.eval_shape(lambda: est.unit_stats(jax.tree.map(lambda a: a[0], est.draws(jax.random.key(0),
-                                                                                     jnp.zeros(1, jnp.int32))),
-                                                 jnp.zeros((m,), jnp.float32)))
+    return est.stat_shapes()
 
 
-def evaluation_block(est, n_units: int, bytes_per_evaluation: int, n_games: int) -> int:
-    """E, units per game call: the memory budget (for n_games games at once), MAX_BLOCK_EVALUATIONS,
+def evaluation_block(est, n_units: int, bytes_per_evaluation: int, n_games: int,
+                     most_evaluations: int = MAX_BLOCK_EVALUATIONS) -> int:
+    """E, units per game call: the memory budget (for n_games games at once), ``most_evaluations`` per game,
     and at least MIN_BLOCKS blocks; at least 1. Never depends on chunk_size or the device count."""
     m = est.evals_per_unit()
     by_memory = sharding.memory_budget() // max(1, (m * int(bytes_per_evaluation) + est.draw_bytes()) * n_games)
-    return max(1, min(by_memory, MAX_BLOCK_EVALUATIONS // m, math.ceil(n_units / MIN_BLOCKS)))
+    return max(1, min(by_memory, most_evaluations // m, math.ceil(n_units / MIN_BLOCKS)))
 
 
 def reduction_block(est, n_units: int, e: int) -> int:
@@ -95,7 +93,7 @@ def _use_affine(est, fn) -> bool:
     return is_affine(fn) and type(est).affine_values is not registry.Estimator.affine_values
 
 
-def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
+def _device_blocks(est, fn, args, key, select, n_units, e, r, n_chunks, axis):
     """This device's block sums (n_chunks, ...) and summed counts for one game (inside shard_map)."""
     m, n, sub = est.evals_per_unit(), est.n, r // e
     first = jax.lax.axis_index(axis) * n_chunks * r
@@ -103,12 +101,16 @@ def _device_blocks(est, fn, args, key, n_units, e, r, n_chunks, axis):
 
     def evaluate(start):  # one evaluation block: per-unit stats (e, ...) and counts
         idx = start + jnp.arange(e, dtype=jnp.int32)
-        draws = est.draws(key, idx)
         valid = idx < n_units
-        if fast:
+        own = est.evaluate(fn, args, key, idx, select if select.shape[0] else None)
+        if own is not None:
+            draws, values = own
+        elif fast:
+            draws = est.draws(key, idx)
             readout = functools.partial(fn.readout, args)
             values = jax.vmap(lambda d: est.affine_values(d, args["offset"], args["contrib"], readout))(draws)
         else:
+            draws = est.draws(key, idx)
             masks = jax.vmap(est.masks)(draws)
             values = fn(args, masks.reshape(e * m, n)).reshape(e, m)
         stats = jax.vmap(est.unit_stats)(draws, values.astype(jnp.float32))
@@ -167,27 +169,31 @@ def over_games(f, *xs):
 
 
 @functools.partial(jax.jit, static_argnames=("est", "fn", "n_units", "u", "n_chunks", "mesh", "r"))
-def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared=None):
+def run_batch(est, fn, args, keys, *, n_units, u, n_chunks, mesh, r=None, shared=None, select=None):
     """phi (N, n) for N games ``fn(with_shared(shared, args[i]), .)`` with keys (N,); args carry a leading
     N axis, ``shared`` (e.g. the model parameters) none.
 
     u: units per game call (a divisor of r); n_chunks: reduction blocks per device; r: units per kept
     block sum (default ``reduction_block(est, n_units, u)``). :func:`plan` gives all of them.
+    select: int32 (N, S), each game's selection handed to ``est.evaluate`` (e.g. the windows a screened
+    local request estimates); None: none.
     """
     axis = mesh.axis_names[0]
     r = reduction_block(est, n_units, u) if r is None else r
     if r % u:
         raise ValueError(f"units per game call ({u}) must divide units per block ({r})")
     n_blocks = math.ceil(n_units / r)
+    if select is None:
+        select = jnp.zeros((keys.shape[0], 0), jnp.int32)
 
-    def body(shared, args, keys):
-        blocks, counts = over_games(lambda a, k: _device_blocks(est, fn, with_shared(shared, a), k, n_units, u, r,
-                                                                n_chunks, axis), args, keys)
+    def body(shared, args, keys, select):
+        blocks, counts = over_games(lambda a, k, s: _device_blocks(est, fn, with_shared(shared, a), k, s, n_units,
+                                                                   u, r, n_chunks, axis), args, keys, select)
         blocks = jax.tree.map(lambda b: jax.lax.all_gather(b, axis, axis=1, tiled=True)[:, :n_blocks], blocks)
         return jax.tree.map(jax.vmap(tree_sum), blocks), jax.lax.psum(counts, axis)
 
-    total, counts = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P(),
-                                  check_vma=False)(shared, args, keys)
+    total, counts = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P(),
+                                  check_vma=False)(shared, args, keys, select)
     anchors = jnp.asarray(est.anchors())
     if len(anchors):
         anchor_values = over_games(lambda a, k: anchor_values_of(fn, with_shared(shared, a), anchors,
@@ -242,23 +248,30 @@ def estimator(method: str, n_players: int, budget: int) -> registry.Estimator:
 
 
 def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games: int, chunk_size, mesh) -> Plan:
-    """Plan a request (see :class:`Plan`).
-
-    When 2^n <= budget any method runs as ``exact`` (see :func:`estimator`). The reduction blocks are
-    canonical (see the module docstring). By default the game is called on evaluation blocks of
-    canonical size E as well; a ``chunk_size`` (evaluations per call) that is smaller makes the calls
-    smaller -- the largest divisor of r that fits -- so memory follows it while the summation order
-    does not move. Only a game whose rows XLA rounds differently at another batch
-    size can then change (float matmuls at very small batches do, by about 1e-7 relative).
-    """
+    """Plan a request of ``method`` on an n-player game (see :class:`Plan` and :func:`plan_units`).
+    When 2^n <= budget any method runs as ``exact`` (see :func:`estimator`)."""
     if not isinstance(n_players, int) or n_players < 1:
         raise FgvceError(f"n_players must be a positive integer, got {n_players!r}")
     if budget is None or int(budget) < 1:
         raise FgvceError(f"budget must be a positive number of game evaluations, got {budget!r}")
     sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)  # FgvceError for a bad chunk_size
     est = estimator(method, n_players, int(budget))
-    n_units = est.n_units(int(budget))
-    e = evaluation_block(est, n_units, bytes_per_evaluation, n_games)
+    return plan_units(est, est.n_units(int(budget)), bytes_per_evaluation, n_games, chunk_size, mesh)
+
+
+def plan_units(est: registry.Estimator, n_units: int, bytes_per_evaluation: int, n_games: int, chunk_size, mesh,
+               most_evaluations: int = MAX_BLOCK_EVALUATIONS) -> Plan:
+    """Cut ``n_units`` units of ``est`` over n_games games (see :class:`Plan`).
+
+    The reduction blocks are canonical (see the module docstring). By default the game is called on
+    evaluation blocks of canonical size E (at most ``most_evaluations`` per game) as well; a ``chunk_size``
+    (evaluations per call) that is smaller makes the calls smaller -- the largest divisor of r that fits
+    -- so memory follows it while the summation order does not move. Only a game whose rows XLA rounds
+    differently at another batch size can then change (float matmuls at very small batches do, by about
+    1e-7 relative).
+    """
+    sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)  # FgvceError for a bad chunk_size
+    e = evaluation_block(est, n_units, bytes_per_evaluation, n_games, most_evaluations)
     r = reduction_block(est, n_units, e)
     u = e
     if chunk_size is not None:

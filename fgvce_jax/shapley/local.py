@@ -12,28 +12,34 @@ uniform), so M samples are M/2 pairs; either way a window costs 2 M
 evaluations and the map 2 HW M. With ``stratified`` the sizes of a window's
 draws are stratified (:func:`stratified_subset`), at the same cost.
 
-Work item i = (window p, draw j) with i = p * draws + j uses the key
-``fold_in(image_key, i)``. Items are split over a 1-D device mesh and walked in
-chunks; every item's marginal is kept and averaged per window at the end, so
-neither the chunk size nor the device count changes the result.
+Item i = (window p, draw j) with i = p * draws + j uses the key
+``fold_in(image_key, i)``. The estimator is :class:`LocalWindows`, an
+:class:`~fgvce_jax.shapley.registry.Estimator` of the unit engine
+(:mod:`fgvce_jax.shapley.estimate`), which splits its units over a 1-D device
+mesh, walks them in blocks and sums their statistics in one canonical order, so
+neither the chunk size nor the device count changes the result -- the same
+guarantee, and the same code, as every global estimator.
 
-For an affine game (``game.is_affine``: the GAP + linear head) the same draws
-are evaluated a window at a time from the window's own contributions: one
-(k^2,) x (k^2, C) product per draw gives the sums of all its 2 or 4
+For an affine game (``game.is_affine``: the GAP + linear head) a unit is a whole
+window: the same draws are evaluated from the window's own contributions, one
+(k^2,) x (k^2, C) product per draw giving the sums of all its 2 or 4
 coalitions, instead of one (HW,) x (HW, C) product per coalition.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from fgvce_jax.errors import FgvceError
 from fgvce_jax import sharding
-from fgvce_jax.shapley.game import as_game, check_game, is_affine, is_croppable, with_shared
+from fgvce_jax.shapley.estimate import MAX_BLOCK_EVALUATIONS, Plan, plan_units
+from fgvce_jax.shapley.estimate import run_batch as run_engine
+from fgvce_jax.shapley.game import as_game, check_game, is_affine, is_croppable
 from fgvce_jax.shapley.permutation import uniform_ranks
+from fgvce_jax.shapley.registry import Estimator
 
 OUTSIDE = ("absent", "present")
 
@@ -138,111 +144,108 @@ def marginal(values: jax.Array) -> jax.Array:
     return (values[1::2] - values[0::2]).mean()
 
 
-def generic_items(fn, grid, kernel, draws, outside, paired, stratified=False):
-    """unit = one (window, draw) item: ``run(args, key, idx (u,)) -> marginals (u,)``, the game on full masks
-    (on the windows' receptive fields for a croppable game, ``game.is_croppable``, with ``outside="absent"``)."""
-    hw = grid[0] * grid[1]
-    e = 4 if paired else 2
-    crop = is_croppable(fn) and outside == "absent"
+@dataclasses.dataclass(frozen=True)
+class LocalWindows(Estimator):
+    """The saliency-partition estimator as an :class:`Estimator` of the unit engine
+    (:mod:`fgvce_jax.shapley.estimate`), over ``n`` windows (all H W positions, or the S of a selection).
 
-    def run(args, key, idx):
-        p = jnp.minimum(idx // draws, hw - 1)  # padding items reuse the last window; dropped by the caller
-        masks = jax.vmap(lambda i, q: item_masks(jax.random.fold_in(key, i), q, grid, kernel, outside, paired,
-                                                 draw_stratum(i, draws, stratified)))(idx, p)
-        masks = masks.reshape(idx.shape[0] * e, *grid)
-        values = fn.cropped(args, masks, jnp.repeat(p, e), kernel) if crop else fn(args, masks)
-        values = values.reshape(-1, e).astype(jnp.float32)
-        return jax.vmap(marginal)(values)
-    return run
-
-
-def affine_windows(fn, grid, kernel, draws, outside, paired, stratified=False):
-    """unit = one window with all its draws, for an affine game (``game.is_affine``):
-    ``run(args, key, idx (u,)) -> marginals (u, draws)``.
-
-    The subsets are drawn exactly as on the generic path (same keys, same cells), but the pre-readout
-    sums are built from the window's own contributions c (k^2, C):
-    s(S) = o + S.c, s(S + p) = s(S) + c_p, s(S') = o + T - S.c, s(S' + p) = s(S') + c_p, with T the
-    sum over the window's players and o the offset (plus every contribution outside the window when
-    ``outside="present"``). One (k^2,) x (k^2, C) product serves the draw's 2 or 4 coalitions.
+    A unit is one (window, draw) item -- 2 or 4 evaluations, ``marginal`` of ``item_masks`` -- or, for an
+    affine game (``affine``), one window with all its draws (``2 draws`` or ``4 draws`` evaluations, see
+    :meth:`window_gains`). Item (p, j) draws from ``fold_in(key, p * draws + j)`` either way, so both paths
+    see the same subsets. A unit's statistic is its marginal (summed over its draws) placed at its window's
+    slot, ``phi = e_slot * sum_j Delta_pj`` (n,); the engine sums these in its canonical order, and
+    :meth:`finalize` divides by the draws: ``Phi_p = (1/M') sum_j Delta_pj``. So chunk size and device count
+    change no bit, as for every estimator of the engine.
     """
-    h, w = grid
-    hw, half = h * w, kernel // 2
-    local_frame = in_window_coordinates(grid, kernel)
 
-    def one_window(args, key, p):
+    grid: tuple[int, int] = (1, 1)
+    kernel: int = 1
+    draws: int = 1
+    outside: str = "absent"
+    paired: bool = True
+    stratified: bool = False
+    affine: bool = False
+
+    def evals_per_item(self) -> int:
+        return 4 if self.paired else 2
+
+    def evals_per_unit(self) -> int:
+        return self.evals_per_item() * (self.draws if self.affine else 1)
+
+    def units(self) -> int:
+        """U: n windows times their draws, or n windows for the affine path."""
+        return self.n * (1 if self.affine else self.draws)
+
+    def draw_bytes(self) -> int:
+        return 4 * (self.grid[0] * self.grid[1] + 1) * (self.draws if self.affine else 1)
+
+    def stat_shapes(self):
+        return {"phi": jax.ShapeDtypeStruct((self.n,), jnp.float32)}
+
+    def item_marginals(self, fn, args, key: jax.Array, item: jax.Array) -> jax.Array:
+        """float32 (E,): the marginal of each item (E,) = p * draws + j, the game on its full masks (on the
+        windows' receptive fields for a croppable game, ``game.is_croppable``, with ``outside="absent"``)."""
+        grid, e = self.grid, self.evals_per_item()
+        p = item // self.draws
+        masks = jax.vmap(lambda i, q: item_masks(jax.random.fold_in(key, i), q, grid, self.kernel, self.outside,
+                                                 self.paired, draw_stratum(i, self.draws, self.stratified)))(item, p)
+        masks = masks.reshape(item.shape[0] * e, *grid)
+        if is_croppable(fn) and self.outside == "absent":
+            values = fn.cropped(args, masks, jnp.repeat(p, e), self.kernel)
+        else:
+            values = fn(args, masks)
+        return jax.vmap(marginal)(values.reshape(-1, e).astype(jnp.float32))
+
+    def window_gains(self, args, key: jax.Array, p: jax.Array, readout) -> jax.Array:
+        """float32 (draws,): the marginal of each draw of window p for an affine game (``game.is_affine``).
+
+        The subsets are drawn exactly as on the generic path (same keys, same cells), but the pre-readout
+        sums are built from the window's own contributions c (k^2, C):
+        s(S) = o + S.c, s(S + p) = s(S) + c_p, s(S') = o + T - S.c, s(S' + p) = s(S') + c_p, with T the
+        sum over the window's players and o the offset (plus every contribution outside the window when
+        ``outside="present"``). One (k^2,) x (k^2, C) product serves the draw's 2 or 4 coalitions.
+        """
+        (h, w), kernel, draws = self.grid, self.kernel, self.draws
         contrib = args["contrib"].astype(jnp.float32)  # (HW, C)
         c_p = contrib[p]
-        if local_frame:
+        if in_window_coordinates(self.grid, kernel):
+            half = kernel // 2
             padded = jnp.pad(contrib.reshape(h, w, -1), ((half, half), (half, half), (0, 0)))
             cells = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(padded, p // w, kernel, 0),
                                                  p % w, kernel, 1).reshape(kernel * kernel, -1)
-            players = window_frame(p, grid, kernel)[2]
+            players = window_frame(p, self.grid, kernel)[2]
         else:
             cells = contrib
-            players = window_players(grid, kernel, p)[1]
+            players = window_players(self.grid, kernel, p)[1]
         subsets = jax.vmap(lambda i: draw_subset(jax.random.fold_in(key, i), players,
-                                                 draw_stratum(i, draws, stratified)))(
+                                                 draw_stratum(i, draws, self.stratified)))(
             p * draws + jnp.arange(draws)).reshape(draws, -1).astype(jnp.float32)
         total = (cells * players.reshape(-1, 1)).sum(0)  # T (C,); a masked sum (a batched matvec is slow on CPU)
         offset = args["offset"]
-        if outside == "present":
+        if self.outside == "present":
             offset = offset + contrib.sum(0) - total - c_p
         a = subsets @ cells  # (draws, C)
-        sums = [offset + a, offset + total - a] if paired else [offset + a]
-        gains = [fn.readout(args, s + c_p).astype(jnp.float32) - fn.readout(args, s).astype(jnp.float32)
+        sums = [offset + a, offset + total - a] if self.paired else [offset + a]
+        gains = [readout(s + c_p).astype(jnp.float32) - readout(s).astype(jnp.float32)
                  for s in sums]  # no stacking of the values: a stacked reduction output is slow on CPU
-        return sum(gains) / len(gains)  # (draws,), ``marginal`` of each draw
+        return sum(gains) / len(gains)
 
-    def run(args, key, idx):
-        return jax.vmap(lambda p: one_window(args, key, p))(jnp.minimum(idx, hw - 1))
-    return run
+    def evaluate(self, fn, args, key, index, select):
+        """(slots (E,), marginals (E, 1) or (E, draws)): unit i is window slot i // draws, draw i % draws
+        (the affine path: window slot i, all draws); the slot's grid window is the slot itself, or
+        ``select[slot]``. Padding units (i >= U) reuse the last slot; the engine zeroes their statistics."""
+        slot = jnp.minimum(index // (1 if self.affine else self.draws), self.n - 1)
+        p = slot if select is None else select[slot]
+        if self.affine:
+            readout = functools.partial(fn.readout, args)
+            return slot, jax.vmap(lambda q: self.window_gains(args, key, q, readout))(p)
+        return slot, self.item_marginals(fn, args, key, p * self.draws + index % self.draws)[:, None]
 
+    def unit_stats(self, slot, gains):
+        return {"phi": jnp.where(jnp.arange(self.n) == slot, gains.sum(), 0.0)}
 
-@functools.partial(jax.jit, static_argnames=("fn", "grid", "kernel", "draws", "outside", "paired", "u",
-                                             "n_chunks", "mesh", "stratified"))
-def run_batch(fn, args, keys, *, grid, kernel, draws, outside, paired, u, n_chunks, mesh, shared=None,
-              stratified=False, windows=None):
-    """Phi (N, H, W) for N games ``fn(with_shared(shared, args[i]), .)`` (args with a leading N axis,
-    ``shared`` without one, e.g. the model parameters) and keys (N,).
-
-    Work units (items, or whole windows for an affine game) are split over the mesh and walked in
-    chunks of u; every (window, draw) marginal is kept and averaged per window at the end.
-
-    ``windows`` int32 (N, S): estimate only these windows of each game, returning their Phi (N, S).
-    Window p's draw j keeps its key ``fold_in(key, p * draws + j)``, so each value is the full map's
-    Phi at p (up to the rounding of another batch shape).
-    """
-    axis = mesh.axis_names[0]
-    hw = grid[0] * grid[1]
-    affine = is_affine(fn)
-    units = (affine_windows if affine else generic_items)(fn, grid, kernel, draws, outside, paired, stratified)
-    per_window = 1 if affine else draws
-    n_windows = hw if windows is None else windows.shape[1]
-    n_units = n_windows * per_window
-    if windows is None:
-        windows = jnp.zeros((keys.shape[0], 0), jnp.int32)  # unused: unit i is item (or window) i
-
-    def body(shared, args, keys, windows):
-        first = jax.lax.axis_index(axis) * n_chunks * u
-
-        def chunk(c):
-            unit = first + c * u + jnp.arange(u)
-
-            def one(a, key, win):
-                if win.shape[0] == 0:
-                    return units(with_shared(shared, a), key, unit)
-                picked = win[jnp.minimum(unit // per_window, n_windows - 1)]  # padding reuses the last window
-                return units(with_shared(shared, a), key, picked * per_window + unit % per_window)
-            return jax.vmap(one)(args, keys, windows)  # (N, u, ...)
-
-        out = jax.lax.map(chunk, jnp.arange(n_chunks))  # (n_chunks, N, u, ...)
-        return jnp.moveaxis(out, 0, 1).reshape(keys.shape[0], n_chunks * u, -1)
-
-    marginals = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P(None, axis),
-                              check_vma=False)(shared, args, keys, windows)
-    phi = marginals[:, :n_units].reshape(-1, n_windows, draws).mean(axis=-1)
-    return phi.reshape(-1, *grid) if windows.shape[1] == 0 else phi
+    def finalize(self, total, counts, n_units, anchor_values):
+        return total["phi"] / self.draws
 
 
 def check_local(grid, kernel, samples, outside, paired) -> int:
@@ -265,21 +268,33 @@ def check_local(grid, kernel, samples, outside, paired) -> int:
 CPU_AFFINE_CHUNK = 4096  # evaluations: keeps an affine chunk's sums in cache on a CPU (measured 3x faster than 50k)
 
 
-def layout(grid, draws, paired, n_games, bytes_per_evaluation, chunk_size, mesh, affine=False,
-           windows: int | None = None) -> tuple[int, int]:
-    """(units per chunk, chunks per device) for a local request over n_games games (``windows`` of each
-    game's windows, default all H W).
+def plan(grid, kernel, draws, outside, paired, n_games, bytes_per_evaluation, chunk_size, mesh, *, affine=False,
+         stratified=False, windows: int | None = None) -> Plan:
+    """The engine's :class:`~fgvce_jax.shapley.estimate.Plan` for a local request over n_games games
+    (``windows`` of each game's windows, default all H W): a :class:`LocalWindows` estimator and its cut.
 
-    A unit is one (window, draw) item of 2 or 4 evaluations, or for an affine game a whole window
-    (``2 draws`` or ``4 draws`` evaluations, the smallest chunk that path takes). The affine path is
-    bound by memory traffic, so on a CPU its default chunk is cache-sized (CPU_AFFINE_CHUNK).
-    """
-    per_chunk = sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)
+    The affine path is bound by memory traffic, so on a CPU its default game call is cache-sized
+    (CPU_AFFINE_CHUNK evaluations per game)."""
+    est = LocalWindows(grid[0] * grid[1] if windows is None else windows, grid=tuple(grid), kernel=kernel,
+                       draws=draws, outside=outside, paired=paired, stratified=stratified, affine=affine)
+    cap = MAX_BLOCK_EVALUATIONS
     if affine and chunk_size is None and mesh.devices.flat[0].platform == "cpu":
-        per_chunk = min(per_chunk, CPU_AFFINE_CHUNK)
-    per_unit = (4 if paired else 2) * (draws if affine else 1)
-    n_units = (grid[0] * grid[1] if windows is None else windows) * (1 if affine else draws)
-    return sharding.layout(n_units, max(1, per_chunk // (per_unit * n_games)), mesh.size)
+        cap = CPU_AFFINE_CHUNK
+    return plan_units(est, est.units(), bytes_per_evaluation, n_games, chunk_size, mesh, max(cap, est.evals_per_unit()))
+
+
+def run_batch(fn, args, keys, p: Plan, *, mesh, shared=None, windows=None) -> jax.Array:
+    """Phi (N, H, W) for N games ``fn(with_shared(shared, args[i]), .)`` (args with a leading N axis,
+    ``shared`` without one, e.g. the model parameters) and keys (N,), by the unit engine with plan ``p``
+    (:func:`plan`).
+
+    ``windows`` int32 (N, S): estimate only these windows of each game, returning their Phi (N, S).
+    Window p's draw j keeps its key ``fold_in(key, p * draws + j)``, so each value is the full map's
+    Phi at p (up to the rounding of another batch shape).
+    """
+    phi = run_engine(p.est, fn, args, keys, n_units=p.n_units, u=p.u, n_chunks=p.n_chunks, mesh=mesh, r=p.r,
+                     shared=shared, select=windows)
+    return phi.reshape(-1, *p.est.grid) if windows is None else phi
 
 
 def local(game, grid: tuple[int, int], *, kernel: int, samples: int, key: jax.Array, outside: str = "absent",
@@ -304,8 +319,7 @@ def local(game, grid: tuple[int, int], *, kernel: int, samples: int, key: jax.Ar
     game = as_game(game)
     check_game(game, grid)
     mesh = sharding.device_mesh(mesh)
-    u, n_chunks = layout(grid, draws, paired, 1, game.bytes_per_evaluation, chunk_size, mesh, is_affine(game.fn))
+    p = plan(grid, kernel, draws, outside, paired, 1, game.bytes_per_evaluation, chunk_size, mesh,
+             affine=is_affine(game.fn), stratified=stratified)
     args = jax.tree.map(lambda a: jnp.asarray(a)[None], game.args)
-    keys = key[None]
-    return run_batch(game.fn, args, keys, grid=grid, kernel=kernel, draws=draws, outside=outside, paired=paired,
-                     u=u, n_chunks=n_chunks, mesh=mesh, stratified=stratified)[0]
+    return run_batch(game.fn, args, key[None], p, mesh=mesh)[0]

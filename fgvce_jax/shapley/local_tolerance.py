@@ -10,7 +10,7 @@ is at most ``tolerance`` (after at least two rounds), or until it has ``max_draw
 windows (a nearly additive head there) stop after two rounds; hard ones get the samples they need.
 
 Draw j of window p always comes from ``fold_in(key, p * max_draws + j)`` -- the key of item
-(p, j) in :func:`fgvce_jax.shapley.local.generic_items` with ``draws = max_draws`` -- and the stop
+(p, j) of :class:`fgvce_jax.shapley.local.LocalWindows` with ``draws = max_draws`` -- and the stop
 rule of a window reads only its own draws, so a window's result does not depend on which other
 windows are still running, on how many windows share a round (``bucket``) or on the device count.
 Each round evaluates the game on a fixed-shape batch (``bucket`` windows x R draws, the still-active
@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from fgvce_jax.errors import FgvceError
 from fgvce_jax import sharding
 from fgvce_jax.shapley.game import as_game, check_game, with_shared
-from fgvce_jax.shapley.local import check_local, generic_items
+from fgvce_jax.shapley.local import LocalWindows, check_local
 
 MIN_ROUNDS = 2  # a standard error from fewer than 2 rounds of draws is not trusted
 
@@ -57,7 +57,7 @@ def check_tolerance(tolerance, round_draws: int, max_draws: int) -> None:
 def _one_game(fn, args, key, *, grid, kernel, outside, paired, tolerance, round_draws, max_draws, bucket):
     """(phi (H, W), draws (H, W)) for one game, in a while loop over rounds (see the module docstring)."""
     hw = grid[0] * grid[1]
-    items = generic_items(fn, grid, kernel, max_draws, outside, paired)
+    est = LocalWindows(hw, grid=grid, kernel=kernel, draws=max_draws, outside=outside, paired=paired)
 
     def active(state):
         count, first, s1, s2 = state
@@ -74,7 +74,7 @@ def _one_game(fn, args, key, *, grid, kernel, outside, paired, tolerance, round_
         j = count[order][:, None] + jnp.arange(round_draws)[None, :]  # (bucket, R) draw numbers
         use = valid[:, None] & (j < max_draws)
         idx = order[:, None] * max_draws + jnp.minimum(j, max_draws - 1)
-        m = items(args, key, idx.reshape(-1)).reshape(bucket, round_draws)
+        m = est.item_marginals(fn, args, key, idx.reshape(-1)).reshape(bucket, round_draws)
         first = first.at[order].set(jnp.where(valid & (count[order] == 0), m[:, 0], first[order]))
         d = jnp.where(use, m - first[order][:, None], 0.0)
         s1 = s1.at[order].add(d.sum(1))

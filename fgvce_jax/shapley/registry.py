@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fgvce_jax.errors import FgvceError
@@ -31,8 +32,8 @@ _ESTIMATORS: dict[str, type[Estimator]] = {}
 class Estimator:
     """A Shapley estimator for ``n`` players (hashable: a static jit argument).
 
-    Subclasses implement ``evals_per_unit``, ``draw``, ``masks``, ``unit_stats`` and ``finalize``.
-    Optional: ``anchors`` (masks evaluated once per game, e.g. the empty and full coalitions for
+    Subclasses implement ``evals_per_unit``, ``draw``, ``masks``, ``unit_stats`` and ``finalize``
+    (or ``evaluate`` in place of ``draw`` and ``masks``, with ``stat_shapes``). Optional: ``anchors`` (masks evaluated once per game, e.g. the empty and full coalitions for
     KernelSHAP), ``counts`` (integer statistics), ``affine_values`` (a fast path for affine games),
     ``n_units`` / ``min_units`` (the budget rule), ``for_budget`` (settings chosen from the budget, e.g.
     how many coalition sizes KernelSHAP enumerates). Everything is traced: no Python control flow on values.
@@ -83,6 +84,23 @@ class Estimator:
         drawn from the request's key (a random bijection that samples without replacement, say) overrides
         this; unit i must still depend on ``key`` and ``i`` alone."""
         return jax.vmap(lambda i: self.draw(jax.random.fold_in(key, i), i))(index)
+
+    def evaluate(self, fn: Callable, args: Any, key: jax.Array, index: jax.Array,
+                 select: jax.Array | None) -> tuple[Any, jax.Array] | None:
+        """(draws, results) of units ``index`` (E,) of one game ``fn(args, .)``, for an estimator whose units
+        are not plain masks: it draws and evaluates them itself, and ``unit_stats`` receives each unit's row of
+        ``results`` (E, ...) in place of its values. ``select`` (S,) int32 is the request's per-game selection
+        (None when it has none; e.g. the windows a screened local request estimates). None (the default): the
+        engine draws with :meth:`draws` and evaluates :meth:`masks` (or :meth:`affine_values`)."""
+        return None
+
+    def stat_shapes(self) -> Any:
+        """The shapes of one unit's statistics (a pytree of ``jax.ShapeDtypeStruct``), for sizing the kept
+        block sums. Default: traced from :meth:`draw` and :meth:`unit_stats` on values (m,)."""
+        m = self.evals_per_unit()
+        return jax.eval_shape(lambda: self.unit_stats(
+            jax.tree.map(lambda a: a[0], self.draws(jax.random.key(0), jnp.zeros(1, jnp.int32))),
+            jnp.zeros((m,), jnp.float32)))
 
     def masks(self, draw: Any) -> jax.Array:
         """The unit's coalitions bool (m, n)."""
