@@ -201,3 +201,25 @@ def test_stratified_svarm_leaves_unhit_strata_out():
     res = shapley.estimate(game, n, method="stratified_svarm", budget=min_budget("stratified_svarm", n, 1), key=KEY)
     assert np.all(np.isfinite(res.phi))
     assert res.evaluations == 2 * n + 2 + len(slots(n)[0])
+
+
+def test_stratified_svarm_coalitions_are_independent_pairs():
+    """Every unit's coalitions: P uniform coalitions of sizes 2..n/2 from P independent permutations, then
+    their complements; and on the 196-player random unanimity game at 10,000 evaluations its MSE stays within
+    4x of plain antithetic's (measured 2.0x over 4 seeds; nested prefixes of shared permutations gave 66x)."""
+    from fgvce_jax.shapley.benchmark_games import random_unanimity
+    from fgvce_jax.shapley.stratified_svarm import StratifiedSvarm, pair_sizes
+
+    n = 30
+    est = StratifiedSvarm(n)
+    rank = est.draw(KEY, 0)
+    masks = np.asarray(est.masks(rank))
+    pairs = len(pair_sizes(n)[0])
+    np.testing.assert_array_equal(masks.sum(1), slots(n)[1])
+    np.testing.assert_array_equal(masks[pairs:], ~masks[:pairs])
+    assert len({tuple(r) for r in np.asarray(rank)}) == pairs  # one permutation per pair
+    bench = random_unanimity(jax.random.key(1))
+    mse = {m: np.mean([np.sum((np.asarray(shapley.estimate(bench.game, 196, method=m, budget=10_000,
+                                                            key=jax.random.key(s)).phi) - bench.phi) ** 2)
+                       for s in range(4)]) for m in ("antithetic", "stratified_svarm")}
+    assert mse["stratified_svarm"] < 4 * mse["antithetic"], mse

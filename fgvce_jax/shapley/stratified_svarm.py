@@ -16,25 +16,27 @@ phi_{i,n-2}^+ = mean_{j != i} v(N - {j}).
 
 Sampled part, sizes s = 2..n-2. The paper draws s i.i.d. from its distribution P(s) (proportional
 to 1 / min(s, n - s); for even n the middle size gets 1 / (n ln n)) and A uniform of size s. Here one
-unit is a fixed allocation of that distribution instead: ``m_s = max(1, round((n - 3) P(s)))``
-coalitions of size s, so every size is sampled in every unit (the allocation is P's, rounded, with
-at least one per size). The unit draws K = max_s m_s random permutations; its k-th coalition of size
-s is the prefix of length s of permutation k. Within a unit the coalitions are dependent, but given
-player i's ranks each prefix containing (or not containing) i is uniform among those sets, so every
-stratum mean stays unbiased given the counts. A stratum's estimate is a ratio of a float sum
-(``unit_stats``: v(A) per slot and player, and v(A) per slot) to an int32 count (``counts``); the
-sums of ``minus`` are recovered as ``sum v - sum plus`` per slot. A sampled stratum that no
-coalition hit (possible at small budgets for sizes near 2 or n - 2) is left out and the player's
-sign average is taken over the strata it has, as in the authors' code; that is biased until every
-stratum is hit, which it is with high probability after a few units.
+unit is a fixed allocation of that distribution instead, ``m_s = max(1, round((n - 3) P(s)))`` per size,
+drawn in *complementary pairs*: for each size s <= n / 2, m_s coalitions A of size s, each from its own
+random permutation (the players of rank < s), together with its complement N - A (size n - s, so P's
+symmetry gives sizes above n / 2 their m_s; the middle size of an even n gets 2 m_{n/2}). Every size is
+sampled in every unit, and every coalition is uniform given its size. Coalitions of different pairs are
+independent: an earlier version took all sizes' coalitions as nested prefixes of a few shared
+permutations, and that correlation between a player's strata multiplied its error by 1.8 on the
+49-player peers game and by 30-70 on the 196-player games (``docs/shapley.md``). A stratum's estimate is
+a ratio of a float sum (``unit_stats``: v(A) per slot and player, and v(A) per slot) to an int32 count
+(``counts``); the sums of ``minus`` are recovered as ``sum v - sum plus`` per slot. A sampled stratum
+that no coalition hit (possible at small budgets) is left out and the player's sign average is taken
+over the strata it has, as in the authors' code; that is biased until every stratum is hit, which it is
+with high probability after a few units.
 
-For an affine game the unit's K chains of prefixes come from running sums of contrib's rows
-(:func:`fgvce_jax.shapley.permutation.chain_values`), as for permutation sampling.
+For an affine game a pair's two values come from one (n,) x (n, C) product a = A.c: s(A) = o + a and
+s(N - A) = o + T - a, with o the offset and T the sum of contrib's rows.
 
 Efficiency does not hold exactly (no correction is applied).
 
 Per-unit statistics are (m, n + 1) floats with m ~ (n - 3) + the extra small/large-size slots
-(m = 277 for n = 196: 218 kB per unit), which the engine keeps for one reduction block.
+(m = 278 for n = 196: 218 kB per unit), which the engine keeps for one reduction block.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgvce_jax.errors import FgvceError
-from fgvce_jax.shapley.permutation import chain_values, order_of, random_rank
+from fgvce_jax.shapley.permutation import random_rank
 from fgvce_jax.shapley.registry import Estimator, register
 
 
@@ -64,11 +66,18 @@ def allocation(n: int) -> np.ndarray:
     return np.maximum(1, np.rint((n - 3) * size_distribution(n))).astype(int)
 
 
-def slots(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(layer (m,), size (m,)) int: the unit's coalitions, layer-major; slot (k, s) exists for k < m_s."""
+def pair_sizes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(layer (P,), size (P,)) int: the unit's pairs, layer-major: pair (k, s) for s = 2..n/2 and k < m_s."""
     m_s = allocation(n)
-    layer, size = zip(*[(k, s) for k in range(m_s.max()) for s in range(2, n - 1) if k < m_s[s - 2]])
+    layer, size = zip(*[(k, s) for k in range(m_s.max()) for s in range(2, n // 2 + 1) if k < m_s[s - 2]])
     return np.array(layer), np.array(size)
+
+
+def slots(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(group (m,), size (m,)) int: the unit's m = 2P coalitions, the pairs' A then their complements; within
+    a group (a layer of A's, or of complements) every size occurs at most once."""
+    layer, size = pair_sizes(n)
+    return np.concatenate([2 * layer, 2 * layer + 1]), np.concatenate([size, n - size])
 
 
 def border_masks(n: int) -> np.ndarray:
@@ -78,12 +87,12 @@ def border_masks(n: int) -> np.ndarray:
 
 
 def by_size(slot_totals: jax.Array, n: int) -> jax.Array:
-    """(n - 3, ...) per size s = 2..n-2: the slots' totals (m, ...) summed per size, layer by layer in a
+    """(n - 3, ...) per size s = 2..n-2: the slots' totals (m, ...) summed per size, group by group in a
     fixed order (elementwise adds only, so the bits never depend on the backend's scatter order)."""
-    layer, size = slots(n)
+    group, size = slots(n)
     out = jnp.zeros((n - 3, *slot_totals.shape[1:]), slot_totals.dtype)
-    for k in range(layer.max() + 1):
-        rows = np.flatnonzero(layer == k)
+    for k in range(group.max() + 1):
+        rows = np.flatnonzero(group == k)
         out = out.at[size[rows] - 2].add(slot_totals[rows], unique_indices=True)
     return out
 
@@ -96,7 +105,8 @@ def stratum_means(sums: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Ar
 
 @register("stratified_svarm")
 class StratifiedSvarm(Estimator):
-    """One unit = the allocation's m coalitions (prefixes of K permutations), plus 2n + 2 exact anchors."""
+    """One unit = the allocation's m coalitions (P uniform coalitions and their complements), plus 2n + 2
+    exact anchors."""
 
     def n_units(self, budget):
         if self.n < 4:
@@ -111,25 +121,24 @@ class StratifiedSvarm(Estimator):
         return len(slots(self.n)[0])
 
     def draw_bytes(self):
-        m, layers = self.evals_per_unit(), int(allocation(self.n).max())
-        return 4 * self.n * (layers * self.n + 2 * m)  # pairwise ranks; masks and statistics
+        pairs = len(pair_sizes(self.n)[0])
+        return 4 * self.n * (pairs * self.n + 2 * self.evals_per_unit())  # pairwise ranks; masks and statistics
 
     def draw(self, key, index):
-        """rank (K, n) int32: K random permutations' ranks."""
-        layers = int(allocation(self.n).max())
-        return jax.vmap(lambda k: random_rank(k, self.n))(jax.random.split(key, layers))
+        """rank (P, n) int32: one random permutation's ranks per pair."""
+        pairs = len(pair_sizes(self.n)[0])
+        return jax.vmap(lambda k: random_rank(k, self.n))(jax.random.split(key, pairs))
 
     def masks(self, rank):
-        layer, size = slots(self.n)
-        return rank[layer] < size[:, None]
+        first = rank < pair_sizes(self.n)[1][:, None]
+        return jnp.concatenate([first, ~first])
 
     def unit_stats(self, rank, values):
         return {"plus": jnp.where(self.masks(rank), values[:, None], 0.0), "value": values}
 
     def affine_values(self, rank, offset, contrib, readout):
-        layer, size = slots(self.n)
-        prefix = chain_values(jax.vmap(order_of)(rank), offset, contrib, readout)  # (K, n + 1)
-        return prefix[layer, size]
+        first = (rank < pair_sizes(self.n)[1][:, None]).astype(contrib.dtype) @ contrib  # (P, C)
+        return jnp.concatenate([readout(offset + first), readout(offset + contrib.sum(0) - first)])
 
     def counts(self, ranks, valid):
         return {"plus": (jax.vmap(self.masks)(ranks) & valid[:, None, None]).sum(0, dtype=jnp.int32)}
@@ -138,7 +147,7 @@ class StratifiedSvarm(Estimator):
         n = self.n
         v0, single, co, v1 = anchor_values[0], anchor_values[1:n + 1], anchor_values[n + 1:2 * n + 1], anchor_values[-1]
         plus_count = by_size(counts["plus"], n)  # (n - 3, n)
-        minus_count = n_units * allocation(n)[:, None] - plus_count
+        minus_count = n_units * np.bincount(slots(n)[1] - 2, minlength=n - 3)[:, None] - plus_count
         plus_sum = by_size(total["plus"], n)
         minus_sum = by_size(total["value"], n)[:, None] - plus_sum
         plus, plus_hit = stratum_means(plus_sum, plus_count)
