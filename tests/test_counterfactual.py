@@ -422,10 +422,15 @@ def test_bad_input_is_clear_error(change, message):
 
 
 @pytest.mark.parametrize("field,value", [("method", "nope"), ("t_max", 0), ("region_size", 1.5),
-                                         ("selection", "best"), ("chunk_size", 0)])
+                                         ("selection", "best"), ("chunk_size", 0), ("stratified", "yes")])
 def test_bad_config_is_clear_error(field, value):
     with pytest.raises(FgvceError, match=field):
         CounterfactualConfig(**{field: value})
+
+
+def test_stratified_and_phi_tolerance_do_not_combine():
+    with pytest.raises(FgvceError, match=r"^--stratified and --phi-tolerance do not combine: .*; choose one$"):
+        CounterfactualConfig(stratified=True, phi_tolerance=0.01)
 
 
 def test_second_call_does_not_recompile():

@@ -341,6 +341,30 @@ def test_outside_present_runs_through_explain_and_is_stored_only_when_set(tmp_pa
     assert not np.allclose(other, arrays["query_phi"])
 
 
+def test_stratified_runs_through_explain_and_is_stored_only_when_set(tmp_path, patched, toy):
+    """--stratified: the stored query Phi is saliency.compute's with size-stratified draws (from the query's own
+    key), it differs from the default run's, the stored config names it, and the default is not stored."""
+    from fgvce_jax import keys as run_keys
+    from fgvce_jax import saliency
+
+    plain = dataclasses.replace(CONFIG, screen_samples=None, samples=4)
+    strat = dataclasses.replace(plain, stratified=True)
+    _run(tmp_path / "plain", plain, limit=3)
+    _run(tmp_path / "strat", strat, limit=3)
+    assert store.read_manifest(tmp_path / "strat" / "fgvce")["config"]["stratified"] is True
+    assert "stratified" not in store.read_manifest(tmp_path / "plain" / "fgvce")["config"]
+    table, arrays = store.read_results(tmp_path / "strat" / "fgvce")
+    model, _, sets = toy
+    sm, params = models.split(model)
+    idx = arrays["query_split_index"]
+    z, ctx = sm.encode(params, jnp.asarray(sets["test"].images(idx)))
+    want = saliency.compute(sm, params, z, ctx, jnp.asarray(arrays["pred"]), method="local", kernel=3, samples=4,
+                            stratified=True, keys=run_keys.image_keys(0, run_keys.PHI, "test", sets["test"].ids[idx]))
+    np.testing.assert_allclose(arrays["query_phi"], want, rtol=1e-5, atol=1e-7)
+    other = store.read_results(tmp_path / "plain" / "fgvce")[1]["query_phi"]
+    assert not np.allclose(other, arrays["query_phi"])
+
+
 def test_screening_runs_through_explain_says_so_and_keys_its_own_cache(tmp_path, patched, capsys):
     """--screen: the plan line says what each map keeps (4 x 4 maps: margin 1 x K 4 query, x 2 reference
     windows), the stored config and the reference cache are the screened ones, and Phi differs from the

@@ -56,6 +56,8 @@ class CounterfactualConfig:
       kernel, samples: local Shapley window size k and samples M per window (SPEC 3).
       outside: the players outside each local Shapley window: ``"absent"`` (the baseline) or ``"present"`` (the
         query's own features).
+      stratified: stratify the sizes of each window's draws (``shapley.local``: unbiased, never more variance,
+        the size-driven part of the marginal removed); not with ``phi_tolerance``.
       region_size: r, the side of the r x r regions (SPEC 4).
       max_regions: K, the most regions taken from one query map.
       n_references: N, references drawn per query.
@@ -86,6 +88,8 @@ class CounterfactualConfig:
     samples: int = _opt(32, "Shapley samples per window M")
     outside: str = _opt("absent", "the players outside each local Shapley window: absent (the baseline) or present "
                         "(the image's own features)", choices=OUTSIDE)
+    stratified: bool = _opt(False, "stratify the sizes of each Shapley window's draws: the same evaluations, less "
+                                   "variance on a deep head (docs/shapley.md, 'Stratified sizes')")
     region_size: int = _opt(1, "region side r")
     max_regions: int = _opt(8, "regions per query K")
     n_references: int = _opt(10, "references per query N")
@@ -139,6 +143,11 @@ class CounterfactualConfig:
                 raise FgvceError(f"{_named(name)} must be a positive integer; got {value!r}")
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
             raise FgvceError(f"lam (--lam) must be a finite number; got {self.lam!r}")
+        if not isinstance(self.stratified, bool):
+            raise FgvceError(f"{_named('stratified')} must be True or False; got {self.stratified!r}")
+        if self.stratified and self.phi_tolerance is not None:
+            raise FgvceError("--stratified and --phi-tolerance do not combine: tolerance sampling draws each "
+                             "window's samples in rounds, not in size strata; choose one")
         if self.phi_tolerance is not None and (isinstance(self.phi_tolerance, bool) or not isinstance(
                 self.phi_tolerance, (int, float)) or not 0 < self.phi_tolerance < math.inf):
             raise FgvceError(f"phi_tolerance (--phi-tolerance) must be a positive finite number; "
@@ -167,12 +176,12 @@ def screened(config: CounterfactualConfig) -> bool:
 def settings(config: CounterfactualConfig) -> dict:
     """What decides ``config``'s results, as stored with them: the method, the shared fields it uses (those it
     fixes with the values it runs with), its ``flow`` unless it is the swap engine's, and its own parameters as
-    ``params.<name>``. An absent ``outside``, an unset ``phi_tolerance``,
+    ``params.<name>``. An absent ``outside``, unstratified draws, an unset ``phi_tolerance``,
     a float32 ``head_dtype`` and screening where it does not apply are left out (directories written before
     they existed still match); chunking never changes a result and is never stored."""
     method, c = methods.get(config.method), resolved(config)
     keys = dict.fromkeys((*method.uses, *method.fixed))
-    off = {"phi_tolerance": None, "head_dtype": "float32", "outside": "absent"}
+    off = {"phi_tolerance": None, "head_dtype": "float32", "outside": "absent", "stratified": False}
     out = {"method": c.method, **{k: getattr(c, k) for k in keys if not (k in off and getattr(c, k) == off[k])}}
     if method.flow != "swap":  # who explained: readers tell a rendering method's rows from the swap engine's
         out["flow"] = method.flow

@@ -129,6 +129,8 @@ def saliency_settings(config: CounterfactualConfig, role: str = "reference") -> 
                     budget=None)
     if method == "local" and config.phi_tolerance is not None:
         settings["tolerance"] = float(config.phi_tolerance)
+    if method == "local" and config.stratified:  # left out when off, so that older caches keep their keys
+        settings["stratified"] = True
     if config.head_dtype != "float32":  # left out otherwise, so that float32 caches keep their keys
         settings["dtype"] = config.head_dtype
     if screened(config):  # likewise left out when off

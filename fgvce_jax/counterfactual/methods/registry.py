@@ -46,7 +46,7 @@ COMMON_USES = ("n_references", "reference_mode", "stop", "t_max", "seed")
 # The settings of a saliency Phi: the game's absent fill and output read (SPEC 2) and the head's dtype;
 # the samples of a Shapley one (``global``: its budget is 2 H W samples); the rest of local Shapley's.
 SALIENCY_USES = ("baseline", "output", "head_dtype")
-LOCAL_USES = ("kernel", "samples", "outside", "phi_tolerance", "screen_samples", "screen_margin")
+LOCAL_USES = ("kernel", "samples", "outside", "stratified", "phi_tolerance", "screen_samples", "screen_margin")
 # How its regions are cut and chosen from Phi.
 REGION_USES = ("region_size", "max_regions", "candidates_per_reference", "selection", "lam")
 
