@@ -6,9 +6,9 @@ j has rank r_j in pi and n - 1 - r_j in pi', and the unit's plain estimate is
 ``g_j = (mu_{r_j} + mu_{n-1-r_j}) / 2 = mu~_{r_j}``, with mu~ the mean marginal per rank mirrored.
 The unit's rank profile is ``rho_r = (d_r + d'_r + d_{n-1-r} + d'_{n-1-r}) / 4`` (d, d' the
 per-rank marginals of pi and pi'), whose mean is mu~_r and whose sum is v(N) - v(empty). The
-estimate, its unbiasedness (h^(-u) estimated leave-one-unit-out), the optimality of coefficient 1
-for the summed variance (now n Var_r(mu~_r) removed per unit) and exact efficiency follow word for
-word from :mod:`fgvce_jax.shapley.permutation_cv`, with C counting the ranks in pi.
+estimate, its unbiasedness for a fixed coefficient (h^(-u) estimated leave-one-unit-out), the
+coefficient estimated from the data (now for n Var_r(mu~_r) removed per unit) and exact efficiency
+follow word for word from :mod:`fgvce_jax.shapley.permutation_cv`, with C counting the ranks in pi.
 """
 from __future__ import annotations
 
