@@ -315,53 +315,29 @@ def test_tolerance_sampling_reports_the_samples_it_used(tmp_path, patched, capsy
     assert mean_used(1e6) == [16.0, 16.0]
 
 
-def test_outside_present_runs_through_explain_and_is_stored_only_when_set(tmp_path, patched, toy):
-    """--outside present: the stored query Phi is saliency.compute's with the players outside each window kept
-    at the query's features (from the query's own key), it differs from the absent run's, and the stored config
-    names it; the default (absent) is not stored, so older directories still match."""
+@pytest.mark.parametrize("field, value", [("outside", "present"), ("stratified", True)])
+def test_local_phi_options_run_through_explain_and_are_stored_only_when_set(tmp_path, patched, toy, field, value):
+    """--outside present (the players outside each window kept at the query's features) and --stratified (size-
+    stratified draws): the stored query Phi is saliency.compute's with that option (from the query's own key), it
+    differs from the default run's, and the stored config names it; the default is not stored, so older
+    directories still match."""
     from fgvce_jax import keys as run_keys
     from fgvce_jax import saliency
 
-    absent = dataclasses.replace(CONFIG, screen_samples=None)
-    present = dataclasses.replace(absent, outside="present")
-    _run(tmp_path / "absent", absent, limit=3)
-    _run(tmp_path / "present", present, limit=3)
-    assert store.read_manifest(tmp_path / "present" / "fgvce")["config"]["outside"] == "present"
-    assert "outside" not in store.read_manifest(tmp_path / "absent" / "fgvce")["config"]
-    table, arrays = store.read_results(tmp_path / "present" / "fgvce")
-    model, _, sets = toy
-    sm, params = models.split(model)
-    idx = arrays["query_split_index"]
-    z, ctx = sm.encode(params, jnp.asarray(sets["test"].images(idx)))
-    want = saliency.compute(sm, params, z, ctx, jnp.asarray(arrays["pred"]), method="local", kernel=3, samples=2,
-                            outside="present", keys=run_keys.image_keys(0, run_keys.PHI, "test",
-                                                                        sets["test"].ids[idx]))
-    np.testing.assert_allclose(arrays["query_phi"], want, rtol=1e-5, atol=1e-7)
-    other = store.read_results(tmp_path / "absent" / "fgvce")[1]["query_phi"]
-    assert not np.allclose(other, arrays["query_phi"])
-
-
-def test_stratified_runs_through_explain_and_is_stored_only_when_set(tmp_path, patched, toy):
-    """--stratified: the stored query Phi is saliency.compute's with size-stratified draws (from the query's own
-    key), it differs from the default run's, the stored config names it, and the default is not stored."""
-    from fgvce_jax import keys as run_keys
-    from fgvce_jax import saliency
-
-    plain = dataclasses.replace(CONFIG, screen_samples=None, samples=4)
-    strat = dataclasses.replace(plain, stratified=True)
-    _run(tmp_path / "plain", plain, limit=3)
-    _run(tmp_path / "strat", strat, limit=3)
-    assert store.read_manifest(tmp_path / "strat" / "fgvce")["config"]["stratified"] is True
-    assert "stratified" not in store.read_manifest(tmp_path / "plain" / "fgvce")["config"]
-    table, arrays = store.read_results(tmp_path / "strat" / "fgvce")
+    default = dataclasses.replace(CONFIG, screen_samples=None, samples=4)
+    _run(tmp_path / "default", default, limit=3)
+    _run(tmp_path / "set", dataclasses.replace(default, **{field: value}), limit=3)
+    assert store.read_manifest(tmp_path / "set" / "fgvce")["config"][field] == value
+    assert field not in store.read_manifest(tmp_path / "default" / "fgvce")["config"]
+    table, arrays = store.read_results(tmp_path / "set" / "fgvce")
     model, _, sets = toy
     sm, params = models.split(model)
     idx = arrays["query_split_index"]
     z, ctx = sm.encode(params, jnp.asarray(sets["test"].images(idx)))
     want = saliency.compute(sm, params, z, ctx, jnp.asarray(arrays["pred"]), method="local", kernel=3, samples=4,
-                            stratified=True, keys=run_keys.image_keys(0, run_keys.PHI, "test", sets["test"].ids[idx]))
+                            keys=run_keys.image_keys(0, run_keys.PHI, "test", sets["test"].ids[idx]), **{field: value})
     np.testing.assert_allclose(arrays["query_phi"], want, rtol=1e-5, atol=1e-7)
-    other = store.read_results(tmp_path / "plain" / "fgvce")[1]["query_phi"]
+    other = store.read_results(tmp_path / "default" / "fgvce")[1]["query_phi"]
     assert not np.allclose(other, arrays["query_phi"])
 
 
