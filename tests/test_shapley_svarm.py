@@ -24,7 +24,7 @@ from fgvce_jax.errors import FgvceError
 from fgvce_jax.shapley.estimate import plan, run_batch
 from fgvce_jax.shapley.game import Game, as_game
 from fgvce_jax.sharding import device_mesh
-from fgvce_jax.shapley.stratified_svarm import size_distribution, slots
+from fgvce_jax.shapley.stratified_svarm import StratifiedSvarm, pair_sizes, size_distribution, slots
 from fgvce_jax.shapley.svarm import size_distributions
 
 SVARMS = ("svarm", "stratified_svarm")
@@ -188,18 +188,23 @@ def test_stratified_statistics_stay_bounded_at_a_million_evaluations():
     assert used > 0.99 * 10 ** 6 and kept <= 64 * 2 ** 20, (e, r, kept)
 
 
-def test_stratified_svarm_leaves_unhit_strata_out():
-    """One unit at n = 30 leaves many sampled strata without a coalition (their counts are 0): they are left
-    out of the players' averages, so phi stays finite and the budget is the anchors plus one unit."""
+def test_stratified_svarm_fills_unhit_strata_with_the_size_mean():
+    """One unit at n = 30 leaves many sampled strata without a coalition (a player is in a size-s coalition
+    with probability s / n). On a game of |S| alone every stratum mean is its size's value, so filling an
+    unhit stratum with the mean of v over its size gives the exact phi = (v(N) - v(empty)) / n for every player
+    (leaving such strata out, as the authors' code does, gives each player another average: not exact); the
+    budget is the anchors plus one unit."""
     n = 30
-    a = jnp.linspace(-1.0, 1.0, n)
 
     def game(m):
-        size = m.sum(-1)
-        return jnp.where((size <= 1) | (size >= n - 1), jnp.tanh(m.astype(jnp.float32) @ a), 0.25)
+        return jnp.tanh(m.sum(-1).astype(jnp.float32) / 6.0)
 
     res = shapley.estimate(game, n, method="stratified_svarm", budget=min_budget("stratified_svarm", n, 1), key=KEY)
-    assert np.all(np.isfinite(res.phi))
+    est = StratifiedSvarm(n)
+    masks, sizes = np.asarray(est.masks(jax.tree.map(lambda a: a[0], est.draws(KEY, jnp.arange(1))))), slots(n)[1]
+    plus_hit = np.stack([masks[sizes == size].any(0) for size in range(2, n - 1)])  # (size, player)
+    assert not plus_hit.all()  # some player is in no sampled coalition of some size: unhit strata exist
+    np.testing.assert_allclose(res.phi, np.full(n, float(np.tanh(n / 6.0)) / n), atol=2e-6)
     assert res.evaluations == 2 * n + 2 + len(slots(n)[0])
 
 
@@ -208,7 +213,6 @@ def test_stratified_svarm_coalitions_are_independent_pairs():
     their complements; and on the 196-player random unanimity game at 10,000 evaluations its MSE stays within
     4x of plain antithetic's (measured 2.0x over 4 seeds; nested prefixes of shared permutations gave 66x)."""
     from fgvce_jax.shapley.benchmark_games import random_unanimity
-    from fgvce_jax.shapley.stratified_svarm import StratifiedSvarm, pair_sizes
 
     n = 30
     est = StratifiedSvarm(n)

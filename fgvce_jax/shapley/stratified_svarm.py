@@ -26,9 +26,12 @@ permutations, and that correlation between a player's strata multiplied its erro
 49-player peers game and by 30-70 on the 196-player games (``docs/shapley.md``). A stratum's estimate is
 a ratio of a float sum (``unit_stats``: v(A) per slot and player, and v(A) per slot) to an int32 count
 (``counts``); the sums of ``minus`` are recovered as ``sum v - sum plus`` per slot. A sampled stratum
-that no coalition hit (possible at small budgets) is left out and the player's sign average is taken
-over the strata it has, as in the authors' code; that is biased until every stratum is hit, which it is
-with high probability after a few units.
+that no coalition hit (possible at small budgets: a player is in a coalition of size s with probability
+s / n) takes the mean of v over all the sampled coalitions of its size, i.e. no effect of the player at
+that size. The authors' code instead leaves such a stratum out and averages the player's other strata,
+which in a game whose value grows with |S| is far off: on the 196-player size-dominated CUB game at
+1,000 evaluations that gave 5.8e4 times antithetic's MSE. Either way the estimate is biased until every
+stratum is hit, which it is with high probability after a few units.
 
 For an affine game a pair's two values come from one (n,) x (n, C) product a = A.c: s(A) = o + a and
 s(N - A) = o + T - a, with o the offset and T the sum of contrib's rows.
@@ -97,10 +100,10 @@ def by_size(slot_totals: jax.Array, n: int) -> jax.Array:
     return out
 
 
-def stratum_means(sums: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean, hit) for sums and int counts of the same shape: mean = sums / counts where counts > 0, else 0."""
-    hit = counts > 0
-    return jnp.where(hit, sums / jnp.maximum(counts, 1), 0.0), hit
+def stratum_means(sums: jax.Array, counts: jax.Array, size_mean: jax.Array) -> jax.Array:
+    """Stratum means (n - 3, n) from sums and int counts of that shape: sums / counts where counts > 0, else the
+    mean of v over all the sampled coalitions of the stratum's size, ``size_mean`` (n - 3,)."""
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), size_mean[:, None])
 
 
 @register("stratified_svarm")
@@ -146,15 +149,15 @@ class StratifiedSvarm(Estimator):
     def finalize(self, total, counts, n_units, anchor_values):
         n = self.n
         v0, single, co, v1 = anchor_values[0], anchor_values[1:n + 1], anchor_values[n + 1:2 * n + 1], anchor_values[-1]
+        per_size = n_units * np.bincount(slots(n)[1] - 2, minlength=n - 3)  # coalitions of each size (n - 3,)
         plus_count = by_size(counts["plus"], n)  # (n - 3, n)
-        minus_count = n_units * np.bincount(slots(n)[1] - 2, minlength=n - 3)[:, None] - plus_count
+        minus_count = per_size[:, None] - plus_count
+        value_sum = by_size(total["value"], n)
         plus_sum = by_size(total["plus"], n)
-        minus_sum = by_size(total["value"], n)[:, None] - plus_sum
-        plus, plus_hit = stratum_means(plus_sum, plus_count)
-        minus, minus_hit = stratum_means(minus_sum, minus_count)
+        size_mean = value_sum / per_size
+        plus = stratum_means(plus_sum, plus_count, size_mean)
+        minus = stratum_means(value_sum[:, None] - plus_sum, minus_count, size_mean)
         others = lambda v: (v.sum() - v) / (n - 1)  # mean over j != i
         plus_exact = single + others(co) + v1  # sizes 1, n - 1, n
         minus_exact = v0 + others(single) + co  # sizes 0, 1, n - 1
-        phi_plus = (plus_exact + plus.sum(0)) / (3 + plus_hit.sum(0))
-        phi_minus = (minus_exact + minus.sum(0)) / (3 + minus_hit.sum(0))
-        return phi_plus - phi_minus
+        return ((plus_exact + plus.sum(0)) - (minus_exact + minus.sum(0))) / n
