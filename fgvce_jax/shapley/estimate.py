@@ -255,7 +255,6 @@ def plan(method: str, n_players: int, budget, bytes_per_evaluation: int, n_games
         raise FgvceError(f"n_players must be a positive integer, got {n_players!r}")
     if budget is None or int(budget) < 1:
         raise FgvceError(f"budget must be a positive number of game evaluations, got {budget!r}")
-    sharding.evaluations_per_chunk(bytes_per_evaluation, chunk_size)  # FgvceError for a bad chunk_size
     est = estimator(method, n_players, int(budget))
     return plan_units(est, est.n_units(int(budget)), bytes_per_evaluation, n_games, chunk_size, mesh)
 
