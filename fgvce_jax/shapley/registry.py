@@ -133,6 +133,13 @@ class Estimator:
         raise NotImplementedError
 
 
+def efficient(phi: jax.Array, gap: jax.Array) -> jax.Array:
+    """The additive projection onto efficiency: phi (n,), gap = v(N) - v(empty) ->
+    phi + (gap - sum_i phi_i) / n, the nearest vector (in L2) whose entries sum to ``gap``. It subtracts the
+    same constant from every player, so an unbiased phi stays unbiased (E sum phi = gap)."""
+    return phi + (gap - phi.sum()) / phi.shape[0]
+
+
 def register(name: str):
     """Class decorator: make an :class:`Estimator` subclass available to ``estimate(method=name)``."""
     def deco(cls: type[Estimator]) -> type[Estimator]:

