@@ -80,8 +80,8 @@ def bench_generator(split_model, params, model, real, config, repeats):
 
 def bench_explanations(split_model, params, model, head, g, h, n, repeats):
     p = F + K
-    effects = explain.concept_effects(Graph(tuple(map(str, range(p + 1))), (), (), np.zeros((p + 1, p + 1))),
-                                      np.ones(p))
+    effects = explain.concept_effects(Graph(tuple(map(str, range(p + 1))), (), (), np.zeros((p + 1, p + 1)),
+                                            np.ones(p + 1)), np.ones(p))
     y = np.arange(n) % 10
     t_explain, _ = timed(lambda: explain.explain(model, head, effects, h[:n], y)["importance"], repeats)
     t_strips, out = timed(lambda: explain.strips(model, head, effects, g, split_model, params, h[:n], y,

@@ -6,6 +6,7 @@ the slow tests (thresholds and measured figures in their docstrings).
 """
 import csv
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -152,8 +153,6 @@ def test_graph_files(tmp_path):
     """The JSON lists nodes, directed edges with weights and undirected pairs; the PNG is a picture."""
     g = causal.fit_linear_sem(planted(300, True), NODES, [(1, 4), (2, 4)], [(0, 1)])
     js, png = causal.write_graph(g, tmp_path / "graph")
-    import json
-
     data = json.loads(js.read_text())
     assert data["nodes"] == list(NODES) and data["undirected"] == [{"a": "a", "b": "b"}]
     assert [(e["from"], e["to"]) for e in data["directed"]] == [("b", "y"), ("c", "y")]
@@ -173,12 +172,31 @@ def test_log_odds_and_bad_sink():
 
 
 def test_concept_effects_propagate_to_descendants():
-    """a -> b (0.5), b -> c (2): do(a += sigma_a) shifts b by 0.5 sigma_b and c by sigma_c; do(c) moves only c."""
+    """a -> b (0.5), b -> c (2), standardised; sigma = (1, 2, 3), noise deviations (1, 0.5, 0.1): moving a's
+    noise by 1 (a root: sigma_a) shifts a by 1, b by 0.5 sigma_b = 1 and c by 2 * 0.5 sigma_c = 3; moving b's
+    noise by 0.5 shifts b by 0.5 sigma_b = 1 and c by 2 * 0.5 sigma_c = 3; c's by 0.1 sigma_c only c."""
     w = np.zeros((4, 4))
     w[0, 1], w[1, 2] = 0.5, 2.0
-    g = causal.Graph(("a", "b", "c", "y"), ((0, 1), (1, 2)), (), w)
+    g = causal.Graph(("a", "b", "c", "y"), ((0, 1), (1, 2)), (), w, np.array([1.0, 0.5, 0.1, 0.7]))
     e = explain.concept_effects(g, np.array([1.0, 2.0, 3.0]))
-    np.testing.assert_allclose(e, [[1.0, 1.0, 3.0], [0.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    np.testing.assert_allclose(e, [[1.0, 1.0, 3.0], [0.0, 1.0, 3.0], [0.0, 0.0, 0.3]])
+
+
+def test_noise_deviations_are_the_residuals_of_the_structural_model(tmp_path):
+    """x0 root, x1 = 0.8 x0 + 0.6 e (standardised: R^2 = 0.64): the fitted noise deviations are 1 and 0.6
+    (to sampling error) and survive the JSON round trip; a graph file without them is refused in one line."""
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=20000)
+    x = np.stack([x0, 0.8 * x0 + 0.6 * rng.normal(size=20000)], 1)
+    g = causal.fit_linear_sem(x, ("x0", "x1"), [(0, 1)], [])
+    np.testing.assert_allclose(g.noise, [1.0, 0.6], atol=0.01)
+    js, _ = causal.write_graph(g, tmp_path / "g")
+    np.testing.assert_array_equal(causal.read_graph(js).noise, g.noise)
+    data = json.loads(js.read_text())
+    del data["noise"]
+    js.write_text(json.dumps(data))
+    with pytest.raises(FgvceError, match="older version"):
+        causal.read_graph(js)
 
 
 def test_explanations(fitted):
@@ -261,7 +279,8 @@ def run_bed(name: str, root, bed: Bed = FULL_BED):
     ``bed.surrogate_epochs`` epochs; PC graph on those images with y_hat = log-odds of an even digit);
     explanations of the ``bed.n_queries`` test images (of the first ``bed.n_test``) whose slant sign
     contradicts the shortcut (even right, odd left) and whose true class the classifier gives the least
-    probability, y = the true class. Returns (graph, test agreement, explanations)."""
+    probability, y = the true class. Returns (graph, test agreement, explanations, true effects: the
+    :func:`true_effects` of the classifier on the queries)."""
     from fgvce_jax import data as data_lib
     from fgvce_jax.data import morpho_digits
     from fgvce_jax.glance import fit
@@ -290,11 +309,54 @@ def run_bed(name: str, root, bed: Bed = FULL_BED):
     queries = conflict[np.argsort(p_true[conflict])[:bed.n_queries]]
     out = explain.explain(g.fitted.model, head, explain.concept_effects(g.graph, g.sigma), h[queries],
                           test.labels[queries])
-    return g.graph, agree, out
+    return g.graph, agree, out, true_effects(split_model, params, test.subset(queries))
+
+
+def true_effects(split_model, params, queries) -> dict:
+    """The classifier's own response to each true factor of morpho-digits, by re-rendering: for every query
+    image (a morpho-digits Dataset) and factor f, the image is drawn again with f shifted by +-1 standard
+    deviation of f on the train split (a thickness shift also moves intensity by its coefficient in the
+    data's structural model, thickness -> intensity), and the effect is |p_y(+) - p_y(-)| / 2 with y the
+    query's label, p from the full classifier (intensity clipped to [0.05, 1]; a query whose shifted glyph
+    no longer fits the frame is left out of that factor's mean). Returns {factor: mean effect over the
+    queries}: the ground truth that the surrogate's importances should follow (the renderer is the data's)."""
+    from fgvce_jax.data import morpho_digits as md
+
+    shortcut = md.NAMES[queries.name]
+    spread = {k: v.std() for k, v in md.generate("train", shortcut)[1].items() if k in md.FACTORS}
+    mean, std = md.train_pixel_stats(shortcut)
+    base, y = md.factors(queries), queries.labels
+
+    def draw(d, thickness, slant, scale, intensity):
+        try:
+            return md.render(int(d), thickness, slant, scale, float(np.clip(intensity, 0.05, 1.0)))
+        except FgvceError:  # does not fit the frame
+            return None
+
+    def p_y(f):
+        images = [draw(d, *(f[k][i] for k in md.FACTORS)) for i, d in enumerate(y)]
+        fits = np.array([im is not None for im in images])
+        x = np.stack([im if im is not None else np.zeros((28, 28)) for im in images]) / 255.0
+        x = (np.repeat(x[..., None], 3, -1) - mean) / std
+        p = np.asarray(jax.nn.softmax(split_model.logits(params, jnp.asarray(x, jnp.float32))))
+        return np.where(fits, p[np.arange(len(y)), y], np.nan)
+
+    out = {}
+    for factor in md.FACTORS:
+        sides = []
+        for sign in (1.0, -1.0):
+            f = {k: v.copy() for k, v in base.items()}
+            f[factor] = f[factor] + sign * spread[factor]
+            if factor == "thickness":
+                f["intensity"] = f["intensity"] + sign * spread[factor] * md.INTENSITY[1]
+            sides.append(p_y(f))
+        out[factor] = float(np.nanmean(np.abs(sides[0] - sides[1])) / 2)
+    return out
 
 
 def twins(root, bed: Bed) -> dict:
-    """:func:`run_bed` on the shortcut twin and the clean one: name -> (graph, agreement, explanations, dir)."""
+    """:func:`run_bed` on the shortcut twin and the clean one: name -> (graph, agreement, explanations, true
+    effects, dir)."""
     return {name: (*run_bed(name, root / name, bed), root / name) for name in ("morpho-digits-shortcut", "morpho-digits")}
 
 
@@ -304,13 +366,39 @@ SLANT = FEATURES.index("slant")
 def slant_figures(graph, out) -> dict:
     """What the bed's assertions read: whether slant -> y_hat and its weight, whether slant and y_hat are
     adjacent at all, the share of queries where slant has the largest |ACE| of all P concepts (``first``) and
-    of the F context features (``first_u``), and the mean |ACE| of each concept over the queries (P,)."""
+    of the F context features (``first_u``), slant's rank by mean |ACE| among the P concepts (1 = largest),
+    and the mean |ACE| of each concept over the queries (P,)."""
     imp = np.abs(out["importance"])
     sink = len(graph.nodes) - 1
+    mean = imp.mean(0)
     return {"edge": graph.has_edge("slant", "y_hat"), "weight": graph.weights[SLANT, sink],
             "adjacent": (SLANT, sink) in graph.directed or (SLANT, sink) in graph.undirected,
             "first": np.mean(np.argmax(imp, 1) == SLANT),
-            "first_u": np.mean(np.argmax(imp[:, :len(FEATURES)], 1) == SLANT), "mean": imp.mean(0)}
+            "first_u": np.mean(np.argmax(imp[:, :len(FEATURES)], 1) == SLANT), "mean": mean,
+            "rank": 1 + int(np.sum(mean > mean[SLANT]))}
+
+
+def check_small_bed(beds: dict) -> None:
+    """SMALL_BED's thresholds. Shortcut twin: slant -> y_hat with weight > 0.2; surrogate agreement >= 95% on
+    the 500 test images; slant has the largest mean |ACE| of the 10 concepts over the 25 queries, >= 2 times
+    its mean |ACE| on the clean twin; slant has the largest |ACE| of the 6 context features for >= 40% of the
+    queries; and the ground truth agrees: re-rendered, slant moves the classifier's p_y more than any other
+    true factor. Clean twin: slant and y_hat not adjacent (no edge either way, no undirected one); agreement
+    >= 95%; slant has the largest |ACE| of all concepts for < 20% of the queries and ranks 6th or lower of the
+    10 by mean |ACE|."""
+    graph, agree, out, truth, _ = beds["morpho-digits-shortcut"]
+    f = slant_figures(graph, out)
+    clean_graph, clean_agree, clean_out, _, _ = beds["morpho-digits"]
+    clean = slant_figures(clean_graph, clean_out)
+    assert f["edge"] and f["weight"] > 0.2, f
+    assert agree >= 0.95
+    assert f["rank"] == 1, f["mean"]
+    assert f["mean"][SLANT] >= 2 * clean["mean"][SLANT], (f["mean"], clean["mean"])
+    assert f["first_u"] >= 0.4, f
+    assert max(truth, key=truth.get) == "slant", truth
+    assert not clean["adjacent"], clean_graph.to_json()
+    assert clean_agree >= 0.95
+    assert clean["first"] < 0.2 and clean["rank"] >= 6, clean
 
 
 @pytest.fixture(scope="module")
@@ -325,63 +413,48 @@ def beds(tmp_path_factory):
     return twins(tmp_path_factory.mktemp("bed"), FULL_BED)
 
 
-def test_small_bed_shortcut_is_found(small_beds):
-    """SMALL_BED (seed 0), shortcut twin, thresholds: slant -> y_hat with weight > 0.2; surrogate agreement
-    >= 95% on the 500 test images; slant has the largest mean |ACE| of the 10 concepts over the 25 queries,
-    >= 2 times its mean |ACE| on the clean twin; slant has the largest |ACE| of the 6 context features for
-    >= 40% of the queries.
-
-    Measured with classifier seeds 0, 1, 2, 3: weight 0.44, 0.64, 0.49, 0.69; agreement 0.978, 0.968, 0.982,
-    0.966; mean |ACE| rank of slant 1st, 1st, 1st, 2nd (after intensity); slant / its clean-twin value
-    0.24 / 0.11, 0.23 / 0.04, 0.29 / 0.09, 0.22 / 0.05; first of the context features 64%, 60%, 68%, 32%
-    (first of all 10 concepts: 64%, 16%, 68%, 16%, so not asserted here). Seed 3 fails the two rankings."""
-    graph, agree, out, _ = small_beds["morpho-digits-shortcut"]
-    f = slant_figures(graph, out)
-    clean_graph, _, clean_out, _ = small_beds["morpho-digits"]
-    clean = slant_figures(clean_graph, clean_out)
-    assert f["edge"] and f["weight"] > 0.2, f
-    assert agree >= 0.95
-    assert np.argmax(f["mean"]) == SLANT, f["mean"]
-    assert f["mean"][SLANT] >= 2 * clean["mean"][SLANT], (f["mean"], clean["mean"])
-    assert f["first_u"] >= 0.4, f
+def test_small_bed_finds_the_shortcut_and_not_in_the_clean_twin(small_beds):
+    """:func:`check_small_bed` with the classifier seeded 0 (both twins). Measured with classifier seeds 0, 1,
+    2, 3 (interventions of one noise-term deviation, explain.py): weight 0.44, 0.64, 0.49, 0.69; agreement
+    0.978, 0.968, 0.982, 0.966; slant first by mean |ACE| at every seed, ahead of the next concept by 1.85x,
+    1.05x, 1.71x, 1.30x; slant / its clean-twin value 0.233 / 0.106, 0.230 / 0.031, 0.285 / 0.088, 0.220 /
+    0.043; first of the context features for 72%, 80%, 68%, 68% of the queries (of all 10 concepts: 72%, 20%,
+    68%, 48%, so not asserted). Clean twin: no edge, agreement 1.000, slant first of all concepts for 0% and
+    ranked 7, 10, 7, 9. Seeds 1-3 run in the slow :func:`test_small_bed_holds_for_other_classifier_seeds`."""
+    check_small_bed(small_beds)
 
 
-def test_small_bed_clean_twin_has_no_slant_edge(small_beds):
-    """SMALL_BED (seed 0), clean twin, thresholds: slant and y_hat not adjacent (no edge either way, no
-    undirected one); agreement >= 95%; slant has the largest |ACE| of all concepts for < 20% of the queries
-    and of the context features for < 20%, and not the largest mean |ACE|.
-
-    Measured with classifier seeds 0-3: no edge; agreement 1.000 each; slant first 0% of the queries (of all
-    concepts and of the context features) each; its mean |ACE| ranks 9th, 10th, 6th, 9th."""
-    graph, agree, out, _ = small_beds["morpho-digits"]
-    f = slant_figures(graph, out)
-    assert not f["adjacent"], graph.to_json()
-    assert agree >= 0.95
-    assert f["first"] < 0.2 and f["first_u"] < 0.2 and np.argmax(f["mean"]) != SLANT, f
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_small_bed_holds_for_other_classifier_seeds(seed, tmp_path):
+    """The default test's thresholds (:func:`check_small_bed`) with the classifier seeded 1, 2 and 3: the
+    robustness the issue asks for. With interventions of one marginal standard deviation (before
+    2026-12-06) seed 3 failed: intensity ranked first although re-rendering shows the classifier's p_y moving
+    8x less under intensity than under slant (docs/glance.md)."""
+    check_small_bed(twins(tmp_path, dataclasses.replace(SMALL_BED, seed=seed)))
 
 
 @pytest.mark.slow
 def test_bed_shortcut_is_found(beds):
     """FULL_BED, shortcut twin: the train-split graph has slant -> y_hat with weight > 0.2; the surrogate agrees
     with the classifier on >= 95% of the 1000 test images; slant has the largest mean |ACE| of all concepts
-    and is >= 1.5 times that of every free concept; slant has the largest |ACE| for >= 50% of the 50 queries
-    (measured with seed 0: weight 0.43, agreement 0.978, 26/50 = 52%, 0.25 vs at most 0.13). Over classifier
-    seeds 0-3 the edge and the agreement hold; the share is the fragile figure (52%, 14%, 64%, 22%), and with
-    seed 3 slant's mean |ACE| is second (after intensity's): docs/glance.md."""
-    graph, agree, out, _ = beds["morpho-digits-shortcut"]
+    and is >= 1.5 times that of every free concept; slant has the largest |ACE| for >= 50% of the 50 queries;
+    re-rendered, slant moves p_y the most of the true factors (figures in docs/glance.md)."""
+    graph, agree, out, truth, _ = beds["morpho-digits-shortcut"]
     f = slant_figures(graph, out)
     assert f["edge"] and f["weight"] > 0.2
     assert agree >= 0.95
-    assert np.argmax(f["mean"]) == SLANT
+    assert f["rank"] == 1
     assert f["first"] >= 0.5
     assert f["mean"][SLANT] >= 1.5 * f["mean"][len(FEATURES):].max()
+    assert max(truth, key=truth.get) == "slant", truth
 
 
 @pytest.mark.slow
 def test_bed_clean_twin_has_no_slant_edge(beds):
     """FULL_BED, clean twin (slant independent of the label): no edge between slant and y_hat, agreement
-    >= 95%, and slant has the largest |ACE| for < 20% of the queries (measured: 0%)."""
-    graph, agree, out, _ = beds["morpho-digits"]
+    >= 95%, and slant has the largest |ACE| for < 20% of the queries."""
+    graph, agree, out, _, _ = beds["morpho-digits"]
     f = slant_figures(graph, out)
     assert not f["adjacent"]
     assert agree >= 0.95
@@ -394,12 +467,10 @@ def test_train_surrogate_command(beds, capsys):
     graph as the library (same key and configuration, so the same surrogate), slant among y_hat's parents;
     with ``--generator-steps 3`` it distils a generator that ``fit.load`` reads back and ``strips`` renders
     (10 concepts x 5 shifts of 28 px frames, p_y in [0, 1])."""
-    import json
-
     from fgvce_jax import cli, models
     from fgvce_jax.glance import fit
 
-    graph, _, _, root = beds["morpho-digits-shortcut"]
+    graph, _, _, _, root = beds["morpho-digits-shortcut"]
     out = root / "cli"
     assert cli.main(["train-surrogate", "--model", str(root / "model"), "--dataset", "morpho-digits-shortcut",
                      "--out", str(out), "--prediction-classes", *map(str, EVEN), "--epochs", "20",

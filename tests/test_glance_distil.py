@@ -241,7 +241,8 @@ def test_surrogate_agreement_counts_argmax_matches():
 def graph(nodes, directed=(), undirected=()):
     idx = {n: k for k, n in enumerate(nodes)}
     return causal.Graph(tuple(nodes), tuple((idx[a], idx[b]) for a, b in directed),
-                        tuple(tuple(sorted((idx[a], idx[b]))) for a, b in undirected), np.zeros((len(nodes),) * 2))
+                        tuple(tuple(sorted((idx[a], idx[b]))) for a, b in undirected), np.zeros((len(nodes),) * 2),
+                        np.ones(len(nodes)))
 
 
 def test_structural_hamming_distance_on_hand_made_graphs():

@@ -6,7 +6,9 @@ each standardised. Tiered background knowledge puts every node in tier 0 and the
 
 The structural model: each node j with directed parents pa(j) is fitted by least squares on the
 standardised columns, x_j = sum_{p in pa(j)} w_pj x_p + e_j; ``weights[p, j] = w_pj`` (P, P), zero
-elsewhere. Undirected edges (left by PC when the data cannot orient them) get no weight.
+elsewhere, and ``noise[j]`` = std(e_j) = sqrt(1 - R^2_j) (1 for a node without directed parents), the part
+of x_j its parents do not explain. Undirected edges (left by PC when the data cannot orient them) get no
+weight.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ METHODS = ("pc", "ges")
 @dataclasses.dataclass(frozen=True)
 class Graph:
     """Nodes (P names), directed edges (parent, child) and undirected pairs, by node index; ``weights`` (P, P)
-    the structural model's coefficients on standardised columns (weights[p, j] for p -> j)."""
+    the structural model's coefficients on standardised columns (weights[p, j] for p -> j); ``noise`` (P,)
+    the standard deviation of each node's noise term e_j on the standardised scale."""
 
     nodes: tuple[str, ...]
     directed: tuple[tuple[int, int], ...]
     undirected: tuple[tuple[int, int], ...]
     weights: np.ndarray
+    noise: np.ndarray
 
     def has_edge(self, parent: str, child: str) -> bool:
         """Whether ``parent -> child`` is a directed edge."""
@@ -40,9 +44,10 @@ class Graph:
         return sorted(p for p, c in self.directed if c == j)
 
     def to_json(self) -> dict:
-        """{"nodes": [...], "directed": [{"from", "to", "weight"}], "undirected": [{"a", "b"}]} by name."""
+        """{"nodes": [...], "noise": [...], "directed": [{"from", "to", "weight"}], "undirected": [{"a", "b"}]}
+        by name (``noise`` in the order of ``nodes``)."""
         n = self.nodes
-        return {"nodes": list(n),
+        return {"nodes": list(n), "noise": [float(v) for v in self.noise],
                 "directed": [{"from": n[p], "to": n[c], "weight": float(self.weights[p, c])} for p, c in self.directed],
                 "undirected": [{"a": n[a], "b": n[b]} for a, b in self.undirected]}
 
@@ -53,6 +58,9 @@ def read_graph(path: str | Path) -> Graph:
     if not path.is_file():
         raise FgvceError(f"no causal graph at {path}; run fgvce train-surrogate first")
     data = json.loads(path.read_text())
+    if "noise" not in data:
+        raise FgvceError(f"the causal graph at {path} was written by an older version (no noise terms); "
+                         "run fgvce train-surrogate again into a new --out")
     nodes = tuple(data["nodes"])
     weights = np.zeros((len(nodes), len(nodes)))
     directed = []
@@ -61,7 +69,7 @@ def read_graph(path: str | Path) -> Graph:
         directed.append((p, c))
         weights[p, c] = e["weight"]
     undirected = [tuple(sorted((nodes.index(e["a"]), nodes.index(e["b"])))) for e in data["undirected"]]
-    return Graph(nodes, tuple(sorted(directed)), tuple(sorted(undirected)), weights)
+    return Graph(nodes, tuple(sorted(directed)), tuple(sorted(undirected)), weights, np.asarray(data["noise"], float))
 
 
 def log_odds(logits: np.ndarray, classes) -> np.ndarray:
@@ -132,14 +140,16 @@ def discover(x: np.ndarray, nodes: tuple[str, ...], sink: str, *, method: str = 
 
 
 def fit_linear_sem(x: np.ndarray, nodes: tuple[str, ...], directed, undirected) -> Graph:
-    """The :class:`Graph` with each node's least-squares weights on its directed parents (standardised x)."""
+    """The :class:`Graph` with each node's least-squares weights on its directed parents and the standard
+    deviation of its residual (standardised x)."""
     x = _standardised(np.asarray(x, np.float64))
-    weights = np.zeros((len(nodes), len(nodes)))
-    graph = Graph(tuple(nodes), tuple(sorted(directed)), tuple(sorted(undirected)), weights)
+    weights, noise = np.zeros((len(nodes), len(nodes))), np.ones(len(nodes))
+    graph = Graph(tuple(nodes), tuple(sorted(directed)), tuple(sorted(undirected)), weights, noise)
     for j in range(len(nodes)):
         pa = graph.parents(j)
         if pa:
             weights[pa, j] = np.linalg.lstsq(x[:, pa], x[:, j], rcond=None)[0]
+            noise[j] = np.std(x[:, j] - x[:, pa] @ weights[pa, j])
     return graph
 
 

@@ -97,6 +97,6 @@ def structural_hamming_distance(found: causal.Graph, truth: causal.Graph) -> int
 
 def morpho_truth(shortcut: bool) -> causal.Graph:
     """The known graph of ``morpho-digits`` over ``MORPHO_NODES``: thickness -> intensity, plus slant -> y_hat
-    when the shortcut is planted (``morpho-digits-shortcut``). Weights are 0 (structure only)."""
+    when the shortcut is planted (``morpho-digits-shortcut``). Weights are 0 and noise 1 (structure only)."""
     edges = [(0, 2)] + ([(1, 3)] if shortcut else [])
-    return causal.Graph(MORPHO_NODES, tuple(edges), (), np.zeros((4, 4)))
+    return causal.Graph(MORPHO_NODES, tuple(edges), (), np.zeros((4, 4)), np.ones(4))
