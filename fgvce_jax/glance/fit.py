@@ -30,8 +30,8 @@ GLOBAL_FILE = "global.json"
 
 @dataclasses.dataclass(frozen=True)
 class GlobalModel:
-    """The surrogate, the graph, sigma (P,) the std of each concept on the training split (the explanations'
-    intervention unit) and the training latents h (N, D)."""
+    """The surrogate, the graph, sigma (P,) the std of each concept on the training split (times the graph's
+    noise deviation, the explanations' intervention unit) and the training latents h (N, D)."""
 
     fitted: surrogate.Fitted
     graph: causal.Graph

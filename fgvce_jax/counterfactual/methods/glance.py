@@ -12,7 +12,8 @@ interventions in the set.
 
 Stored per query (Parquet): ``p_y`` and ``p_y_after`` (the surrogate's p_y before and after the set),
 ``top_concept`` (index of the largest |importance|), lists ``concepts`` (P), ``importance`` (P),
-``intervention_set`` (max_set concept indices, -1 once done) and ``intervention_steps`` (their shifts in sigma);
+``intervention_set`` (max_set concept indices, -1 once done) and ``intervention_steps`` (their shifts in
+s_j, the standard deviation of the concept's noise term);
 in the npz with a generator: ``strips`` (P, M, S, S, 3) uint8 pixels and ``strip_p_y`` (P, M), p_y of the full
 classifier on each rendered frame. Concept j's name is node j of the run's graph (``graph.json``).
 """
