@@ -440,7 +440,10 @@ def test_bed_shortcut_is_found(beds):
     """FULL_BED, shortcut twin: the train-split graph has slant -> y_hat with weight > 0.2; the surrogate agrees
     with the classifier on >= 95% of the 1000 test images; slant has the largest mean |ACE| of all concepts
     and is >= 1.5 times that of every free concept; slant has the largest |ACE| for >= 50% of the 50 queries;
-    re-rendered, slant moves p_y the most of the true factors (figures in docs/glance.md)."""
+    re-rendered, slant moves p_y the most of the true factors. Measured at seed 0: weight 0.44, agreement 0.978,
+    35/50 first, slant 0.241 against 0.128 for the largest free concept. At classifier seeds 2 and 3 these
+    thresholds hold too; at seed 1 they do not (a free concept 0.202 against slant 0.209, slant first for
+    16%): docs/glance.md."""
     graph, agree, out, truth, _ = beds["morpho-digits-shortcut"]
     f = slant_figures(graph, out)
     assert f["edge"] and f["weight"] > 0.2
