@@ -384,9 +384,9 @@ def check_small_bed(beds: dict) -> None:
     its mean |ACE| on the clean twin; slant has the largest |ACE| of the 6 context features for >= 40% of the
     queries; and the premise holds: re-rendered, slant moves the classifier's p_y more than any other true
     factor (so a surrogate that ranks intensity first is wrong; this holds on the clean twin's queries too,
-    a shear changes any classifier's view, so it is not evidence of the shortcut). Clean twin: slant and y_hat not adjacent (no edge either way, no undirected one); agreement
-    >= 95%; slant has the largest |ACE| of all concepts for < 20% of the queries and ranks 6th or lower of the
-    10 by mean |ACE|."""
+    a shear changes any classifier's view, so it is not evidence of the shortcut). Clean twin: slant and
+    y_hat not adjacent (no edge either way, no undirected one); agreement >= 95%; slant has the largest |ACE|
+    of all concepts for < 20% of the queries and ranks 6th or lower of the 10 by mean |ACE|."""
     graph, agree, out, truth, _ = beds["morpho-digits-shortcut"]
     f = slant_figures(graph, out)
     clean_graph, clean_agree, clean_out, _, _ = beds["morpho-digits"]

@@ -5,8 +5,9 @@ Per query x with true class y: the concepts c = E(h(x)) of the surrogate that ``
 for this classifier; each concept's importance, its average causal effect on p_y through the linear
 structural model of the causal graph; the smallest greedy set of interventions that moves the surrogate's
 prediction to y (:func:`fgvce_jax.glance.explain.explain`); and, when a generator was distilled, the rendered
-strips G(c + a effects[j]) for every concept j and shift a in s_j (the standard deviation of c_j's noise term), each scored by the full classifier
-(:func:`fgvce_jax.glance.explain.strips`, G's noise from the query's own key). Success: the intervention set
+strips G(c + a effects[j]) for every concept j and shift a in s_j (the standard deviation of c_j's noise
+term), each scored by the full classifier (:func:`fgvce_jax.glance.explain.strips`, G's noise from the
+query's own key). Success: the intervention set
 moves the surrogate's prediction to y (``reason`` ``flipped``, else ``set_exhausted``); ``n_edits``: the
 interventions in the set.
 
