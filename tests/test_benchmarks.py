@@ -229,10 +229,10 @@ def quick_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_quick_runs(tmp_path_factory):
     """The --quick runs of estimators (every estimator on every family) and scaling (1 against 2 devices and
-    processes), about 2 minutes each on 2 idle cores, and mirror_cost (two compilations, about a minute), so
-    they run with ``-m slow``."""
+    processes), about 2 minutes each on 2 idle cores, mirror_cost (two compilations, about a minute) and
+    mirror_ablation (a classifier and five tiny decoders, about 2 minutes), so they run with ``-m slow``."""
     return _start_quick_runs(tmp_path_factory.mktemp("bench_slow"),
-                             {"scaling": [], "estimators": [], "mirror_cost": []})
+                             {"scaling": [], "estimators": [], "mirror_cost": [], "mirror_ablation": []})
 
 
 def _document(quick_runs, name):
@@ -311,6 +311,22 @@ def test_mirror_cost_quick_times_explanations_and_training(slow_quick_runs):
     assert explain["explanations_per_s"] == pytest.approx(4 / explain["best_s"])
     assert doc["summary"]["decodes per s"] == pytest.approx(21 * explain["explanations_per_s"])
     assert train["steps_per_s"] > 0 and 0 <= explain["flipped_share"] <= 1
+
+
+@pytest.mark.slow
+def test_mirror_ablation_quick_measures_every_arm_on_the_pair_queries(slow_quick_runs):
+    doc = _document(slow_quick_runs, "mirror_ablation")
+    runs = doc["results"]["runs"]
+    assert doc["results"]["complete"] is True
+    assert [r["arm"] for r in runs] == ["full", "ablation", "triangulation_only", "prior_only", "full_w_tri_20"]
+    assert all(r["seed"] == 0 and r["steps"] == 3 and r["queries"] >= 1 for r in runs)
+    assert len({r["queries"] for r in runs}) == 1  # one classifier, one query set for every arm
+    for r in runs:
+        assert 0 <= r["validity_k1"] <= 1 and r["rec_l1"] > 0 and r["train_s"] > 0
+        key = f"{r['arm']}, 3 steps: mean validity at k = 1 (1 seeds)"
+        assert doc["summary"][key] == pytest.approx(r["validity_k1"])
+    assert doc["summary"]["3 steps: full minus ablation, mean over 1 seeds"] == pytest.approx(
+        runs[0]["validity_k1"] - runs[1]["validity_k1"])
 
 
 @pytest.mark.skipif(not HAS_PEERS, reason="peers.py needs the bench extra: pip install -e '.[bench]'")
