@@ -19,7 +19,7 @@ figures (without XLA_FLAGS; forcing host devices changes XLA's CPU reductions an
 The grid: ``full`` and ``ablation`` at every seed and every step count; the other arms at ``--component-seeds``
 and the first step count. The JSON is rewritten after every run (``complete`` is false until the last).
 
-    python benchmarks/mirror_ablation.py          # the study of docs/mirror.md: about an hour on 2 idle cores
+    python benchmarks/mirror_ablation.py          # the study of docs/mirror.md: about 45 minutes on 2 idle cores
     python benchmarks/mirror_ablation.py --quick  # 1 seed, 3 steps, width 8: a smoke run, not a measurement
 """
 from __future__ import annotations
