@@ -239,7 +239,9 @@ def test_decoder_figures_measure_every_partner_query_in_chunks(tiny, trained):
     l1 = float(mm.l1(whole.images[:, -1], x, pre.mean, pre.std).mean())
     assert fig["L1_pixels"] == pytest.approx(l1, rel=1e-5)
     assert all(0 <= fig[k] <= 1 for k in ("p_t_spearman_above_half", "p_t_rising", "D_Val"))
-    assert fig["rec_l1"] > 0 and fig["FD_classifier"] >= 0
+    first8 = jnp.asarray(dataset.images(np.arange(8)))
+    rec = _reconstruction_l1(split_model, params, decoder.graphdef, decoder.weights, first8)
+    assert fig["rec_l1"] == pytest.approx(rec, rel=1e-5) and fig["FD_classifier"] >= 0
     with pytest.raises(FgvceError, match="no image of"):
         pairs.decoder_figures(split_model, params, decoder, dataset, ((b, a),))
 

@@ -53,7 +53,8 @@ def explain_pairs(split_model, params, decoder: mx.LoadedDecoder, dataset, pairs
 
 def partner_queries(split_model, params, dataset, pairs=PAIRS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every image of ``dataset`` the classifier assigns to a class a of ``pairs``, with t = b for (a, b):
-    (x (N, S, S, 3), s (N,), t (N,)). Each a must have one partner."""
+    (x (N, S, S, 3), s (N,), t (N,)). Each a must have one partner. The whole split is classified in one call:
+    meant for small splits such as the digits' test split."""
     partner = dict(pairs)
     x = np.asarray(dataset.images(np.arange(len(dataset))))
     s = np.asarray(split_model.logits(params, jnp.asarray(x)).argmax(-1))
@@ -96,8 +97,8 @@ def decoder_figures(split_model, params, decoder: mx.LoadedDecoder, dataset, pai
     r = first[:rec_images]
     z, skips = dec.source_stages(split_model, params, r)
     s_r = split_model.logits(params, r).argmax(-1)
-    x_0 = dec.decode(decoder.graphdef, decoder.weights, decoder.config, W, z, skips, s_r, (s_r + 1) % 10,
-                     jnp.zeros(len(r)))
+    x_0 = dec.decode(decoder.graphdef, decoder.weights, decoder.config, W, z, skips, s_r,
+                     (s_r + 1) % split_model.num_classes, jnp.zeros(len(r)))
     return {"queries": int(len(t)), "validity_k1": float(np.mean(e.pred[:, -1] == t)),
             "success": float(e.success.mean()),
             "mean_k_first": float(np.nanmean(e.k_first)) if e.success.any() else float("nan"),
